@@ -1,0 +1,197 @@
+"""`estimate(setup)`: the whole memory picture of one training step.
+
+Pure functions over specs. Persistent memory (weights, adapters, optimizer
+states) is exact; activations follow `activations.py`; the peak is the maximum
+over the phases of a steady-state step (step >= 2: optimizer state exists and
+`zero_grad(set_to_none=True)` has freed last step's gradients), not a sum of maxima.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from memplan.activations import activation_bytes
+from memplan.catalog import load_model
+from memplan.device_terms import DeviceTerms, device_terms
+from memplan.lora import LoraPlan, adapter_file_bytes, plan_lora
+from memplan.optim import gradient_bytes, optimizer_bytes
+from memplan.setup import Setup
+from memplan.spec import ModelSpec
+from memplan.storage import FLOAT_BYTES, WeightBytes, is_quantized, weight_bytes
+
+__all__ = ["Memory", "Estimate", "estimate", "trainable_numels"]
+
+FP32 = 4
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Bytes on the training device. `peak` is the steady-state step's maximum."""
+
+    weights: int  # base model storage incl. quant state and buffers
+    adapters: int  # LoRA A/B weights
+    gradients: int
+    optimizer_states: int  # resident + paged
+    optimizer_paged: int  # part of optimizer_states in unified memory (evictable)
+    activations: int  # saved for backward by layers, embeddings and head
+    logits: int  # logits and fp32 log_softmax saved for backward
+    transients: int  # the largest short-lived buffer at the peak (loss backward, dequant, optimizer temps)
+    overhead: int  # device terms: CUDA context, allocator slack (0 on CPU)
+    peak: int
+    peak_phase: str
+
+
+@dataclass(frozen=True)
+class Estimate:
+    setup: Setup
+    model: ModelSpec
+    total_parameters: int
+    trainable_parameters: int
+    active_parameters: int
+    weight_storage: WeightBytes
+    adapter_dtype: str | None
+    adapter_file_bytes: dict[str, int]
+    memory: Memory
+    peak_parts: dict[str, int]
+    device_terms: DeviceTerms
+
+    def to_dict(self) -> dict:
+        m = self.memory
+        return {
+            "model": self.model.name,
+            "architecture": self.model.architecture,
+            "setup": self.setup.to_dict(),
+            "parameters": {
+                "total": self.total_parameters,
+                "trainable": self.trainable_parameters,
+                "active_per_token": self.active_parameters,
+                "by_component": self.model.parameters().by_component,
+            },
+            "lora": None
+            if self.adapter_dtype is None
+            else {"adapter_dtype": self.adapter_dtype, "adapter_file_bytes": self.adapter_file_bytes},
+            "memory_bytes": {
+                "weights": m.weights + m.adapters,
+                "base_weights": m.weights,
+                "adapters": m.adapters,
+                "quant_state": self.weight_storage.quant_state,
+                "gradients": m.gradients,
+                "optimizer_states": m.optimizer_states,
+                "optimizer_paged": m.optimizer_paged,
+                "activations": m.activations + m.logits,
+                "logits": m.logits,
+                "transients": m.transients,
+                "overhead": m.overhead,
+                "peak": m.peak,
+            },
+            "peak_phase": m.peak_phase,
+            "peak_breakdown_bytes": self.peak_parts,
+            "device_terms": asdict(self.device_terms),
+        }
+
+
+def trainable_numels(spec: ModelSpec, plan: LoraPlan | None) -> list[int]:
+    """Numel of every trainable tensor: all parameters (full) or the adapters (LoRA)."""
+    if plan is not None:
+        return plan.tensor_numels()
+    out: list[int] = []
+    for lin in spec.linears:
+        per = ([] if lin.tied else [lin.weight_numel]) + ([lin.out_features] if lin.bias else [])
+        out += per * lin.count
+    for t in spec.tensors:
+        out += [t.numel] * t.count
+    return out
+
+
+def _largest_dequantized(spec: ModelSpec, setup: Setup) -> int:
+    """bnb dequantizes a 4-bit/int8 weight into a compute-dtype temporary (forward for
+    batch > 1 and backward; `bitsandbytes/autograd/_functions.py::MatMul4Bit`, and the
+    fp16 copy in `MatMul8bitLt.backward`): one matrix of the largest quantized linear."""
+    if not is_quantized(setup.quant):
+        return 0
+    sizes = [lin.weight_numel for lin in spec.linears if not (lin.is_output or lin.tied)]
+    return max(sizes, default=0) * FLOAT_BYTES[setup.compute_dtype]
+
+
+def estimate(setup: Setup, *, model: ModelSpec | None = None, terms: DeviceTerms | None = None) -> Estimate:
+    spec = model if model is not None else load_model(setup.model)
+    plan = plan_lora(spec, setup.lora_rank, setup.lora_targets) if setup.method == "lora" else None
+    wb = weight_bytes(spec, setup.quant, double_quant=setup.double_quant, compute_dtype=setup.compute_dtype)
+    numels = trainable_numels(spec, plan)
+    # PEFT autocast_adapter_dtype=True: adapters are fp32 on fp16/bf16/quantized bases.
+    train_itemsize = FP32 if plan is not None else FLOAT_BYTES[setup.param_dtype]
+    adapters = sum(numels) * FP32 if plan is not None else 0
+    grads = gradient_bytes(numels, train_itemsize)
+    opt = optimizer_bytes(setup.optimizer, numels, train_itemsize, device=setup.device)
+    act = activation_bytes(spec, setup, plan)
+    terms = terms if terms is not None else device_terms(setup.device)
+
+    persistent = wb.total + adapters + opt.total
+    dequant = _largest_dequantized(spec, setup)
+    # Optimizer-step temporaries: torch's foreach AdamW (CUDA default) builds one
+    # `_foreach_sqrt(exp_avg_sq)` list, the size of one state; the single-tensor path
+    # (CPU) builds two temporaries of the largest tensor (torch/optim/adamw.py).
+    if setup.optimizer == "adamw":
+        opt_temp = sum(numels) * train_itemsize if setup.device == "cuda" else 2 * max(numels, default=0) * train_itemsize
+    else:
+        opt_temp = 0
+    acts_no_logits = act.layers + act.embeddings_and_head
+    phases: dict[str, dict[str, int]] = {
+        "forward": {
+            "activations": acts_no_logits,
+            "logits": act.logits_saved,
+            "transients": dequant,
+        },
+        "backward": {
+            "activations": acts_no_logits + act.recompute,
+            "logits": act.logits_saved,
+            "transients": act.logits_backward_peak - act.logits_saved + dequant,
+        },
+        "backward_end": {"gradients": grads, "transients": dequant},
+        "optimizer_step": {"gradients": grads, "transients": opt_temp},
+    }
+    best_phase, best_total, best_parts = "", -1, {}
+    for phase, parts in phases.items():
+        total = persistent + sum(parts.values())
+        if total > best_total:
+            best_phase, best_total, best_parts = phase, total, parts
+    overhead = terms.overhead_bytes(best_total)
+    peak = best_total + overhead
+    peak_parts = {
+        "weights": wb.total,
+        "adapters": adapters,
+        "optimizer_states": opt.total,
+        "gradients": best_parts.get("gradients", 0),
+        "activations": best_parts.get("activations", 0),
+        "logits": best_parts.get("logits", 0),
+        "transients": best_parts.get("transients", 0),
+        "overhead": overhead,
+    }
+    assert sum(peak_parts.values()) == peak  # internal invariant, not input validation
+    memory = Memory(
+        weights=wb.total,
+        adapters=adapters,
+        gradients=grads,
+        optimizer_states=opt.total,
+        optimizer_paged=opt.paged,
+        activations=acts_no_logits,
+        logits=act.logits_saved,
+        transients=best_parts.get("transients", 0),
+        overhead=overhead,
+        peak=peak,
+        peak_phase=best_phase,
+    )
+    adapter_sizes = {d: adapter_file_bytes(plan, d) for d in ("fp32", "fp16", "bf16")} if plan is not None else {}
+    return Estimate(
+        setup=setup,
+        model=spec,
+        total_parameters=spec.total_parameters,
+        trainable_parameters=sum(numels),
+        active_parameters=spec.active_parameters,
+        weight_storage=wb,
+        adapter_dtype="fp32" if plan is not None else None,
+        adapter_file_bytes=adapter_sizes,
+        memory=memory,
+        peak_parts=peak_parts,
+        device_terms=terms,
+    )

@@ -1,0 +1,116 @@
+"""The GPU catalog (`data/gpus.json`): memory, bandwidth, compute and price.
+
+Users override prices (`--price a100-80gb=1.89`) or pass their own catalog file.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable
+
+from memplan.errors import MemplanError, UnknownGPUError
+from memplan.paths import data_dir
+
+__all__ = ["GPU", "GPUCatalog", "gpu_catalog", "load_gpu_catalog", "parse_price_overrides"]
+
+
+@dataclass(frozen=True)
+class GPU:
+    key: str
+    name: str
+    memory_bytes: int  # datasheet capacity (decimal GB)
+    usable_bytes: int  # what nvidia-smi reports as total (MiB * 2**20)
+    bandwidth_bytes_per_s: int
+    bf16_tflops: float
+    pcie_gen: int
+    usd_per_hour: float
+    price_provider: str
+    price_date: str
+
+
+@dataclass(frozen=True)
+class GPUCatalog:
+    gpus: tuple[GPU, ...]
+    storage_usd_per_gb_month: float
+    source: str
+
+    def get(self, name: str) -> GPU:
+        key = name.strip().lower().replace(" ", "-")
+        for g in self.gpus:
+            if key in (g.key, g.name.lower().replace(" ", "-")):
+                return g
+        close = difflib.get_close_matches(key, [g.key for g in self.gpus], n=3, cutoff=0.4)
+        hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(g.key for g in self.gpus)}"
+        raise UnknownGPUError(f"unknown GPU '{name}'; {hint}")
+
+    def with_prices(self, prices: dict[str, float]) -> "GPUCatalog":
+        gpus = list(self.gpus)
+        for key, price in prices.items():
+            g = self.get(key)
+            gpus[gpus.index(g)] = replace(g, usd_per_hour=price, price_provider="user override", price_date="")
+        return replace(self, gpus=tuple(gpus))
+
+
+def _parse(raw: object, where: str) -> GPUCatalog:
+    if not isinstance(raw, dict) or not isinstance(raw.get("gpus"), list) or not raw["gpus"]:
+        raise MemplanError(f"{where}: a GPU catalog is a JSON object with a non-empty 'gpus' list")
+    gpus = []
+    names = {f for f in GPU.__dataclass_fields__}
+    for i, item in enumerate(raw["gpus"]):
+        if not isinstance(item, dict):
+            raise MemplanError(f"{where}: gpus[{i}] must be an object")
+        missing = [n for n in ("key", "name", "memory_bytes", "usable_bytes", "bandwidth_bytes_per_s", "bf16_tflops") if n not in item]
+        if missing:
+            raise MemplanError(f"{where}: gpus[{i}] is missing {', '.join(missing)}")
+        vals = {k: v for k, v in item.items() if k in names}
+        vals.setdefault("pcie_gen", 4)
+        vals.setdefault("usd_per_hour", 0.0)
+        vals.setdefault("price_provider", "")
+        vals.setdefault("price_date", "")
+        for k in ("memory_bytes", "usable_bytes", "bandwidth_bytes_per_s"):
+            if not isinstance(vals[k], int) or vals[k] <= 0:
+                raise MemplanError(f"{where}: gpus[{i}].{k} must be a positive integer number of bytes")
+        if not isinstance(vals["usd_per_hour"], (int, float)) or vals["usd_per_hour"] < 0:
+            raise MemplanError(f"{where}: gpus[{i}].usd_per_hour must be a non-negative number")
+        gpus.append(GPU(**vals))
+    storage = raw.get("storage_usd_per_gb_month", 0.023)
+    return GPUCatalog(gpus=tuple(gpus), storage_usd_per_gb_month=float(storage), source=str(raw.get("source", where)))
+
+
+@lru_cache(maxsize=1)
+def gpu_catalog() -> GPUCatalog:
+    """The built-in catalog."""
+    path = data_dir() / "gpus.json"
+    return _parse(json.loads(path.read_text()), str(path))
+
+
+def load_gpu_catalog(path: str | Path | None = None) -> GPUCatalog:
+    if path is None:
+        return gpu_catalog()
+    p = Path(path)
+    try:
+        raw = json.loads(p.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise MemplanError(f"cannot read GPU catalog {p}: {exc.strerror}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MemplanError(f"GPU catalog {p} is not valid JSON: {exc}") from None
+    return _parse(raw, str(p))
+
+
+def parse_price_overrides(items: Iterable[str]) -> dict[str, float]:
+    """`["a100-80gb=1.89", ...]` -> {"a100-80gb": 1.89}."""
+    out: dict[str, float] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        try:
+            price = float(value)
+        except ValueError:
+            price = -1.0
+        if not sep or not key.strip() or price < 0:
+            raise MemplanError(f"--price '{item}' must look like GPU=USD_PER_HOUR, e.g. a100-80gb=1.89")
+        out[key.strip()] = price
+    return out
