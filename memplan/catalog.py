@@ -19,7 +19,7 @@ from memplan.errors import ConfigError, UnknownModelError
 from memplan.paths import data_dir
 from memplan.spec import ModelSpec
 
-__all__ = ["CatalogEntry", "catalog", "load_model", "MAX_CONFIG_BYTES"]
+__all__ = ["CatalogEntry", "catalog", "load_model", "with_layers", "MAX_CONFIG_BYTES"]
 
 # A real config.json is a few kB; anything this large is not one.
 MAX_CONFIG_BYTES = 1_000_000
@@ -107,3 +107,22 @@ def load_model(model: str | ModelSpec) -> ModelSpec:
     close = difflib.get_close_matches(key.lower(), [n.lower() for n in names], n=3, cutoff=0.5)
     hint = f"did you mean {', '.join(close)}?" if close else "run `memplan models` for the catalog"
     raise UnknownModelError(f"unknown model '{key}': not in the catalog and not a path to a config.json; {hint}")
+
+
+_LAYER_KEYS = ("num_hidden_layers", "n_layer")
+
+
+def with_layers(spec: ModelSpec, layers: int | None) -> ModelSpec:
+    """The same model truncated to its first `layers` transformer layers
+    (what `memplan profile --layers N` builds); `None` returns `spec` unchanged."""
+    if layers is None or layers == spec.num_layers:
+        return spec
+    if isinstance(layers, bool) or not isinstance(layers, int) or layers < 1:
+        raise ConfigError(f"--layers must be a positive integer, got {layers!r}")
+    if layers > spec.num_layers:
+        raise ConfigError(f"--layers {layers} exceeds the {spec.num_layers} layers of {spec.name}")
+    cfg = dict(spec.config)
+    for key in _LAYER_KEYS:
+        if key in cfg:
+            cfg[key] = layers
+    return spec_from_config(cfg, name=spec.name, source=spec.source)
