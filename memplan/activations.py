@@ -1,25 +1,34 @@
 """Activation memory of one training step, from what the modeling code saves.
 
-Sources (transformers 5.x, torch 2.x autograd):
-- `LlamaRMSNorm.forward` upcasts its input to fp32 (`hidden_states.to(torch.float32)`),
-  which `pow` saves, plus a per-token fp32 `rsqrt`; the bf16 output is saved by the
-  next op only when that op needs it for a weight gradient.
-- `nn.Linear` saves its input only when its weight needs a gradient: a frozen base
-  linear saves nothing (autograd's `addmm` saves `mat1` only if `mat2` requires grad).
-- PEFT `lora.Linear.forward` casts the input to the adapter dtype (fp32) and runs it
-  through dropout (a copy plus a bool mask when p > 0); `lora_A` saves that input and
-  `lora_B` saves lora_A's (T x r) output.
-- `apply_rotary_pos_emb` builds new q and k; SDPA/flash save q, k, v, the output and a
-  fp32 logsumexp per head; `eager_attention_forward` also keeps fp32 softmax scores and
-  their compute-dtype copy (b x heads x s x s each). Without native GQA in SDPA,
-  `repeat_kv` expands k and v to every head (`integrations/sdpa_attention.py`).
-- SwiGLU MLP (`act_fn(gate_proj(x)) * up_proj(x)`) saves the gate output, the activation
-  output and the up output; GELU MLPs save the pre-activation and the activation.
-- `loss/loss_utils.py::ForCausalLMLoss` upcasts the logits to fp32 and `cross_entropy`
-  saves the fp32 `log_softmax`; its backward materialises fp32 gradients of the same size.
-- Gradient checkpointing (`GradientCheckpointingLayer`) keeps each layer's input and
-  recomputes one layer at a time during backward.
-Ignores: attention/hidden dropout (off in every supported config), allocator rounding.
+Every term below was checked tensor by tensor against the CPU ledger
+(`torch.autograd.graph.saved_tensors_hooks` over a real step, transformers 5.23,
+peft 0.21, torch 2.13). What autograd keeps for backward:
+- RMSNorm (`LlamaRMSNorm.forward`): the fp32 copy of the input (`pow` saves it) and
+  the per-token fp32 `rsqrt`; with a trainable weight also the normalised bf16 tensor.
+  Gemma2's norm multiplies in fp32, so that last tensor is fp32 there.
+- `nn.Linear` saves its input only when its weight needs a gradient (autograd's
+  `addmm` saves `mat1` only for `mat2`'s grad): a frozen base linear, quantized or
+  not, saves nothing (bnb `MatMul4Bit`/`MatMul8bitLt` keep only the packed weight).
+- PEFT `lora.Linear.forward` casts the input to the fp32 adapter dtype once per
+  adapted module (q and v each keep their own copy) and `lora_A` saves it; `lora_B`
+  saves A's (tokens x r) output. Dropout p > 0 also keeps its mask (bool on CUDA,
+  input dtype on the CPU) where the input requires grad.
+- Attention: rotary builds new q and k; SDPA/flash save q, k, v, the output (which is
+  also `o_proj`'s input: same storage) and an fp32 logsumexp per head and token. SDPA
+  uses native GQA when there is no mask (`integrations/sdpa_attention.py::use_gqa_in_sdpa`),
+  so k and v are not expanded. Eager attention (`eager_attention_forward`) saves q, the
+  `repeat_kv`-expanded k and v, the fp32 softmax and its compute-dtype copy (b x heads x s x s).
+- SwiGLU MLP: gate output, activation output and up output (3 x tokens x intermediate).
+  Phi-3's fused `gate_up_proj`/`qkv_proj` outputs are kept whole by the views saved on them.
+- Layer 0 under LoRA without checkpointing: its input (the frozen embedding's output)
+  does not require grad, so its first norm saves nothing.
+- Loss (`loss/loss_utils.py::ForCausalLMLoss`): `logits.float()` then `cross_entropy`,
+  whose `log_softmax` saves its fp32 output; the backward holds that output, its fp32
+  gradient and the fp32 gradient of the logits at once (12 bytes per logit).
+- Gradient checkpointing (non-reentrant, `GradientCheckpointingLayer`): each layer keeps
+  only its input; backward rebuilds one layer at a time.
+Ignores: embedding/attention/residual dropout (0.0 in every llama-family config; GPT-2
+and BERT default to 0.1 and are modelled with their masks), allocator rounding.
 """
 
 from __future__ import annotations
@@ -34,89 +43,156 @@ from memplan.storage import FLOAT_BYTES
 __all__ = ["ActivationBytes", "activation_bytes"]
 
 FP32 = 4
+INT64 = 8
+_GATED = ("llama", "mistral", "mixtral", "qwen2", "gemma2", "phi3")
 
 
 @dataclass(frozen=True)
 class ActivationBytes:
-    """Saved-for-backward bytes and the transient peaks around them."""
+    """Saved-for-backward bytes of one step, and the transient peaks around them."""
 
-    per_layer: int  # saved by one transformer layer (no checkpointing)
-    layers: int  # saved by all layers as configured (checkpointing included)
-    recompute: int  # one layer's activations rebuilt during a checkpointed backward
-    embeddings_and_head: int  # embedding output, final norm, lm_head input
-    logits_saved: int  # compute-dtype logits + fp32 log_softmax kept for backward
-    logits_backward_peak: int  # logits memory at the height of the loss backward
+    first_layer: int  # saved by layer 0 (differs under LoRA: its input needs no grad)
+    per_layer: int  # saved by every other layer
+    recompute_layer: int  # one layer rebuilt during a checkpointed backward
+    layers: int  # saved by all layers as configured
+    head: int  # rotary tables, final norm, lm_head input, token ids (not logits)
+    logits_saved: int  # fp32 log_softmax (+ softcap) kept for backward
+    logits_forward_extra: int  # compute-dtype logits + fp32 upcast alive at the loss
+    logits_backward_extra: int  # fp32 gradients alive during the loss backward
+    layer_backward_extra: int  # gradients alive inside one layer's backward
 
     @property
     def saved(self) -> int:
-        return self.layers + self.embeddings_and_head + self.logits_saved
+        return self.layers + self.head + self.logits_saved
 
 
-def _lora_input_bytes(spec: ModelSpec, plan: LoraPlan | None, setup: Setup, tokens: int) -> int:
-    """Per-layer bytes the LoRA branches save: fp32 input copy (+ dropout copy/mask), A's output."""
+def _compute_bytes(setup: Setup) -> int:
+    return FLOAT_BYTES[setup.param_dtype]
+
+
+def _mask_bytes(setup: Setup, e: int) -> int:
+    # torch native_dropout keeps a bool mask on CUDA; on the CPU the mask has the input dtype.
+    return 1 if setup.device == "cuda" else e
+
+
+def _lora_bytes(spec: ModelSpec, plan: LoraPlan | None, setup: Setup, t: int, *, input_grad: bool) -> int:
+    """Per-layer bytes the LoRA branches save (fp32 input copy, A's output, dropout mask)."""
     if plan is None:
         return 0
     total = 0
     for lin in plan.targets:
-        if lin.component in ("lm_head", "head"):
+        if lin.count != spec.num_layers:  # lm_head / MLM head: counted in the head
             continue
-        per = FP32 * tokens * lin.in_features + FP32 * tokens * plan.rank
-        if setup.lora_dropout > 0:
-            per += FP32 * tokens * lin.in_features + tokens * lin.in_features  # dropout output + bool mask
-        total += per * lin.count // max(spec.num_layers, 1)
+        total += FP32 * t * lin.in_features + FP32 * t * plan.rank
+        if setup.lora_dropout > 0 and (input_grad or lin.name not in ("q_proj", "k_proj", "v_proj", "qkv_proj", "c_attn", "query", "key", "value")):
+            total += _mask_bytes(setup, FP32) * t * lin.in_features
     return total
 
 
-def _layer_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan | None) -> int:
-    e = FLOAT_BYTES[setup.compute_dtype if setup.quant in ("int8", "nf4", "fp4") else setup.quant]
+def _layer_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan | None, *, input_grad: bool) -> int:
+    e = _compute_bytes(setup)
     b, s = setup.batch_size, setup.seq_len
     t = b * s
     h, a = spec.hidden_size, spec.num_heads * spec.head_dim
     kv = spec.num_kv_heads * spec.head_dim
     full = setup.method == "full"
-    norms = 2 if spec.model_type != "gemma2" else 4
-    # RMSNorm / LayerNorm: fp32 input copy + per-token statistics (+ bf16 output kept for weight grads).
-    norm_bytes = norms * (FP32 * t * h + FP32 * t + (e * t * h if full else 0))
-    # q, k, v after rotary, attention output, fp32 logsumexp per head.
-    expand = spec.num_heads != spec.num_kv_heads and setup.attention != "flash"
-    kv_saved = 2 * (a if expand else kv)
-    attn = e * t * (a + kv_saved + a) + FP32 * b * spec.num_heads * s
-    if setup.attention == "eager":
-        attn += (FP32 + e) * b * spec.num_heads * s * s
-    if full:
-        attn += e * t * (h + a)  # inputs of qkv and o_proj, saved for weight gradients
     inter = spec.intermediate_size
-    if spec.num_experts:
-        inter = spec.intermediate_size * spec.experts_per_token
-    gated = spec.model_type not in ("gpt2", "bert")
-    mlp = e * t * inter * (3 if gated else 2)
+    total = _lora_bytes(spec, plan, setup, t, input_grad=input_grad)
+
+    if spec.model_type in _GATED:
+        # Norms: fp32 input copy + rsqrt; trainable weight also keeps the normalised tensor.
+        n_norms = 4 if spec.model_type == "gemma2" else 2
+        normed = FP32 if spec.model_type == "gemma2" else e
+        per_norm = FP32 * t * h + FP32 * t + (normed * t * h if full else 0)
+        total += per_norm * (n_norms - (0 if input_grad else 1))
+        # Attention.
+        if setup.attention == "eager":
+            # q, expanded k and v, fp32 softmax and its compute-dtype copy. `q @ k.T` saves q
+            # only for k's gradient: not in layer 0 when k comes from a frozen input.
+            k_grad = input_grad or (plan is not None and any(lin.name in ("k_proj", "qkv_proj") for lin in plan.targets))
+            total += (3 if k_grad else 2) * e * t * a + (FP32 + e) * b * spec.num_heads * s * s
+            total += e * t * a if full else 0  # o_proj input (a fresh contiguous copy)
+        else:
+            total += e * t * (a + kv) + e * t * kv + e * t * a + FP32 * b * spec.num_heads * s
+            if spec.model_type == "phi3":
+                total += e * t * (a + 2 * kv) - e * t * kv  # v is a view: the whole qkv output stays
+        if full:
+            total += e * t * h  # q/k/v input (the norm output), shared by the three
+        # MLP.
+        if spec.num_experts:
+            # MixtralExperts: per routed token, gate_up output (2I), act output (I), down output (h).
+            k = spec.experts_per_token
+            total += e * t * k * (3 * inter + h) + FP32 * t * spec.num_experts
+            if full:
+                total += e * t * k * (h + inter)
+        else:
+            total += 3 * e * t * inter
+            if full:
+                total += e * t * h + e * t * inter  # gate/up input, down input
+        return total
+
+    # GPT-2 / BERT: LayerNorm saves input + fp32 mean/rstd; dropout masks (p = 0.1 defaults).
+    cfg = spec.config
+    p_res = float(cfg.get("resid_pdrop", cfg.get("hidden_dropout_prob", 0.0)) or 0.0)
+    m = _mask_bytes(setup, e)
+    total += 2 * (e * t * h + 2 * FP32 * t)
+    total += e * t * 3 * h + e * t * h + FP32 * b * spec.num_heads * s  # qkv (one storage), out, lse
+    if p_res > 0:
+        total += 2 * m * t * h
+    gelu_saved = 4 if spec.hidden_act in ("gelu_new", "gelu_fast") else 1  # NewGELUActivation's tanh chain
+    total += gelu_saved * e * t * inter
     if full:
-        mlp += e * t * (h + inter)
-    return norm_bytes + attn + mlp + _lora_input_bytes(spec, plan, setup, t)
+        total += e * t * (h + h + h + inter)  # inputs of qkv, attn out-proj, fc, mlp out-proj
+    return total
 
 
 def activation_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan | None) -> ActivationBytes:
-    e = FLOAT_BYTES[setup.param_dtype]
-    t = setup.batch_size * setup.seq_len
-    per_layer = _layer_bytes(spec, setup, plan)
-    layer_input = e * t * spec.hidden_size
+    e = _compute_bytes(setup)
+    b, s = setup.batch_size, setup.seq_len
+    t = b * s
+    h = spec.hidden_size
+    full = setup.method == "full"
+    # Does layer 0's input require grad? Yes for full fine-tuning, and for LoRA with
+    # checkpointing (PEFT/transformers call `enable_input_require_grads`).
+    first_grad = full or setup.grad_checkpointing
+    first = _layer_bytes(spec, setup, plan, input_grad=first_grad)
+    per = _layer_bytes(spec, setup, plan, input_grad=True)
     if setup.grad_checkpointing:
-        layers = spec.num_layers * layer_input
-        recompute = per_layer
+        layers = spec.num_layers * e * t * h
+        recompute = per
     else:
-        layers = spec.num_layers * per_layer
+        layers = first + (spec.num_layers - 1) * per
         recompute = 0
-    # Embedding output + final norm's fp32 copy + the lm_head input.
-    head = e * t * spec.hidden_size + FP32 * t * spec.hidden_size + e * t * spec.hidden_size
+
+    # Head: rotary cos/sin (shared by all layers, batch-broadcast), final norm, lm_head input,
+    # shifted labels (int64), token ids for the embedding's weight gradient.
+    head = INT64 * t + FP32  # shifted labels, the 0-d loss
+    if spec.model_type in _GATED:
+        # cos/sin are saved by the rotary multiplies; under checkpointing they are rebuilt.
+        rotary = 0 if setup.grad_checkpointing else 2 * e * s * spec.head_dim
+        head += rotary + FP32 * t * h + FP32 * t
+        if full:
+            head += 2 * e * t * h + INT64 * t
+    else:
+        head += e * t * h + 2 * FP32 * t + (e * t * h + INT64 * t if full else 0)
+
     logits = t * spec.vocab_size
-    logits_saved = (e + FP32) * logits
-    # log_softmax backward: grad_output and grad_input in fp32 while the saved output is alive.
-    logits_bwd = (e + 3 * FP32) * logits
+    softcap = spec.config.get("final_logit_softcapping") if spec.model_type == "gemma2" else None
+    logits_saved = FP32 * logits + (e * logits if softcap else 0)  # tanh output under softcapping
+    logits_fwd = e * logits + FP32 * logits
+    logits_bwd = 2 * FP32 * logits
+    inter = spec.intermediate_size * (spec.experts_per_token if spec.num_experts else 1)
+    # Inside one layer's backward: the gradient of the down-proj input and of both SwiGLU
+    # branches, plus the fp32 gradient flowing out of a LoRA branch.
+    layer_bwd = 3 * e * t * inter + (FP32 * t * max(h, inter) if plan is not None else 0)
     return ActivationBytes(
-        per_layer=per_layer,
+        first_layer=first,
+        per_layer=per,
+        recompute_layer=recompute,
         layers=layers,
-        recompute=recompute,
-        embeddings_and_head=head,
+        head=head,
         logits_saved=logits_saved,
-        logits_backward_peak=logits_bwd,
+        logits_forward_extra=logits_fwd,
+        logits_backward_extra=logits_bwd,
+        layer_backward_extra=layer_bwd,
     )

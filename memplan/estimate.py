@@ -135,17 +135,28 @@ def estimate(setup: Setup, *, model: ModelSpec | None = None, terms: DeviceTerms
         opt_temp = sum(numels) * train_itemsize if setup.device == "cuda" else 2 * max(numels, default=0) * train_itemsize
     else:
         opt_temp = 0
-    acts_no_logits = act.layers + act.embeddings_and_head
+    # Phases of a steady-state step (the training loop drops the model outputs before
+    # backward, as transformers' Trainer.compute_loss does, so the compute-dtype logits
+    # are gone once the loss exists).
+    acts = act.layers + act.head
+    head_grad = 0
+    if plan is None:
+        head_grad = sum(lin.weight_numel for lin in spec.linears if lin.is_output and not lin.tied) * train_itemsize
     phases: dict[str, dict[str, int]] = {
         "forward": {
-            "activations": acts_no_logits,
+            "activations": acts,
             "logits": act.logits_saved,
-            "transients": dequant,
+            "transients": act.logits_forward_extra + dequant,
         },
-        "backward": {
-            "activations": acts_no_logits + act.recompute,
+        "backward_loss": {
+            "activations": acts,
             "logits": act.logits_saved,
-            "transients": act.logits_backward_peak - act.logits_saved + dequant,
+            "transients": act.logits_backward_extra + dequant,
+        },
+        "backward_layers": {
+            "activations": acts + act.recompute_layer,
+            "gradients": head_grad,
+            "transients": act.layer_backward_extra + dequant,
         },
         "backward_end": {"gradients": grads, "transients": dequant},
         "optimizer_step": {"gradients": grads, "transients": opt_temp},
@@ -174,7 +185,7 @@ def estimate(setup: Setup, *, model: ModelSpec | None = None, terms: DeviceTerms
         gradients=grads,
         optimizer_states=opt.total,
         optimizer_paged=opt.paged,
-        activations=acts_no_logits,
+        activations=acts,
         logits=act.logits_saved,
         transients=best_parts.get("transients", 0),
         overhead=overhead,
