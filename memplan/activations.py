@@ -60,6 +60,8 @@ class ActivationBytes:
     logits_forward_extra: int  # compute-dtype logits + fp32 upcast alive at the loss
     logits_backward_extra: int  # fp32 gradients alive during the loss backward
     layer_backward_extra: int  # gradients alive inside one layer's backward
+    rotary: int  # cos/sin tables, alive until layer 0's backward
+    graph_residue: int  # a tokens x intermediate tensor alive from backward until the loss is freed
 
     @property
     def saved(self) -> int:
@@ -118,6 +120,10 @@ def _layer_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan | None, *, input_
                 total += e * t * (a + 2 * kv) - e * t * kv  # v is a view: the whole qkv output stays
         if full:
             total += e * t * h  # q/k/v input (the norm output), shared by the three
+        if setup.quant == "int8":
+            # bnb MatMul8bitLt.forward keeps `A` (its input) in ctx.tensors when A needs grad:
+            # the attention norm output (layers > 0 under LoRA), the MLP norm output, down's input.
+            total += e * t * h * (2 if input_grad else 1) + e * t * inter
         # MLP.
         if spec.num_experts:
             # MixtralExperts: per routed token, gate_up output (2I), act output (I), down output (h).
@@ -167,9 +173,12 @@ def activation_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan | None) -> Ac
     # Head: rotary cos/sin (shared by all layers, batch-broadcast), final norm, lm_head input,
     # shifted labels (int64), token ids for the embedding's weight gradient.
     head = INT64 * t + FP32  # shifted labels, the 0-d loss
+    rotary = 0
+    if spec.model_type in _GATED and not setup.grad_checkpointing:
+        # cos/sin are saved by the rotary multiplies; under checkpointing they are rebuilt.
+        rotary = 2 * e * s * spec.head_dim
     if spec.model_type in _GATED:
         # cos/sin are saved by the rotary multiplies; under checkpointing they are rebuilt.
-        rotary = 0 if setup.grad_checkpointing else 2 * e * s * spec.head_dim
         head += rotary + FP32 * t * h + FP32 * t
         if full:
             head += 2 * e * t * h + INT64 * t
@@ -182,9 +191,10 @@ def activation_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan | None) -> Ac
     logits_fwd = e * logits + FP32 * logits
     logits_bwd = 2 * FP32 * logits
     inter = spec.intermediate_size * (spec.experts_per_token if spec.num_experts else 1)
-    # Inside one layer's backward: the gradient of the down-proj input and of both SwiGLU
-    # branches, plus the fp32 gradient flowing out of a LoRA branch.
-    layer_bwd = 3 * e * t * inter + (FP32 * t * max(h, inter) if plan is not None else 0)
+    # Inside the last layer's MLP backward: the gradient of the down-proj input and both
+    # SwiGLU branch gradients (MulBackward0), plus the hidden-size gradient flowing down
+    # the residual stream; a checkpointed layer also holds its recomputed output.
+    layer_bwd = 3 * e * t * inter + e * t * h * (2 if setup.grad_checkpointing else 1)
     return ActivationBytes(
         first_layer=first,
         per_layer=per,
@@ -195,4 +205,8 @@ def activation_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan | None) -> Ac
         logits_forward_extra=logits_fwd,
         logits_backward_extra=logits_bwd,
         layer_backward_extra=layer_bwd,
+        rotary=rotary,
+        # Observed on the CPU ledger (torch 2.13): one compute-dtype tokens x intermediate
+        # tensor outlives the backward until the loss tensor is released.
+        graph_residue=e * t * inter,
     )

@@ -139,6 +139,7 @@ def estimate(setup: Setup, *, model: ModelSpec | None = None, terms: DeviceTerms
     # backward, as transformers' Trainer.compute_loss does, so the compute-dtype logits
     # are gone once the loss exists).
     acts = act.layers + act.head
+    e_tokens_inter = FLOAT_BYTES[setup.param_dtype] * setup.batch_size * setup.seq_len * spec.intermediate_size
     head_grad = 0
     if plan is None:
         head_grad = sum(lin.weight_numel for lin in spec.linears if lin.is_output and not lin.tied) * train_itemsize
@@ -146,20 +147,22 @@ def estimate(setup: Setup, *, model: ModelSpec | None = None, terms: DeviceTerms
         "forward": {
             "activations": acts,
             "logits": act.logits_saved,
-            "transients": act.logits_forward_extra + dequant,
+            "transients": max(act.logits_forward_extra, dequant),
         },
         "backward_loss": {
             "activations": acts,
             "logits": act.logits_saved,
-            "transients": act.logits_backward_extra + dequant,
+            "transients": max(act.logits_backward_extra, dequant),
         },
         "backward_layers": {
-            "activations": acts + act.recompute_layer,
+            # The final norm and the loss have been through backward: only the layers'
+            # saved tensors (and the rotary tables) remain, plus one rebuilt layer.
+            "activations": act.layers + act.rotary + act.recompute_layer,
             "gradients": head_grad,
-            "transients": act.layer_backward_extra + dequant,
+            "transients": max(act.layer_backward_extra, dequant + e_tokens_inter),
         },
-        "backward_end": {"gradients": grads, "transients": dequant},
-        "optimizer_step": {"gradients": grads, "transients": opt_temp},
+        "backward_end": {"gradients": grads, "transients": act.graph_residue},
+        "optimizer_step": {"gradients": grads, "transients": opt_temp + act.graph_residue},
     }
     best_phase, best_total, best_parts = "", -1, {}
     for phase, parts in phases.items():
