@@ -69,7 +69,10 @@ class ActivationBytes:
 
 
 def _compute_bytes(setup: Setup) -> int:
-    return FLOAT_BYTES[setup.param_dtype]
+    """Element size of the activations. `prepare_model_for_kbit_training` casts the
+    embeddings, norms and lm_head to fp32, so the whole residual stream (and every
+    non-quantized op on it) runs in fp32 (peft/utils/other.py)."""
+    return FP32 if setup.prepare_kbit_training else FLOAT_BYTES[setup.param_dtype]
 
 
 def _mask_bytes(setup: Setup, e: int) -> int:
@@ -82,10 +85,20 @@ def _lora_bytes(spec: ModelSpec, plan: LoraPlan | None, setup: Setup, t: int, *,
     if plan is None:
         return 0
     total = 0
+    shared_inputs: set[str] = set()
     for lin in plan.targets:
         if lin.count != spec.num_layers:  # lm_head / MLM head: counted in the head
             continue
-        total += FP32 * t * lin.in_features + FP32 * t * plan.rank
+        total += FP32 * t * plan.rank
+        if setup.prepare_kbit_training:
+            # The input is already fp32: no cast copy; lora_A saves the module input itself,
+            # which q/k/v (and gate/up) share, and which SDPA already keeps for o_proj.
+            group = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}.get(lin.name, lin.name)
+            if group not in shared_inputs and lin.name != "o_proj":
+                shared_inputs.add(group)
+                total += FP32 * t * lin.in_features
+        else:
+            total += FP32 * t * lin.in_features
         if setup.lora_dropout > 0 and (input_grad or lin.name not in ("q_proj", "k_proj", "v_proj", "qkv_proj", "c_attn", "query", "key", "value")):
             total += _mask_bytes(setup, FP32) * t * lin.in_features
     return total
@@ -188,7 +201,7 @@ def activation_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan | None) -> Ac
     logits = t * spec.vocab_size
     softcap = spec.config.get("final_logit_softcapping") if spec.model_type == "gemma2" else None
     logits_saved = FP32 * logits + (e * logits if softcap else 0)  # tanh output under softcapping
-    logits_fwd = e * logits + FP32 * logits
+    logits_fwd = e * logits + (FP32 * logits if e != FP32 else 0)  # no upcast copy of fp32 logits
     logits_bwd = 2 * FP32 * logits
     inter = spec.intermediate_size * (spec.experts_per_token if spec.num_experts else 1)
     # Inside the last layer's MLP backward: the gradient of the down-proj input and both

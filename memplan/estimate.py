@@ -116,7 +116,9 @@ def _largest_dequantized(spec: ModelSpec, setup: Setup) -> int:
 def estimate(setup: Setup, *, model: ModelSpec | None = None, terms: DeviceTerms | None = None) -> Estimate:
     spec = model if model is not None else load_model(setup.model)
     plan = plan_lora(spec, setup.lora_rank, setup.lora_targets) if setup.method == "lora" else None
-    wb = weight_bytes(spec, setup.quant, double_quant=setup.double_quant, compute_dtype=setup.compute_dtype)
+    # prepare_model_for_kbit_training casts every non-quantized fp16/bf16 parameter to fp32.
+    load_dtype = "fp32" if setup.prepare_kbit_training else setup.compute_dtype
+    wb = weight_bytes(spec, setup.quant, double_quant=setup.double_quant, compute_dtype=load_dtype)
     numels = trainable_numels(spec, plan)
     # PEFT autocast_adapter_dtype=True: adapters are fp32 on fp16/bf16/quantized bases.
     train_itemsize = FP32 if plan is not None else FLOAT_BYTES[setup.param_dtype]
@@ -139,7 +141,7 @@ def estimate(setup: Setup, *, model: ModelSpec | None = None, terms: DeviceTerms
     # backward, as transformers' Trainer.compute_loss does, so the compute-dtype logits
     # are gone once the loss exists).
     acts = act.layers + act.head
-    e_tokens_inter = FLOAT_BYTES[setup.param_dtype] * setup.batch_size * setup.seq_len * spec.intermediate_size
+    e_tokens_inter = (4 if setup.prepare_kbit_training else FLOAT_BYTES[setup.param_dtype]) * setup.batch_size * setup.seq_len * spec.intermediate_size
     head_grad = 0
     if plan is None:
         head_grad = sum(lin.weight_numel for lin in spec.linears if lin.is_output and not lin.tied) * train_itemsize

@@ -88,6 +88,9 @@ class Setup:
             )
         if self.prepare_kbit_training and not is_quantized(self.quant):
             raise SetupError("--prepare-kbit-training only applies to int8/nf4/fp4 bases; drop it or pick a quantized --quant")
+        if self.prepare_kbit_training and not self.grad_checkpointing:
+            # prepare_model_for_kbit_training(use_gradient_checkpointing=True) is PEFT's default.
+            object.__setattr__(self, "grad_checkpointing", True)
         if self.double_quant and self.quant not in ("nf4", "fp4"):
             raise SetupError(f"--double-quant only applies to nf4/fp4, not {self.quant}; drop it or use --quant nf4")
         if self.attention == "flash" and self.device == "cpu":
