@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from memplan.activations import activation_bytes
 from memplan.catalog import load_model
 from memplan.device_terms import DeviceTerms, device_terms
+from memplan.errors import SetupError
 from memplan.lora import LoraPlan, adapter_file_bytes, plan_lora
 from memplan.optim import gradient_bytes, optimizer_bytes
 from memplan.setup import Setup
@@ -115,6 +116,12 @@ def _largest_dequantized(spec: ModelSpec, setup: Setup) -> int:
 
 def estimate(setup: Setup, *, model: ModelSpec | None = None, terms: DeviceTerms | None = None) -> Estimate:
     spec = model if model is not None else load_model(setup.model)
+    if spec.model_type in ("gpt2", "bert") and setup.seq_len > spec.max_position_embeddings:
+        # Learned absolute positions: the embedding table has no row past the last position.
+        raise SetupError(
+            f"--seq-len {setup.seq_len} exceeds {spec.name}'s {spec.max_position_embeddings} learned positions; "
+            f"use --seq-len <= {spec.max_position_embeddings}"
+        )
     plan = plan_lora(spec, setup.lora_rank, setup.lora_targets) if setup.method == "lora" else None
     # prepare_model_for_kbit_training casts every non-quantized fp16/bf16 parameter to fp32.
     load_dtype = "fp32" if setup.prepare_kbit_training else setup.compute_dtype
