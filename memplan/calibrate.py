@@ -1,9 +1,11 @@
 """`memplan calibrate`: fit the CUDA device terms from measured profiles and
 report the estimator's error on the records NOT used for fitting.
 
-Two named constants, nothing per setup (see `device_terms.py`):
+Three named constants, nothing per setup (see `device_terms.py`):
 - `cuda_context_bytes`: the median of the NVML process memory measured right after
   CUDA initialisation, before any tensor (a direct measurement, not a regression).
+- `workspace_bytes`: the median over the fitting records of (measured allocated peak -
+  predicted allocated peak), floored at 0: library workspaces the model does not name.
 - `allocator_fraction`: the median over the fitting records of
   (NVML used at the peak - context - allocated peak) / allocated peak: the caching
   allocator's reserved-but-unallocated slack plus library workspaces.
@@ -116,6 +118,7 @@ def calibrate(records: list[dict[str, Any]]) -> Calibration:
     fit_ids = {id(r) for r, _ in fit}
     contexts = [int(r["measured"]["cuda_context_bytes"]) for r, _ in fit if r["measured"].get("cuda_context_bytes")]
     context = int(statistics.median(contexts)) if contexts else 0
+    workspace = max(0, int(statistics.median(int(r["measured"]["steady_peak_bytes"]) - p for r, p in fit)))
     slack = []
     for r, _ in fit:
         m = r["measured"]
@@ -125,6 +128,7 @@ def calibrate(records: list[dict[str, Any]]) -> Calibration:
     terms = DeviceTerms(
         device="cuda",
         cuda_context_bytes=context,
+        workspace_bytes=workspace,
         allocator_fraction=round(fraction, 5),
         source=f"memplan calibrate: {len(fit)} of {len(prepared)} CUDA records fitted, the rest held out",
     )
@@ -138,7 +142,7 @@ def calibrate(records: list[dict[str, Any]]) -> Calibration:
                 record_id=str(rec.get("id")),
                 label=label,
                 used_for_fit=id(rec) in fit_ids,
-                predicted_allocated=alloc_pred,
+                predicted_allocated=alloc_pred + terms.allocated_extra_bytes(),
                 measured_allocated=int(m["steady_peak_bytes"]),
                 predicted_nvml=alloc_pred + terms.overhead_bytes(alloc_pred),
                 measured_nvml=int(m["nvml_peak_bytes"]) if m.get("nvml_peak_bytes") else None,

@@ -3,6 +3,9 @@
 
 - cuda_context_bytes: memory NVML shows for this process before any tensor
   (CUDA context, cuBLAS/cuDNN handles and workspaces).
+- workspace_bytes: allocations no model formula names (cuBLAS/cuDNN workspaces,
+  kernel scratch) that show up in torch's allocated bytes: the median residual of
+  the allocated peak over the fitting records.
 - allocator_fraction: the caching allocator's reserved-minus-allocated slack,
   as a fraction of the allocated peak.
 On the CPU every term is zero: the ledger counts tensor storages exactly.
@@ -23,12 +26,18 @@ __all__ = ["DeviceTerms", "device_terms"]
 class DeviceTerms:
     device: str
     cuda_context_bytes: int = 0
+    workspace_bytes: int = 0
     allocator_fraction: float = 0.0
     source: str = "none"
 
+    def allocated_extra_bytes(self) -> int:
+        """What torch's allocator holds beyond the modelled tensors."""
+        return self.workspace_bytes
+
     def overhead_bytes(self, allocated_peak: int) -> int:
-        """Device memory beyond the allocated peak, as NVML would show it."""
-        return self.cuda_context_bytes + int(self.allocator_fraction * allocated_peak)
+        """Device memory beyond the modelled tensors, as NVML would show it."""
+        allocated = allocated_peak + self.workspace_bytes
+        return self.workspace_bytes + self.cuda_context_bytes + int(self.allocator_fraction * allocated)
 
 
 @lru_cache(maxsize=4)
@@ -42,6 +51,7 @@ def device_terms(device: str) -> DeviceTerms:
     return DeviceTerms(
         device=device,
         cuda_context_bytes=int(raw.get("cuda_context_bytes", 0)),
+        workspace_bytes=int(raw.get("workspace_bytes", 0)),
         allocator_fraction=float(raw.get("allocator_fraction", 0.0)),
         source=str(raw.get("source", "")),
     )

@@ -37,8 +37,9 @@ class Memory:
     activations: int  # saved for backward by layers, embeddings and head
     logits: int  # logits and fp32 log_softmax saved for backward
     transients: int  # the largest short-lived buffer at the peak (loss backward, dequant, optimizer temps)
-    overhead: int  # device terms: CUDA context, allocator slack (0 on CPU)
-    peak: int
+    overhead: int  # device terms: CUDA context, workspaces, allocator slack (0 on CPU)
+    allocated_peak: int  # what torch.cuda.max_memory_allocated would show (ledger peak on CPU)
+    peak: int  # device total at the peak, as NVML would show it
     peak_phase: str
 
 
@@ -83,6 +84,7 @@ class Estimate:
                 "logits": m.logits,
                 "transients": m.transients,
                 "overhead": m.overhead,
+                "allocated_peak": m.allocated_peak,
                 "peak": m.peak,
             },
             "peak_phase": m.peak_phase,
@@ -201,6 +203,7 @@ def estimate(setup: Setup, *, model: ModelSpec | None = None, terms: DeviceTerms
         logits=act.logits_saved,
         transients=best_parts.get("transients", 0),
         overhead=overhead,
+        allocated_peak=best_total + terms.allocated_extra_bytes(),
         peak=peak,
         peak_phase=best_phase,
     )
