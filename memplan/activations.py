@@ -19,7 +19,7 @@ peft 0.21, torch 2.13). What autograd keeps for backward:
   so k and v are not expanded. Eager attention (`eager_attention_forward`) saves q, the
   `repeat_kv`-expanded k and v, the fp32 softmax and its compute-dtype copy (b x heads x s x s).
 - SwiGLU MLP: gate output, activation output and up output (3 x tokens x intermediate).
-  Phi-3's fused `gate_up_proj`/`qkv_proj` outputs are kept whole by the views saved on them.
+  Phi-3's fused `gate_up_proj` output is kept whole by the two views saved on it.
 - Layer 0 under LoRA without checkpointing: its input (the frozen embedding's output)
   does not require grad, so its first norm saves nothing.
 - Loss (`loss/loss_utils.py::ForCausalLMLoss`): `logits.float()` then `cross_entropy`,
@@ -129,8 +129,10 @@ def _layer_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan | None, *, input_
             total += e * t * a if full else 0  # o_proj input (a fresh contiguous copy)
         else:
             total += e * t * (a + kv) + e * t * kv + e * t * a + FP32 * b * spec.num_heads * s
-            if spec.model_type == "phi3":
-                total += e * t * (a + 2 * kv) - e * t * kv  # v is a view: the whole qkv output stays
+            if spec.model_type == "phi3" and full:
+                # v is a strided view of the fused qkv output; with a trainable qkv_proj one
+                # more kv-sized tensor is kept (measured on the CPU ledger).
+                total += e * t * kv
         if full:
             total += e * t * h  # q/k/v input (the norm output), shared by the three
         if setup.quant == "int8":
