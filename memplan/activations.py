@@ -119,6 +119,8 @@ def _layer_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan | None, *, input_
         n_norms = 4 if spec.model_type == "gemma2" else 2
         normed = FP32 if spec.model_type == "gemma2" else e
         per_norm = FP32 * t * h + FP32 * t + (normed * t * h if full else 0)
+        if spec.model_type == "gemma2":
+            per_norm += FP32 * h  # Gemma2RMSNorm saves `1 + weight.float()` for the multiply
         total += per_norm * (n_norms - (0 if input_grad else 1))
         # Attention.
         if setup.attention == "eager":
@@ -126,6 +128,8 @@ def _layer_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan | None, *, input_
             # only for k's gradient: not in layer 0 when k comes from a frozen input.
             k_grad = input_grad or (plan is not None and any(lin.name in ("k_proj", "qkv_proj") for lin in plan.targets))
             total += (3 if k_grad else 2) * e * t * a + (FP32 + e) * b * spec.num_heads * s * s
+            if spec.config.get("attn_logit_softcapping"):
+                total += e * b * spec.num_heads * s * s  # Gemma2: tanh(scores / cap) output
             total += e * t * a if full else 0  # o_proj input (a fresh contiguous copy)
         else:
             total += e * t * (a + kv) + e * t * kv + e * t * a + FP32 * b * spec.num_heads * s

@@ -118,6 +118,9 @@ def _largest_dequantized(spec: ModelSpec, setup: Setup) -> int:
 
 def estimate(setup: Setup, *, model: ModelSpec | None = None, terms: DeviceTerms | None = None) -> Estimate:
     spec = model if model is not None else load_model(setup.model)
+    if spec.model_type == "gemma2" and setup.attention == "sdpa":
+        # transformers 5.x: Gemma2ForCausalLM._supports_sdpa is False (its attention softcapping).
+        raise SetupError("gemma2 has no SDPA attention in transformers 5.x; use --attention eager (its default) or flash")
     if spec.model_type in ("gpt2", "bert") and setup.seq_len > spec.max_position_embeddings:
         # Learned absolute positions: the embedding table has no row past the last position.
         raise SetupError(

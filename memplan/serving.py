@@ -122,7 +122,7 @@ class Assumptions:
                 close = difflib.get_close_matches(name, known, n=1)
                 hint = f"did you mean {close[0]}?" if close else "see data/serving.json for the names"
                 raise ServingError(f"unknown assumption '{name}'; {hint}")
-            changes[name] = _coerce(name, getattr(self, name), raw)
+            changes[name] = _coerce(name, _FIELD_TYPES[name], raw)
         sources = dict(self.sources)
         sources.update({n: "user override" for n in changes})
         return replace(self, sources=sources, **changes)
@@ -137,16 +137,25 @@ class Assumptions:
         return {n: {"value": getattr(self, n), "unit": self.units.get(n, ""), "source": self.sources.get(n, "")} for n in self.names()}
 
 
-def _coerce(name: str, current: Any, raw: Any) -> Any:
-    kind = type(current)
+_FIELD_TYPES: dict[str, type] = {
+    f.name: {"int": int, "float": float, "bool": bool, "str": str}[str(f.type)]
+    for f in fields(Assumptions) if f.name not in ("units", "sources")
+}
+_KIND_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def _coerce(name: str, kind: type, raw: Any) -> Any:
+    """`raw` (from JSON, the API or `--set NAME=VALUE`) as the field's declared type."""
     if not isinstance(raw, str):
-        if kind is bool and isinstance(raw, bool) or kind is str and isinstance(raw, str):
+        if kind is bool and isinstance(raw, bool):
             return raw
-        if kind in (int, float) and isinstance(raw, (int, float)) and not isinstance(raw, bool):
+        if kind in (int, float) and isinstance(raw, (int, float)) and not isinstance(raw, bool) and math.isfinite(raw):
             if kind is int and float(raw) != int(raw):
-                raise ServingError(f"{name} must be an integer, got {raw!r}")
+                raise ServingError(f"{name} must be {_KIND_WORDS[kind]}, got {raw!r}")
             return kind(raw)
-        raise ServingError(f"{name} must be a {kind.__name__}, got {raw!r}")
+        raise ServingError(f"{name} must be {_KIND_WORDS[kind]}, got {raw!r}")
+    if kind is str:
+        return raw.strip()
     text = raw.strip()
     try:
         if kind is bool:
@@ -163,9 +172,9 @@ def _coerce(name: str, current: Any, raw: Any) -> Any:
             if not math.isfinite(value):
                 raise ValueError
             return value
-    except ValueError:
-        raise ServingError(f"{name} must be a {kind.__name__}, got '{raw}'") from None
-    return text
+    except (ValueError, OverflowError):
+        pass
+    raise ServingError(f"{name} must be {_KIND_WORDS[kind]}, got '{raw}'")
 
 
 @lru_cache(maxsize=1)
@@ -177,7 +186,7 @@ def assumptions() -> Assumptions:
     if set(raw) != names:
         raise ConfigError(f"{path}: assumptions differ from the model's: {sorted(set(raw) ^ names)}")
     return Assumptions(
-        **{n: raw[n]["value"] for n in names},
+        **{n: _coerce(n, _FIELD_TYPES[n], raw[n]["value"]) for n in names},
         units={n: raw[n]["unit"] for n in names},
         sources={n: raw[n]["source"] for n in names},
     )
@@ -186,6 +195,9 @@ def assumptions() -> Assumptions:
 def check_catalog(gpus: "tuple[GPU, ...]", a: Assumptions) -> None:
     """The GPU fields the planner divides by must be positive numbers (a user catalog may not be)."""
     for g in gpus:
+        for name in ("key", "name", "price_provider", "price_date"):
+            if not isinstance(getattr(g, name), str) or (name in ("key", "name") and not getattr(g, name).strip()):
+                raise ServingError(f"GPU catalog entry {g.key!r}: {name} must be a string, got {getattr(g, name)!r}")
         for name in ("bf16_tflops", "bandwidth_bytes_per_s", "usable_bytes", "usd_per_hour"):
             v = getattr(g, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (v == 0 and name != "usd_per_hour"):
