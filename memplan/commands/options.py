@@ -29,7 +29,7 @@ SETUP_FLAGS: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = (
     (("--batch-size", "-b"), dict(default=1, type=int, show_default=True, help="Sequences per step (micro-batch).")),
     (("--grad-checkpointing/--no-grad-checkpointing",), dict(default=False, show_default=True, help="Gradient checkpointing.")),
     (("--optimizer",), dict(default="adamw", show_default=True, help="adamw | adamw_8bit | paged_adamw_32bit | paged_adamw_8bit | sgd | sgd_momentum")),
-    (("--attention",), dict(default="sdpa", show_default=True, help="sdpa | eager | flash")),
+    (("--attention",), dict(default=None, help="sdpa | eager | flash  [default: transformers' own choice: sdpa, or eager for gemma2]")),
     (("--device",), dict(default="cuda", show_default=True, help="cuda | cpu")),
     (("--prepare-kbit-training/--no-prepare-kbit-training",), dict(default=False, show_default=True, help="PEFT prepare_model_for_kbit_training.")),
 )
@@ -56,4 +56,9 @@ def setup_from_kwargs(kwargs: dict[str, Any]) -> Setup:
     names = ("model", "method", "quant", "double_quant", "compute_dtype", "lora_rank", "lora_dropout", "seq_len",
              "batch_size", "grad_checkpointing", "optimizer", "attention", "device", "prepare_kbit_training")
     values = {n: kwargs.pop(n) for n in names}
+    if values["attention"] is None:
+        from memplan.catalog import load_model
+
+        # transformers 5.x picks SDPA where the model supports it; Gemma2 has no SDPA path.
+        values["attention"] = "eager" if load_model(values["model"]).model_type == "gemma2" else "sdpa"
     return Setup(lora_targets=targets, **values)
