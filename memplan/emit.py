@@ -8,6 +8,7 @@ context it was asked for. Nothing here computes; it only names.
 
 from __future__ import annotations
 
+import math
 import shlex
 from dataclasses import dataclass
 
@@ -67,7 +68,7 @@ def launch_settings(p: Plan, engine: str) -> Launch:
         raise SetupError(f"this plan sized its shared-base replica for {s.engine}; plan again with --engine {engine}")
     inp, mem = p.inputs, s.memory
     model = _model_id(p.inputs.model)
-    replicas = max(1, int(-(-s.replicas // 1)))
+    replicas = max(1, math.ceil(s.replicas - 1e-9))
     if engine == "lorax":
         flags: list[tuple[str, str | None]] = [("--model-id", model)]
         if mem.tp > 1:

@@ -1,8 +1,10 @@
 """N fine-tuned variants under three strategies, side by side: GPUs, dollars, storage, latency.
 
 - `full_finetune`: one full checkpoint per variant, dedicated replicas per variant.
-- `lora`: one base + N adapters in storage, still one deployment per variant.
-- `lorax`: one shared base; pooled traffic; adapters tiered GPU -> host RAM -> disk.
+- `lora`: one base + N adapters in storage, still one deployment per variant (the
+  adapter merged into the base at load, so it serves like a full model).
+- `lorax`: one shared base; pooled traffic; adapters tiered GPU -> host RAM -> disk. A
+  replica's request rate is capped both by its GPU and by adapter loading (one at a time).
 
 Dedicated replicas per variant: a variant with rate r needs r / (capacity x utilisation)
 replicas, at least one unless scale-to-zero; replicas beyond the first are counted as a
@@ -22,9 +24,10 @@ from typing import TYPE_CHECKING, Any, Sequence
 from memplan.catalog import load_model
 from memplan.errors import SetupError
 from memplan.gpus import GPU, GPUCatalog, gpu_catalog
-from memplan.lora import adapter_file_bytes, plan_lora
-from memplan.serving import Assumptions, ServingMemory, assumptions as default_assumptions, check_catalog, tensor_parallel_degree
-from memplan.serving import vllm_lora_slot_bytes, vllm_max_lora_rank
+from memplan.lora import LoraPlan, adapter_file_bytes, plan_lora
+from memplan.serving import Assumptions, ServingMemory, check_catalog, tensor_parallel_degree, vllm_lora_slot_bytes, vllm_max_lora_rank
+from memplan.serving import assumptions as default_assumptions, assumptions_payload
+from memplan.spec import ModelSpec
 from memplan.storage import FLOAT_BYTES, QUANTS
 from memplan.throughput import ReplicaThroughput, replica_throughput
 from memplan.training_cost import TrainingCost, training_cost
@@ -33,7 +36,7 @@ if TYPE_CHECKING:
     import numpy as np
     import pandas as pd
 
-__all__ = ["PlanInputs", "StrategyResult", "Plan", "plan", "sweep", "Sweep", "plan_frame", "frame_rows", "popularity_weights",
+__all__ = ["PlanInputs", "AdapterTiers", "StrategyResult", "Plan", "plan", "sweep", "Sweep", "plan_frame", "frame_rows", "popularity_weights",
            "lru_hit_rate", "expected_distinct", "STRATEGIES", "MAX_VARIANTS"]
 
 STRATEGIES = ("full_finetune", "lora", "lorax")
@@ -64,34 +67,22 @@ class PlanInputs:
     engine: str = "lorax"  # engine of the shared-base strategy: lorax | vllm
 
     def __post_init__(self) -> None:
-        def positive_int(name: str, v: Any, top: int) -> None:
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise SetupError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
-            if v > top:
-                raise SetupError(f"--{name.replace('_', '-')} {v:,} is larger than {top:,}; check the value")
-
-        def positive_float(name: str, v: Any) -> None:
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise SetupError(f"--{name.replace('_', '-')} must be a positive number, got {v!r}")
-
-        positive_int("variants", self.variants, MAX_VARIANTS)
-        positive_float("rps", self.rps)
-        positive_int("prompt_tokens", self.prompt_tokens, 10_000_000)
-        positive_int("output_tokens", self.output_tokens, 10_000_000)
-        positive_int("dataset_tokens", self.dataset_tokens, 10**15)
-        positive_float("epochs", self.epochs)
-        positive_float("zipf_exponent", self.zipf_exponent)
-        if not (isinstance(self.utilization, (int, float)) and 0 < self.utilization <= 1):
-            raise SetupError(f"--utilization must be in (0, 1], got {self.utilization!r}")
-        if self.popularity not in ("uniform", "zipf"):
-            raise SetupError(f"--popularity must be uniform or zipf, got {self.popularity!r}")
-        if self.engine not in ("lorax", "vllm"):
-            raise SetupError(f"--engine must be lorax or vllm, got {self.engine!r}")
-        for name in ("quant", "train_quant"):
-            if getattr(self, name) not in QUANTS:
-                raise SetupError(f"--{name.replace('_', '-')} must be one of {', '.join(QUANTS)}, got {getattr(self, name)!r}")
         if isinstance(self.lora_targets, str):
             object.__setattr__(self, "lora_targets", tuple(t.strip() for t in self.lora_targets.split(",") if t.strip()))
+        for name, top in (("variants", MAX_VARIANTS), ("prompt_tokens", 10**7), ("output_tokens", 10**7), ("dataset_tokens", 10**15)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= top:
+                raise SetupError(f"--{name.replace('_', '-')} must be a positive integer up to {top:,}, got {v!r}")
+        for name in ("rps", "epochs", "zipf_exponent"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise SetupError(f"--{name.replace('_', '-')} must be a positive number, got {v!r}")
+        if isinstance(self.utilization, bool) or not isinstance(self.utilization, (int, float)) or not 0 < self.utilization <= 1:
+            raise SetupError(f"--utilization must be in (0, 1], got {self.utilization!r}")
+        for name, allowed in (("popularity", ("uniform", "zipf")), ("engine", ("lorax", "vllm")), ("quant", QUANTS),
+                              ("train_quant", QUANTS)):
+            if getattr(self, name) not in allowed:
+                raise SetupError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
 
     @property
     def context_tokens(self) -> int:
@@ -148,6 +139,23 @@ def expected_distinct(p: "np.ndarray", batch: int) -> float:
 
 
 @dataclass(frozen=True)
+class AdapterTiers:
+    """Where the shared-base strategy keeps its N adapters, per replica, and what a miss costs."""
+
+    on_gpu: int  # LoRAX reservation / max-active-adapters, or vLLM --max-loras
+    in_cpu_ram: int  # host_adapter_cache_bytes / adapter file (vLLM --max-cpu-loras beyond the GPU's)
+    on_disk: int  # all N
+    gpu_miss_rate: float  # requests whose adapter is not on the GPU
+    disk_miss_rate: float  # ... nor in host RAM: loaded from disk
+    swap_from_cpu_s: float  # adapter bytes / PCIe + overhead
+    swap_from_disk_s: float  # adapter bytes / min(PCIe, storage) + overhead
+
+    @property
+    def mean_added_latency_s(self) -> float:
+        return (self.gpu_miss_rate - self.disk_miss_rate) * self.swap_from_cpu_s + self.disk_miss_rate * self.swap_from_disk_s
+
+
+@dataclass(frozen=True)
 class StrategyResult:
     name: str
     engine: str
@@ -157,21 +165,30 @@ class StrategyResult:
     storage_bytes: int
     storage_usd_per_month: float
     usd_per_month: float  # GPUs x hours_per_month + storage
-    training_usd: float | None  # all N variants, one-time
+    training_usd: float | None  # all N variants, one-time; None where no single GPU holds the job
     training_gpu_hours: float | None
-    cold_start_s: float  # bring up one replica: its checkpoint bytes / storage bandwidth
-    swap_latency_s: float | None  # adapter bytes / min(PCIe, storage) + overhead (from disk)
-    swap_latency_host_s: float | None  # adapter bytes / PCIe + overhead (from host RAM)
-    mean_added_latency_s: float | None  # expected swap time per request from the miss rates
-    adapters_resident: dict[str, int] | None  # gpu / cpu / disk, per replica
-    miss_rate: dict[str, float] | None  # gpu: not on the GPU; gpu_and_cpu: in neither, loaded from disk
+    cold_start_s: float  # bring up one replica: the bytes it loads / storage bandwidth
     memory: ServingMemory
     throughput: ReplicaThroughput
+    adapters: AdapterTiers | None = None
     note: str = ""
 
+    @property
+    def swap_latency_s(self) -> float | None:
+        return None if self.adapters is None else self.adapters.swap_from_disk_s
+
+    @property
+    def adapters_resident(self) -> dict[str, int] | None:
+        t = self.adapters
+        return None if t is None else {"gpu": t.on_gpu, "cpu": t.in_cpu_ram, "disk": t.on_disk}
+
     def summary(self) -> dict[str, Any]:
-        d = {k: v for k, v in asdict(self).items() if k not in ("memory", "throughput")}
+        d = {k: v for k, v in asdict(self).items() if k not in ("memory", "throughput", "adapters")}
         d["gpus"] = _number(self.gpus)
+        t = self.adapters
+        d["swap_latency_s"] = self.swap_latency_s
+        d["adapters_resident"] = self.adapters_resident
+        d["adapters"] = None if t is None else {**asdict(t), "mean_added_latency_s": t.mean_added_latency_s}
         d["replica"] = {
             "engine": self.engine, "tp": self.memory.tp, "memory_bytes": self.memory.parts,
             "kv_bytes_per_token": self.memory.kv_bytes_per_token, "max_loras": self.memory.max_loras,
@@ -191,7 +208,7 @@ class Plan:
     checkpoint_bytes: int
     adapter_file_bytes: int
     lora_trainable_parameters: int
-    training: dict[str, TrainingCost]
+    training: dict[str, TrainingCost]  # per variant: "full" and "lora"
     strategies: dict[str, StrategyResult]
     assumptions: dict[str, dict[str, Any]] = field(repr=False)
 
@@ -210,6 +227,19 @@ class Plan:
 # ---- the planner ---------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _Context:
+    inp: PlanInputs
+    spec: ModelSpec
+    gpu: GPU
+    catalog: GPUCatalog
+    a: Assumptions
+    lora: LoraPlan
+    adapter_file: int
+    checkpoint: int
+    p: "np.ndarray"
+
+
 def _replicas(rates: "np.ndarray", capacity: float, inp: PlanInputs, a: Assumptions) -> float:
     import numpy as np
 
@@ -220,101 +250,101 @@ def _replicas(rates: "np.ndarray", capacity: float, inp: PlanInputs, a: Assumpti
     return float(np.sum(up * np.maximum(1.0, need)))
 
 
-def _dedicated(name: str, inp: PlanInputs, ctx: "_Context", storage: int, load_bytes: int, training: TrainingCost) -> StrategyResult:
-    mem = tensor_parallel_degree(ctx.spec, ctx.gpu, ctx.a, engine="vllm", context_tokens=inp.context_tokens, quant=inp.quant)
-    thr = replica_throughput(ctx.spec, ctx.gpu, ctx.a, mem, prompt_tokens=inp.prompt_tokens, output_tokens=inp.output_tokens)
-    replicas = _replicas(inp.rps * ctx.p, thr.requests_per_s, inp, ctx.a)
-    note = "one vLLM deployment per variant" + (" (merged adapter)" if name == "lora" else "")
-    return _result(name, "vllm", inp, ctx, mem, thr, replicas, storage, load_bytes, training, note=note)
-
-
-def _result(name: str, engine: str, inp: PlanInputs, ctx: "_Context", mem: ServingMemory, thr: ReplicaThroughput,
-            replicas: float, storage: int, load_bytes: int, training: TrainingCost, **extra: Any) -> StrategyResult:
+def _result(c: _Context, name: str, mem: ServingMemory, thr: ReplicaThroughput, replicas: float, *, storage: int,
+            load_bytes: int, training: TrainingCost, adapters: AdapterTiers | None = None, note: str = "") -> StrategyResult:
     gpus = replicas * mem.tp
-    per_hour = gpus * ctx.gpu.usd_per_hour
-    storage_month = storage / 1e9 * ctx.catalog.storage_usd_per_gb_month
-    train_usd = None if training.usd is None else training.usd * inp.variants
-    train_hours = None if training.gpu_hours is None else training.gpu_hours * inp.variants
+    per_hour = gpus * c.gpu.usd_per_hour
+    storage_month = storage / 1e9 * c.catalog.storage_usd_per_gb_month
+    n = c.inp.variants
     return StrategyResult(
-        name=name, engine=engine, gpus=gpus, replicas=replicas, usd_per_hour=per_hour, storage_bytes=storage,
-        storage_usd_per_month=storage_month, usd_per_month=per_hour * ctx.a.hours_per_month + storage_month,
-        training_usd=train_usd, training_gpu_hours=train_hours, cold_start_s=load_bytes / ctx.a.storage_bytes_per_s,
-        swap_latency_s=extra.get("swap"), swap_latency_host_s=extra.get("swap_host"),
-        mean_added_latency_s=extra.get("added"), adapters_resident=extra.get("resident"),
-        miss_rate=extra.get("miss"), memory=mem, throughput=thr, note=extra.get("note", ""),
+        name=name, engine=mem.engine, gpus=gpus, replicas=replicas, usd_per_hour=per_hour, storage_bytes=storage,
+        storage_usd_per_month=storage_month, usd_per_month=per_hour * c.a.hours_per_month + storage_month,
+        training_usd=None if training.usd is None else training.usd * n,
+        training_gpu_hours=None if training.gpu_hours is None else training.gpu_hours * n,
+        cold_start_s=load_bytes / c.a.storage_bytes_per_s, memory=mem, throughput=thr, adapters=adapters, note=note,
     )
 
 
-def _shared(inp: PlanInputs, ctx: "_Context", training: TrainingCost) -> StrategyResult:
-    a, spec, gpu, n = ctx.a, ctx.spec, ctx.gpu, inp.variants
-    gpu_adapter_bytes = ctx.lora.trainable_parameters * FLOAT_BYTES["bf16"]  # loaded in the model dtype
-    kw = dict(engine=inp.engine, context_tokens=inp.context_tokens, quant=inp.quant, lora=ctx.lora)
+def _dedicated(c: _Context, name: str, *, storage: int, load_bytes: int, training: TrainingCost) -> StrategyResult:
+    """One vLLM deployment per variant (a LoRA variant merged into its base)."""
+    inp = c.inp
+    mem = tensor_parallel_degree(c.spec, c.gpu, c.a, engine="vllm", context_tokens=inp.context_tokens, quant=inp.quant)
+    thr = replica_throughput(c.spec, c.gpu, c.a, mem, prompt_tokens=inp.prompt_tokens, output_tokens=inp.output_tokens)
+    note = "one vLLM deployment per variant" + (", adapter merged at load" if name == "lora" else "")
+    return _result(c, name, mem, thr, _replicas(inp.rps * c.p, thr.requests_per_s, inp, c.a),
+                   storage=storage, load_bytes=load_bytes, training=training, note=note)
+
+
+def _shared(c: _Context, training: TrainingCost) -> StrategyResult:
+    """One base, pooled traffic, adapters tiered GPU -> host RAM -> disk."""
+    import numpy as np
+
+    inp, a, spec, gpu, n = c.inp, c.a, c.spec, c.gpu, c.inp.variants
+    kw: dict[str, Any] = dict(engine=inp.engine, context_tokens=inp.context_tokens, quant=inp.quant, lora=c.lora)
     if inp.engine == "lorax":
-        mem = tensor_parallel_degree(spec, gpu, a, **kw)  # type: ignore[arg-type]
-        slots = min(n, a.lorax_max_active_adapters, mem.adapter_bytes // ctx.adapter_file)
+        mem = tensor_parallel_degree(spec, gpu, a, **kw)
+        # LoRAX charges each adapter its file size against the reservation (server.py download_adapter).
+        on_gpu = min(n, a.lorax_max_active_adapters, mem.adapter_bytes // c.adapter_file)
+        if on_gpu < 1:
+            raise SetupError(
+                f"one {c.adapter_file:,}-byte adapter does not fit the {mem.adapter_bytes:,}-byte adapter reservation; "
+                "raise adapter_memory_fraction with --set or lower --lora-rank"
+            )
     else:
-        # vLLM: size --max-loras to the distinct adapters of a full batch, within the adapter budget.
-        mem = tensor_parallel_degree(spec, gpu, a, max_loras=1, **kw)  # type: ignore[arg-type]
+        # vLLM: size --max-loras to the distinct adapters of a full batch, within the same adapter budget.
+        mem = tensor_parallel_degree(spec, gpu, a, max_loras=1, **kw)
         batch = max(1, min(mem.max_sequences(inp.context_tokens), a.max_batch_sequences))
-        slot = vllm_lora_slot_bytes(spec, max_lora_rank=vllm_max_lora_rank(ctx.lora.rank), dtype_bytes=FLOAT_BYTES["bf16"])
+        slot = vllm_lora_slot_bytes(spec, max_lora_rank=vllm_max_lora_rank(c.lora.rank), dtype_bytes=FLOAT_BYTES["bf16"])
         budget = int(a.adapter_memory_fraction * mem.gpu_bytes) // slot
-        want = min(n, batch, math.ceil(expected_distinct(ctx.p, batch)), max(1, budget))
-        mem = tensor_parallel_degree(spec, gpu, a, max_loras=want, **kw)  # type: ignore[arg-type]
-        slots = mem.max_loras
-    if slots < 1:
-        raise SetupError(
-            f"one {ctx.adapter_file:,}-byte adapter does not fit the adapter reservation "
-            f"({mem.adapter_bytes:,} bytes); raise adapter_memory_fraction with --set or lower --lora-rank"
-        )
-    host = min(n - slots, a.host_adapter_cache_bytes // ctx.adapter_file)
+        want = min(n, batch, math.ceil(expected_distinct(c.p, batch)), max(1, budget))
+        mem = tensor_parallel_degree(spec, gpu, a, max_loras=want, **kw)
+        on_gpu = mem.max_loras
+    in_ram = min(n - on_gpu, a.host_adapter_cache_bytes // c.adapter_file)
     batch = max(1, min(mem.max_sequences(inp.context_tokens), a.max_batch_sequences))
     thr = replica_throughput(
         spec, gpu, a, mem, prompt_tokens=inp.prompt_tokens, output_tokens=inp.output_tokens,
-        distinct_adapters=expected_distinct(ctx.p, batch), adapter_bytes=gpu_adapter_bytes,
+        distinct_adapters=expected_distinct(c.p, batch),
+        adapter_bytes=c.lora.trainable_parameters * FLOAT_BYTES["bf16"],  # on the GPU in the model dtype
         adapter_overhead=a.lorax_adapter_batch_overhead,
     )
-    replicas = _replicas(ctx.np.array([inp.rps]), thr.requests_per_s, inp, a)
-    miss_gpu = 1.0 - lru_hit_rate(ctx.p, slots)
-    miss_host = 1.0 - lru_hit_rate(ctx.p, slots + host)
     pcie = a.pcie_bytes_per_s(gpu.pcie_gen)
-    swap_disk = ctx.adapter_file / min(pcie, a.storage_bytes_per_s) + a.adapter_swap_overhead_s
-    swap_host = ctx.adapter_file / pcie + a.adapter_swap_overhead_s
-    added = (miss_gpu - miss_host) * swap_host + miss_host * swap_disk
-    return _result(
-        "lorax", inp.engine, inp, ctx, mem, thr, replicas, ctx.checkpoint + n * ctx.adapter_file, ctx.checkpoint,
-        training, swap=swap_disk, swap_host=swap_host, added=added,
-        resident={"gpu": int(slots), "cpu": int(host), "disk": n}, miss={"gpu": miss_gpu, "gpu_and_cpu": miss_host},
-        note=f"one shared base on {inp.engine}; adapters tiered GPU -> host RAM -> disk",
+    tiers = AdapterTiers(
+        on_gpu=int(on_gpu), in_cpu_ram=int(in_ram), on_disk=n,
+        gpu_miss_rate=1.0 - lru_hit_rate(c.p, on_gpu), disk_miss_rate=1.0 - lru_hit_rate(c.p, on_gpu + in_ram),
+        swap_from_cpu_s=c.adapter_file / pcie + a.adapter_swap_overhead_s,
+        swap_from_disk_s=c.adapter_file / min(pcie, a.storage_bytes_per_s) + a.adapter_swap_overhead_s,
     )
-
-
-@dataclass(frozen=True)
-class _Context:
-    spec: Any
-    gpu: GPU
-    catalog: GPUCatalog
-    a: Assumptions
-    lora: Any
-    adapter_file: int
-    checkpoint: int
-    p: Any
-    np: Any
+    # A replica loads one adapter at a time (we assume loads do not overlap), beside its GPU work:
+    # its request rate is also capped by 1 / mean swap time per request.
+    capacity = thr.requests_per_s
+    if tiers.mean_added_latency_s > 0:
+        capacity = min(capacity, 1.0 / tiers.mean_added_latency_s)
+    bound = "adapter loading" if capacity < thr.requests_per_s else "GPU"
+    return _result(c, "lorax", mem, thr, _replicas(np.array([inp.rps]), capacity, inp, a),
+                   storage=c.checkpoint + n * c.adapter_file, load_bytes=c.checkpoint, training=training, adapters=tiers,
+                   note=f"one shared base on {inp.engine}; adapters tiered GPU -> host RAM -> disk; replicas bound by {bound}")
 
 
 def plan(inp: PlanInputs, *, catalog: GPUCatalog | None = None, assumptions: Assumptions | None = None) -> Plan:
     """The three strategies for `inp`, with every assumption that drove them."""
-    import numpy as np
-
     catalog = catalog if catalog is not None else gpu_catalog()
     a = assumptions if assumptions is not None else default_assumptions()
-    check_catalog(catalog.gpus, a)
+    check_catalog(catalog.gpus)
     gpu = catalog.get(inp.gpu)
+    a.pcie_bytes_per_s(gpu.pcie_gen)
     spec = load_model(inp.model)
+    if not spec.is_causal_lm:
+        raise SetupError(f"{spec.name} is not a causal LM; memplan plan sizes text-generation serving")
+    if inp.context_tokens > spec.max_position_embeddings:
+        raise SetupError(
+            f"--prompt-tokens + --output-tokens = {inp.context_tokens:,} exceeds {spec.name}'s "
+            f"{spec.max_position_embeddings:,} positions; shorten them"
+        )
     lora = plan_lora(spec, inp.lora_rank, inp.lora_targets)
-    ctx = _Context(
-        spec=spec, gpu=gpu, catalog=catalog, a=a, lora=lora, adapter_file=adapter_file_bytes(lora, a.adapter_save_dtype),
+    c = _Context(
+        inp=inp, spec=spec, gpu=gpu, catalog=catalog, a=a, lora=lora, adapter_file=adapter_file_bytes(lora, a.adapter_save_dtype),
         checkpoint=spec.total_parameters * FLOAT_BYTES[a.checkpoint_dtype],
-        p=popularity_weights(inp.variants, inp.popularity, inp.zipf_exponent), np=np,
+        p=popularity_weights(inp.variants, inp.popularity, inp.zipf_exponent),
     )
     train = {
         "full": training_cost(spec, catalog, a, method="full", tokens=inp.train_tokens, train_gpu=inp.train_gpu),
@@ -323,48 +353,14 @@ def plan(inp: PlanInputs, *, catalog: GPUCatalog | None = None, assumptions: Ass
     }
     n = inp.variants
     strategies = {
-        "full_finetune": _dedicated("full_finetune", inp, ctx, n * ctx.checkpoint, ctx.checkpoint, train["full"]),
-        "lora": _dedicated("lora", inp, ctx, ctx.checkpoint + n * ctx.adapter_file, ctx.checkpoint + ctx.adapter_file, train["lora"]),
-        "lorax": _shared(inp, ctx, train["lora"]),
+        "full_finetune": _dedicated(c, "full_finetune", storage=n * c.checkpoint, load_bytes=c.checkpoint, training=train["full"]),
+        "lora": _dedicated(c, "lora", storage=c.checkpoint + n * c.adapter_file, load_bytes=c.checkpoint + c.adapter_file,
+                           training=train["lora"]),
+        "lorax": _shared(c, train["lora"]),
     }
-    return Plan(inputs=inp, gpu=gpu, checkpoint_bytes=ctx.checkpoint, adapter_file_bytes=ctx.adapter_file,
+    return Plan(inputs=inp, gpu=gpu, checkpoint_bytes=c.checkpoint, adapter_file_bytes=c.adapter_file,
                 lora_trainable_parameters=lora.trainable_parameters, training=train, strategies=strategies,
-                assumptions=_assumptions_payload(a, catalog, gpu, train))
-
-
-def _assumptions_payload(a: Assumptions, catalog: GPUCatalog, gpu: GPU, train: dict[str, TrainingCost]) -> dict[str, dict[str, Any]]:
-    out = a.to_dict()
-    sheet = "GPU catalog (data/gpus.json or --gpu-catalog)"
-    price_src = f"{gpu.price_provider}, {gpu.price_date}".strip(", ") or "GPU catalog"
-    out.update({
-        "gpu_usd_per_hour": {"value": gpu.usd_per_hour, "unit": f"USD per {gpu.key}-hour", "source": price_src},
-        "gpu_usable_bytes": {"value": gpu.usable_bytes, "unit": "bytes", "source": sheet},
-        "gpu_bandwidth_bytes_per_s": {"value": gpu.bandwidth_bytes_per_s, "unit": "bytes/s", "source": sheet},
-        "gpu_bf16_tflops": {"value": gpu.bf16_tflops, "unit": "TFLOP/s dense", "source": sheet},
-        "gpu_pcie_gen": {"value": gpu.pcie_gen, "unit": "generation", "source": sheet},
-        "storage_usd_per_gb_month": {"value": catalog.storage_usd_per_gb_month, "unit": "USD per GB-month",
-                                     "source": _storage_source(catalog)},
-    })
-    for method, t in train.items():
-        if t.gpu is not None:
-            g = catalog.get(t.gpu)
-            out[f"train_{method}_gpu_usd_per_hour"] = {
-                "value": g.usd_per_hour, "unit": f"USD per {g.key}-hour",
-                "source": f"{g.price_provider}, {g.price_date}".strip(", ") or "GPU catalog",
-            }
-    return out
-
-
-def _storage_source(catalog: GPUCatalog) -> str:
-    import json
-
-    from memplan.paths import data_dir
-
-    builtin = gpu_catalog()
-    if catalog.source == builtin.source and catalog.storage_usd_per_gb_month == builtin.storage_usd_per_gb_month:
-        raw = json.loads((data_dir() / "gpus.json").read_text(encoding="utf-8"))
-        return str(raw.get("storage_source", builtin.source))
-    return f"--storage-price or the catalog file ({catalog.source})"
+                assumptions=assumptions_payload(a, catalog, gpu, [t.gpu for t in train.values() if t.gpu]))
 
 
 # ---- sweeps and crossovers ---------------------------------------------------------------
@@ -419,7 +415,7 @@ def sweep(inp: PlanInputs, variants: Sequence[int], *, catalog: GPUCatalog | Non
 
 
 _FRAME_COLUMNS = ("gpus", "replicas", "usd_per_hour", "usd_per_month", "storage_bytes", "storage_usd_per_month",
-                  "training_usd", "training_gpu_hours", "cold_start_s", "swap_latency_s", "mean_added_latency_s")
+                  "training_usd", "training_gpu_hours", "cold_start_s", "swap_latency_s")
 
 
 def frame_rows(result: Plan | Sweep) -> list[dict[str, Any]]:
@@ -428,11 +424,13 @@ def frame_rows(result: Plan | Sweep) -> list[dict[str, Any]]:
     rows = []
     for p in plans:
         for name, s in p.strategies.items():
-            res = s.adapters_resident or {}
+            t = s.adapters
             rows.append({"variants": p.inputs.variants, "strategy": name, "engine": s.engine, "tp": s.memory.tp,
-                         **{c: getattr(s, c) for c in _FRAME_COLUMNS},
-                         "adapters_on_gpu": res.get("gpu"), "adapters_in_host_ram": res.get("cpu"),
-                         "gpu_miss_rate": (s.miss_rate or {}).get("gpu")})
+                         **{col: getattr(s, col) for col in _FRAME_COLUMNS},
+                         "mean_added_latency_s": None if t is None else t.mean_added_latency_s,
+                         "adapters_on_gpu": None if t is None else t.on_gpu,
+                         "adapters_in_cpu_ram": None if t is None else t.in_cpu_ram,
+                         "gpu_miss_rate": None if t is None else t.gpu_miss_rate})
     return rows
 
 

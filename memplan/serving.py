@@ -19,11 +19,11 @@ from functools import lru_cache
 from typing import Any, Literal, Mapping
 
 from memplan.errors import ConfigError, SetupError
-from memplan.gpus import GPU
+from memplan.gpus import GPU, GPUCatalog, gpu_catalog
 from memplan.lora import LoraPlan
 from memplan.paths import data_dir
 from memplan.spec import ModelSpec
-from memplan.storage import FLOAT_BYTES, is_quantized, weight_bytes
+from memplan.storage import FLOAT_BYTES, weight_bytes
 
 __all__ = [
     "Assumptions",
@@ -38,6 +38,7 @@ __all__ = [
     "TP_DEGREES",
     "VLLM_MAX_LORA_RANKS",
     "check_catalog",
+    "assumptions_payload",
 ]
 
 Engine = Literal["vllm", "lorax"]
@@ -192,17 +193,42 @@ def assumptions() -> Assumptions:
     )
 
 
-def check_catalog(gpus: "tuple[GPU, ...]", a: Assumptions) -> None:
-    """The GPU fields the planner divides by must be positive numbers (a user catalog may not be)."""
+def check_catalog(gpus: "tuple[GPU, ...]") -> None:
+    """The GPU fields the planner divides by must be positive numbers (a user catalog may hold anything)."""
     for g in gpus:
         for name in ("key", "name", "price_provider", "price_date"):
             if not isinstance(getattr(g, name), str) or (name in ("key", "name") and not getattr(g, name).strip()):
                 raise ServingError(f"GPU catalog entry {g.key!r}: {name} must be a string, got {getattr(g, name)!r}")
         for name in ("bf16_tflops", "bandwidth_bytes_per_s", "usable_bytes", "usd_per_hour"):
             v = getattr(g, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (v == 0 and name != "usd_per_hour"):
+            ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and (v > 0 or (v == 0 and name == "usd_per_hour"))
+            if not ok:
                 raise ServingError(f"GPU catalog entry '{g.key}': {name} must be a positive number, got {v!r}")
-        a.pcie_bytes_per_s(g.pcie_gen)
+
+
+def assumptions_payload(a: Assumptions, catalog: GPUCatalog, gpu: GPU, train_gpus: "list[str]") -> dict[str, dict[str, Any]]:
+    """Every number a plan used, with unit and source: the constants, the GPU's datasheet and prices."""
+    sheet = f"GPU catalog ({catalog.source})"
+
+    def price(g: GPU) -> dict[str, Any]:
+        return {"value": g.usd_per_hour, "unit": f"USD per {g.key}-hour", "source": f"{g.price_provider} {g.price_date}".strip() or sheet}
+
+    builtin = gpu_catalog()
+    storage_src = f"--storage-price or {sheet}"
+    if catalog.source == builtin.source and catalog.storage_usd_per_gb_month == builtin.storage_usd_per_gb_month:
+        storage_src = str(json.loads((data_dir() / "gpus.json").read_text(encoding="utf-8")).get("storage_source", sheet))
+    out = a.to_dict()
+    out.update({
+        "gpu_usd_per_hour": price(gpu),
+        "gpu_usable_bytes": {"value": gpu.usable_bytes, "unit": "bytes", "source": sheet},
+        "gpu_bandwidth_bytes_per_s": {"value": gpu.bandwidth_bytes_per_s, "unit": "bytes/s", "source": sheet},
+        "gpu_bf16_tflops": {"value": gpu.bf16_tflops, "unit": "TFLOP/s dense", "source": sheet},
+        "gpu_pcie_gen": {"value": gpu.pcie_gen, "unit": "generation", "source": sheet},
+        "storage_usd_per_gb_month": {"value": catalog.storage_usd_per_gb_month, "unit": "USD per GB-month", "source": storage_src},
+    })
+    for key in dict.fromkeys(train_gpus):
+        out[f"train_gpu_usd_per_hour[{key}]"] = price(catalog.get(key))
+    return out
 
 
 # ---- formulas ---------------------------------------------------------------------
@@ -231,7 +257,7 @@ def activation_workspace_bytes(spec: ModelSpec, a: Assumptions, *, tp: int) -> i
     TP splits the intermediate. Ignores: attention scratch (flash kernels keep none).
     """
     inter = spec.intermediate_size * max(1, spec.experts_per_token)
-    per_token = (4 * spec.hidden_size * tp + 3 * inter) * a.kv_cache_bytes_per_element
+    per_token = (4 * spec.hidden_size * tp + 3 * inter) * FLOAT_BYTES["bf16"]
     logits = a.max_batch_sequences * spec.vocab_size * FP32
     return a.prefill_batch_tokens * per_token + logits * tp
 
@@ -361,11 +387,12 @@ def tensor_parallel_degree(
     """The replica on the fewest GPUs (1, 2, 4 or 8) that holds the weights plus the KV of one
     full-context sequence. TP needs the attention heads to split evenly (vLLM checks
     num_attention_heads % tp == 0)."""
-    if is_quantized(quant) and engine == "vllm" and quant not in ("int8", "nf4"):
-        raise ServingError(f"vLLM serves bitsandbytes int8/nf4 only, not {quant}; use --quant nf4 or bf16")
+    if engine == "vllm" and quant == "fp4":
+        raise ServingError("vLLM's bitsandbytes support has no fp4; use --quant nf4 or bf16")
     last = None
     for tp in TP_DEGREES:
-        if spec.num_heads % tp:
+        # vLLM: heads split evenly; KV heads split evenly or are replicated (tp a multiple of them).
+        if spec.num_heads % tp or (spec.num_kv_heads % tp and tp % spec.num_kv_heads):
             continue
         mem = serving_memory(spec, gpu, a, engine=engine, tp=tp, quant=quant, lora=lora, max_loras=max_loras)
         last = mem

@@ -24,7 +24,8 @@ __all__ = ["ReplicaThroughput", "matmul_parameters", "decode_step_seconds", "pre
 def matmul_parameters(spec: ModelSpec, *, with_output: bool = True) -> int:
     """Weights a token is multiplied by: every linear (a tied lm_head too, it is still a
     matmul) and, for MoE, experts_per_token / num_experts of the expert weights.
-    Embedding lookups are not matmuls (Kaplan et al. 2020 count non-embedding parameters)."""
+    Embedding lookups are not matmuls (Kaplan et al. 2020 count non-embedding parameters),
+    and norm weights and biases only scale or shift (under 0.01% of a 7B model)."""
     linears = sum(lin.weight_numel * lin.count for lin in spec.linears if with_output or not lin.is_output)
     experts = sum(t.numel * t.count for t in spec.tensors if t.component == "experts")
     if spec.num_experts:

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+from memplan.errors import SetupError
 from memplan.estimate import estimate
 from memplan.gpus import GPU, GPUCatalog
 from memplan.lora import LoraPlan
@@ -71,22 +72,28 @@ def training_cost(
 ) -> TrainingCost:
     """Cost of one job: on `train_gpu` if given, else on the catalog GPU that fits and costs least."""
     targets: Sequence[str] | None = lora.target_names if lora is not None else None
-    setup = Setup(
-        model=spec.name,
-        method="full" if method == "full" else "lora",
-        quant="bf16" if method == "full" else quant,  # type: ignore[arg-type]
-        lora_rank=lora.rank if lora is not None else 8,
-        lora_targets=tuple(targets) if targets else None,
-        seq_len=a.train_seq_len,
-        batch_size=a.train_batch_size,
-        grad_checkpointing=a.train_grad_checkpointing,
-        optimizer=a.train_optimizer,  # type: ignore[arg-type]
-    )
-    peak = estimate(setup, model=spec).memory.peak
     flops = training_flops(spec, method=method, tokens=tokens, lora=lora)
     candidates: tuple[GPU, ...] = (catalog.get(train_gpu),) if train_gpu else catalog.gpus
-    fitting = [g for g in candidates if g.usable_bytes >= peak]
     what = "full fine-tuning" if method == "full" else f"LoRA ({quant}) fine-tuning"
+    try:
+        setup = Setup(
+            model=spec.name,
+            method="full" if method == "full" else "lora",
+            quant="bf16" if method == "full" else quant,  # type: ignore[arg-type]
+            lora_rank=lora.rank if lora is not None else 8,
+            lora_targets=tuple(targets) if targets else None,
+            # No longer than the model's positions; transformers' own attention default for gemma2.
+            seq_len=min(a.train_seq_len, spec.max_position_embeddings),
+            batch_size=a.train_batch_size,
+            grad_checkpointing=a.train_grad_checkpointing,
+            optimizer=a.train_optimizer,  # type: ignore[arg-type]
+            attention="eager" if spec.model_type == "gemma2" else "sdpa",
+        )
+        peak = estimate(setup, model=spec).memory.peak
+    except SetupError as exc:  # the training-memory model refuses this job: say so, cost nothing
+        return TrainingCost(method=method, tokens=tokens, flops=flops, peak_bytes=0, gpu=train_gpu, gpus=None,
+                            usable_bytes=None, gpu_hours=None, usd=None, note=f"{what} not estimated: {exc}")
+    fitting = [g for g in candidates if g.usable_bytes >= peak]
     if not fitting:
         largest = max(candidates, key=lambda g: g.usable_bytes)
         where = f"one {largest.key}" if train_gpu else f"any single catalog GPU (largest: {largest.key})"

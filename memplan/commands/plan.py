@@ -51,8 +51,6 @@ def _load_catalog(path: str | None, prices: tuple[str, ...], storage_price: floa
 
     try:
         cat = load_gpu_catalog(path)
-    except MemplanError:
-        raise
     except (TypeError, ValueError, KeyError, AttributeError) as exc:  # fields of the wrong type in a user file
         raise MemplanError(f"GPU catalog {path} is malformed ({type(exc).__name__}: {exc}); see data/gpus.json for the format") from None
     if prices:
@@ -196,7 +194,8 @@ def render_plan(p: Any, fmt: str) -> str:
         ("cold start (load)", [_secs(s.cold_start_s) for s in S]),
         ("adapter swap (disk)", [_secs(s.swap_latency_s) for s in S]),
         ("adapters resident", [res(s) for s in S]),
-        ("GPU miss rate", ["-" if s.miss_rate is None else f"{s.miss_rate['gpu']:.1%}" for s in S]),
+        ("GPU miss rate", ["-" if s.adapters is None else f"{s.adapters.gpu_miss_rate:.1%}" for s in S]),
+        ("mean swap wait / request", ["-" if s.adapters is None else _secs(s.adapters.mean_added_latency_s) for s in S]),
     ]
     w0 = max(len(r[0]) for r in rows)
     widths = [max(len(names[i]), *(len(r[1][i]) for r in rows)) for i in range(len(names))]
@@ -220,14 +219,14 @@ def render_sweep(sw: Any, fmt: str) -> str:
     if fmt == "csv":
         return _csv(frame_rows(sw))
     names = list(sw.plans[0].strategies)
-    head = f"{'variants':>10}" + "".join(f"  {n + ' GPUs':>20}  {n + ' $/month':>22}  {n + ' storage':>21}" for n in names)
-    lines = [head]
-    for p in sw.plans:
-        cells = "".join(
-            f"  {_gpus(s.gpus):>20}  {_usd(s.usd_per_month):>22}  {format_bytes(s.storage_bytes, decimal=True):>21}"
-            for s in p.strategies.values()
-        )
-        lines.append(f"{p.inputs.variants:>10,}" + cells)
+    header = ["variants"] + [f"{n} {col}" for n in names for col in ("GPUs", "$/month", "storage")]
+    body = [
+        [f"{p.inputs.variants:,}"] + [cell for s in p.strategies.values()
+                                      for cell in (_gpus(s.gpus), _usd(s.usd_per_month), format_bytes(s.storage_bytes, decimal=True))]
+        for p in sw.plans
+    ]
+    widths = [max(len(r[i]) for r in [header] + body) for i in range(len(header))]
+    lines = ["  ".join(f"{c:>{w}}" for c, w in zip(row, widths)) for row in [header] + body]
     lines.append("")
     if not sw.crossovers:
         lines.append("crossovers: none in this range ($/month)")

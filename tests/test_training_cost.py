@@ -1,0 +1,99 @@
+"""Training cost of one variant (memplan.training_cost)."""
+
+from __future__ import annotations
+
+import pytest
+
+from memplan.catalog import load_model
+from memplan.estimate import estimate
+from memplan.gpus import gpu_catalog
+from memplan.lora import plan_lora
+from memplan.serving import Assumptions, assumptions
+from memplan.setup import Setup
+from memplan.throughput import matmul_parameters
+from memplan.training_cost import training_cost, training_flops
+
+LLAMA2_7B_PARAMS = 6_738_415_616  # REFERENCE.md
+LLAMA2_7B_EMBEDDING = 32_000 * 4_096  # config: vocab_size x hidden_size (untied; lm_head is a matmul)
+LLAMA2_7B_NORMS = (2 * 32 + 1) * 4_096  # two RMSNorm weights per layer and the final one
+MATMUL = LLAMA2_7B_PARAMS - LLAMA2_7B_EMBEDDING - LLAMA2_7B_NORMS
+
+
+@pytest.fixture(scope="module")
+def a() -> Assumptions:
+    return assumptions()
+
+
+def test_matmul_parameters_leave_out_the_embedding_lookup() -> None:
+    # Kaplan et al. 2020 count non-embedding parameters in C = 6 N D; the norms' 266,240
+    # weights scale activations but are no matmul, so they are left out too (0.004%).
+    assert matmul_parameters(load_model("llama2-7b")) == MATMUL
+
+
+def test_full_finetuning_is_six_n_per_token() -> None:
+    tokens = 30_000_000
+    n = MATMUL
+    assert training_flops(load_model("llama2-7b"), method="full", tokens=tokens, lora=None) == 6 * n * tokens
+
+
+def test_lora_skips_the_weight_gradients_of_the_frozen_base() -> None:
+    # Forward 2N + activation gradients 2N, plus 6 per adapter parameter (4,194,304 for r=8 on q,v).
+    spec, tokens = load_model("llama2-7b"), 1_000_000
+    n = MATMUL
+    lora = plan_lora(spec, 8, "q_proj,v_proj")
+    assert training_flops(spec, method="lora", tokens=tokens, lora=lora) == 4 * n * tokens + 6 * 4_194_304 * tokens
+    ratio = training_flops(spec, method="lora", tokens=tokens, lora=lora) / training_flops(spec, method="full", tokens=tokens, lora=None)
+    assert ratio == pytest.approx(2 / 3, abs=0.01)
+
+
+def test_gpu_hours_and_dollars_follow_mfu_and_price(a: Assumptions) -> None:
+    spec = load_model("llama2-7b")
+    a2 = a.override({"training_mfu": "0.5"})
+    cat = gpu_catalog().with_prices({"a100-80gb": 2.0})
+    t = training_cost(spec, cat, a2, method="lora", tokens=10_000_000, lora=plan_lora(spec, 8, None), train_gpu="a100-80gb")
+    # A100: 312 TFLOP/s bf16 dense (datasheet) at 50% MFU.
+    assert t.gpu_hours == pytest.approx(t.flops / (312e12 * 0.5) / 3600)
+    assert t.usd == pytest.approx(t.gpu_hours * 2.0)
+    assert t.gpus == 1 and t.fits
+
+
+def test_the_job_is_sized_by_the_training_memory_model(a: Assumptions) -> None:
+    spec = load_model("llama2-7b")
+    t = training_cost(spec, gpu_catalog(), a, method="full", tokens=1_000_000)
+    peak = estimate(
+        Setup(model="llama2-7b", method="full", seq_len=a.train_seq_len, batch_size=a.train_batch_size,
+              grad_checkpointing=a.train_grad_checkpointing, optimizer=a.train_optimizer),  # type: ignore[arg-type]
+        model=spec,
+    ).memory.peak
+    assert t.peak_bytes == peak
+    assert t.usable_bytes is not None and t.usable_bytes >= peak
+
+
+def test_the_cheapest_fitting_gpu_is_chosen(a: Assumptions) -> None:
+    spec = load_model("llama2-7b")
+    lora = plan_lora(spec, 8, None)
+    best = training_cost(spec, gpu_catalog(), a, method="lora", tokens=5_000_000, lora=lora)
+    for g in gpu_catalog().gpus:
+        other = training_cost(spec, gpu_catalog(), a, method="lora", tokens=5_000_000, lora=lora, train_gpu=g.key)
+        if other.fits:
+            assert best.usd <= other.usd + 1e-12, g.key
+
+
+def test_too_big_for_one_gpu_is_said_plainly(a: Assumptions) -> None:
+    # Full fine-tuning of Llama-2-7B in bf16 with AdamW needs > 50 GB (weights, grads and two
+    # states of 13.5 GB each): not one 24 GB A10G.
+    t = training_cost(load_model("llama2-7b"), gpu_catalog(), a, method="full", tokens=1_000_000, train_gpu="a10g")
+    assert not t.fits and t.usd is None and t.gpu_hours is None
+    assert "does not fit on one a10g" in t.note and "multi-GPU sharding is not modelled yet" in t.note
+    # 70B full fine-tuning (> 560 GB of weights, grads and states) fits on no single catalog GPU.
+    big = training_cost(load_model("llama3-70b"), gpu_catalog(), a, method="full", tokens=1_000_000)
+    assert big.gpus is None and "does not fit on any single catalog GPU" in big.note
+
+
+def test_qlora_fits_where_bf16_lora_does_not(a: Assumptions) -> None:
+    # QLoRA (Dettmers et al. 2023): a 4-bit base makes a 13B LoRA fit a 24 GB card.
+    spec = load_model("llama2-13b")
+    lora = plan_lora(spec, 8, None)
+    bf16 = training_cost(spec, gpu_catalog(), a, method="lora", tokens=1_000_000, lora=lora, train_gpu="a10g")
+    nf4 = training_cost(spec, gpu_catalog(), a, method="lora", tokens=1_000_000, lora=lora, quant="nf4", train_gpu="a10g")
+    assert not bf16.fits and nf4.fits
