@@ -71,13 +71,22 @@ def _parse(raw: object, where: str) -> GPUCatalog:
         vals.setdefault("usd_per_hour", 0.0)
         vals.setdefault("price_provider", "")
         vals.setdefault("price_date", "")
-        for k in ("memory_bytes", "usable_bytes", "bandwidth_bytes_per_s"):
-            if not isinstance(vals[k], int) or vals[k] <= 0:
-                raise MemplanError(f"{where}: gpus[{i}].{k} must be a positive integer number of bytes")
-        if not isinstance(vals["usd_per_hour"], (int, float)) or vals["usd_per_hour"] < 0:
-            raise MemplanError(f"{where}: gpus[{i}].usd_per_hour must be a non-negative number")
+        for k in ("key", "name", "price_provider", "price_date"):
+            if not isinstance(vals[k], str) or (k in ("key", "name") and not vals[k].strip()):
+                raise MemplanError(f"{where}: gpus[{i}].{k} must be a non-empty string")
+        for k in ("memory_bytes", "usable_bytes", "bandwidth_bytes_per_s", "pcie_gen"):
+            if isinstance(vals[k], bool) or not isinstance(vals[k], int) or vals[k] <= 0:
+                raise MemplanError(f"{where}: gpus[{i}].{k} must be a positive integer")
+        for k in ("bf16_tflops", "usd_per_hour"):
+            if isinstance(vals[k], bool) or not isinstance(vals[k], (int, float)) or vals[k] < 0 or (k == "bf16_tflops" and vals[k] == 0):
+                raise MemplanError(f"{where}: gpus[{i}].{k} must be a {'positive' if k == 'bf16_tflops' else 'non-negative'} number")
         gpus.append(GPU(**vals))
     storage = raw.get("storage_usd_per_gb_month", 0.023)
+    if isinstance(storage, bool) or not isinstance(storage, (int, float)) or storage < 0:
+        raise MemplanError(f"{where}: storage_usd_per_gb_month must be a non-negative number")
+    keys = [g.key for g in gpus]
+    if len(set(keys)) != len(keys):
+        raise MemplanError(f"{where}: GPU keys must be unique")
     return GPUCatalog(gpus=tuple(gpus), storage_usd_per_gb_month=float(storage), source=str(raw.get("source", where)))
 
 
