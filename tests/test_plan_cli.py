@@ -141,7 +141,7 @@ def test_bad_input_is_one_line_and_status_2(capsys: pytest.CaptureFixture[str], 
         ('{"gpus": []}', "non-empty 'gpus' list"),
         ('{"gpus": [{"key": "a10g"}]}', "is missing"),
         ('{"storage_usd_per_gb_month": "free", "gpus": [{"key": "a10g", "name": "A10G", "memory_bytes": 1, '
-         '"usable_bytes": 24000000000, "bandwidth_bytes_per_s": 600000000000, "bf16_tflops": 70}]}', "is malformed"),
+         '"usable_bytes": 24000000000, "bandwidth_bytes_per_s": 600000000000, "bf16_tflops": 70}]}', "storage_usd_per_gb_month must be a non-negative number"),
         ('{"gpus": [{"key": "a10g", "name": "A10G", "memory_bytes": 1, "usable_bytes": 24000000000, '
          '"bandwidth_bytes_per_s": 600000000000, "bf16_tflops": "fast"}]}', "bf16_tflops must be a positive number"),
     ],
