@@ -104,7 +104,35 @@ def _lora_bytes(spec: ModelSpec, plan: LoraPlan | None, setup: Setup, t: int, *,
     return total
 
 
-def _layer_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan | None, *, input_grad: bool) -> int:
+def _int8_kept_bytes(spec: ModelSpec, setup: Setup, t: int, *, input_grad: bool, inter: int) -> int:
+    """bnb `MatMul8bitLt.forward` keeps its input `A` in `ctx.tensors` (a plain attribute,
+    not `save_for_backward`) whenever A needs grad: the attention norm output (unless the
+    layer input needs no grad), the MLP norm output and down_proj's input; o_proj's input
+    is SDPA's saved output, except under checkpointing, which frees saved tensors but
+    cannot see ctx attributes."""
+    if setup.quant != "int8" or spec.model_type not in _GATED:
+        return 0
+    e = _compute_bytes(setup)
+    h, a = spec.hidden_size, spec.num_heads * spec.head_dim
+    kept = e * t * h * (2 if input_grad else 1) + e * t * inter
+    if setup.grad_checkpointing:
+        kept += e * t * a
+    return kept
+
+
+def _first_layer_input_grad(setup: Setup) -> bool:
+    """Does layer 0's input require grad? For full fine-tuning yes; under LoRA only when
+    PEFT calls `enable_input_require_grads`: with checkpointing on a non-quantized base
+    (peft_model.py::_prepare_model_for_gradient_checkpointing) or with
+    `prepare_model_for_kbit_training`."""
+    if setup.method == "full":
+        return True
+    if setup.prepare_kbit_training:
+        return True
+    return setup.grad_checkpointing and setup.quant not in ("int8", "nf4", "fp4")
+
+
+def _layer_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan | None, *, input_grad: bool, int8_kept: bool = True) -> int:
     e = _compute_bytes(setup)
     b, s = setup.batch_size, setup.seq_len
     t = b * s
@@ -139,10 +167,8 @@ def _layer_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan | None, *, input_
                 total += e * t * kv
         if full:
             total += e * t * h  # q/k/v input (the norm output), shared by the three
-        if setup.quant == "int8":
-            # bnb MatMul8bitLt.forward keeps `A` (its input) in ctx.tensors when A needs grad:
-            # the attention norm output (layers > 0 under LoRA), the MLP norm output, down's input.
-            total += e * t * h * (2 if input_grad else 1) + e * t * inter
+        if int8_kept:
+            total += _int8_kept_bytes(spec, setup, t, input_grad=input_grad, inter=inter)
         # MLP.
         if spec.num_experts:
             # MixtralExperts: per routed token, gate_up output (2I), act output (I), down output (h).
@@ -177,14 +203,18 @@ def activation_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan | None) -> Ac
     t = b * s
     h = spec.hidden_size
     full = setup.method == "full"
-    # Does layer 0's input require grad? Yes for full fine-tuning, and for LoRA with
-    # checkpointing (PEFT/transformers call `enable_input_require_grads`).
-    first_grad = full or setup.grad_checkpointing
+    first_grad = _first_layer_input_grad(setup)
     first = _layer_bytes(spec, setup, plan, input_grad=first_grad)
     per = _layer_bytes(spec, setup, plan, input_grad=True)
     if setup.grad_checkpointing:
-        layers = spec.num_layers * e * t * h
-        recompute = per
+        # Each layer keeps its input, plus what bnb int8 keeps outside autograd's view (in
+        # every layer, measured); the rebuilt layer's int8 inputs replace the kept ones.
+        layers = spec.num_layers * (e * t * h + _int8_kept_bytes(spec, setup, t, input_grad=True, inter=spec.intermediate_size))
+        recompute = _layer_bytes(spec, setup, plan, input_grad=True, int8_kept=False)
+        if e == FP32 and spec.model_type in _GATED:
+            # An fp32 residual stream makes `.to(torch.float32)` a no-op: the rebuilt layer's
+            # first norm saves the layer input itself, already kept by the checkpoint.
+            recompute -= FP32 * t * h
     else:
         layers = first + (spec.num_layers - 1) * per
         recompute = 0
@@ -193,11 +223,9 @@ def activation_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan | None) -> Ac
     # shifted labels (int64), token ids for the embedding's weight gradient.
     head = INT64 * t + FP32  # shifted labels, the 0-d loss
     rotary = 0
-    if spec.model_type in _GATED and not setup.grad_checkpointing:
-        # cos/sin are saved by the rotary multiplies; under checkpointing they are rebuilt.
-        rotary = 2 * e * s * spec.head_dim
     if spec.model_type in _GATED:
-        # cos/sin are saved by the rotary multiplies; under checkpointing they are rebuilt.
+        # cos/sin are saved by the rotary multiplies, or kept as checkpointed layers' inputs.
+        rotary = 2 * e * s * spec.head_dim
         head += rotary + FP32 * t * h + FP32 * t
         if full:
             head += 2 * e * t * h + INT64 * t
@@ -212,8 +240,8 @@ def activation_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan | None) -> Ac
     inter = spec.intermediate_size * (spec.experts_per_token if spec.num_experts else 1)
     # Inside the last layer's MLP backward: the gradient of the down-proj input and both
     # SwiGLU branch gradients (MulBackward0), plus the hidden-size gradient flowing down
-    # the residual stream; a checkpointed layer also holds its recomputed output.
-    layer_bwd = 3 * e * t * inter + e * t * h * (2 if setup.grad_checkpointing else 1)
+    # the residual stream.
+    layer_bwd = 3 * e * t * inter + e * t * h
     return ActivationBytes(
         first_layer=first,
         per_layer=per,

@@ -1,0 +1,75 @@
+"""The CPU validation matrix of the training-memory model (issue: >= 40 real runs).
+
+Each entry is a real profiled step on a tiny model whose config lives in
+tests/data/tiny/. Together they cover: llama (MHA, 1k vocab), mistral (GQA, 32k),
+qwen2 (q/k/v biases, tied, 152k vocab) and phi3 (fused qkv/gate_up, 32k); bf16,
+int8, nf4 and nf4 + double quant; full fine-tuning and LoRA; ranks 1-64; targets
+q,v (or PEFT's default) and all-linear; sequences 64-1024; batches 1-4;
+checkpointing on and off; adamw, sgd, sgd_momentum and the bnb 8-bit optimizers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from memplan.setup import Setup
+
+TINY = Path(__file__).parent / "data" / "tiny"
+
+
+def _m(name: str) -> str:
+    return str(TINY / name)
+
+
+def matrix() -> list[Setup]:
+    rows: list[dict] = []
+    # llama: the broadest sweep (cheap: 1k vocabulary).
+    for quant, dq in (("bf16", False), ("int8", False), ("nf4", False), ("nf4", True)):
+        for ckpt in (False, True):
+            rows.append(dict(model=_m("tiny-llama"), quant=quant, double_quant=dq, lora_rank=8, seq_len=256, batch_size=2, grad_checkpointing=ckpt))
+    rows += [
+        dict(model=_m("tiny-llama"), method="full", quant="bf16", seq_len=128, batch_size=2),
+        dict(model=_m("tiny-llama"), method="full", quant="bf16", seq_len=128, batch_size=2, grad_checkpointing=True),
+        dict(model=_m("tiny-llama"), method="full", quant="bf16", seq_len=64, batch_size=4, optimizer="sgd_momentum"),
+        dict(model=_m("tiny-llama"), method="full", quant="bf16", seq_len=64, batch_size=1, optimizer="adamw_8bit"),
+        dict(model=_m("tiny-llama"), method="full", quant="fp32", seq_len=64, batch_size=2),
+        dict(model=_m("tiny-llama"), lora_rank=1, seq_len=1024, batch_size=1),
+        dict(model=_m("tiny-llama"), lora_rank=64, lora_targets=("all-linear",), seq_len=512, batch_size=2),
+        dict(model=_m("tiny-llama"), quant="nf4", double_quant=True, lora_rank=16, lora_targets=("all-linear",), seq_len=1024, batch_size=1, grad_checkpointing=True),
+        dict(model=_m("tiny-llama"), lora_rank=32, seq_len=128, batch_size=4, optimizer="sgd"),
+        dict(model=_m("tiny-llama"), lora_rank=8, seq_len=256, batch_size=2, attention="eager"),
+        dict(model=_m("tiny-llama"), lora_rank=8, seq_len=128, batch_size=2, lora_dropout=0.1),
+        dict(model=_m("tiny-llama"), quant="nf4", lora_rank=8, seq_len=256, batch_size=2, prepare_kbit_training=True),
+    ]
+    # mistral: GQA (8 query heads over 2 KV heads), 32k vocabulary.
+    rows += [
+        dict(model=_m("tiny-mistral"), lora_rank=8, seq_len=128, batch_size=2),
+        dict(model=_m("tiny-mistral"), quant="nf4", double_quant=True, lora_rank=16, seq_len=256, batch_size=1),
+        dict(model=_m("tiny-mistral"), quant="int8", lora_rank=4, lora_targets=("all-linear",), seq_len=128, batch_size=2),
+        dict(model=_m("tiny-mistral"), method="full", quant="bf16", seq_len=64, batch_size=2),
+        dict(model=_m("tiny-mistral"), lora_rank=64, lora_targets=("all-linear",), seq_len=256, batch_size=1, grad_checkpointing=True),
+        dict(model=_m("tiny-mistral"), quant="nf4", lora_rank=8, seq_len=512, batch_size=1, optimizer="adamw_8bit"),
+        dict(model=_m("tiny-mistral"), lora_rank=8, seq_len=128, batch_size=2, attention="eager"),
+        dict(model=_m("tiny-mistral"), quant="nf4", lora_rank=32, lora_targets=("all-linear",), seq_len=64, batch_size=4, optimizer="paged_adamw_8bit"),
+    ]
+    # qwen2: biases on q/k/v, tied embeddings, a 152k vocabulary (logits-dominated).
+    rows += [
+        dict(model=_m("tiny-qwen2"), lora_rank=8, seq_len=64, batch_size=1),
+        dict(model=_m("tiny-qwen2"), quant="nf4", double_quant=True, lora_rank=8, seq_len=128, batch_size=1),
+        dict(model=_m("tiny-qwen2"), quant="int8", lora_rank=16, seq_len=64, batch_size=2),
+        dict(model=_m("tiny-qwen2"), lora_rank=4, lora_targets=("all-linear",), seq_len=128, batch_size=2, grad_checkpointing=True),
+        dict(model=_m("tiny-qwen2"), method="full", quant="bf16", seq_len=64, batch_size=1, optimizer="sgd"),
+        dict(model=_m("tiny-qwen2"), quant="nf4", lora_rank=2, seq_len=256, batch_size=1, grad_checkpointing=True),
+        dict(model=_m("tiny-qwen2"), lora_rank=8, seq_len=64, batch_size=2, optimizer="paged_adamw_32bit"),
+    ]
+    # phi3: fused qkv_proj and gate_up_proj.
+    rows += [
+        dict(model=_m("tiny-phi3"), lora_rank=8, seq_len=128, batch_size=2),
+        dict(model=_m("tiny-phi3"), quant="nf4", double_quant=True, lora_rank=8, seq_len=256, batch_size=2),
+        dict(model=_m("tiny-phi3"), quant="int8", lora_rank=8, lora_targets=("all-linear",), seq_len=128, batch_size=1),
+        dict(model=_m("tiny-phi3"), method="full", quant="bf16", seq_len=128, batch_size=1),
+        dict(model=_m("tiny-phi3"), lora_rank=48, lora_targets=("all-linear",), seq_len=512, batch_size=1, grad_checkpointing=True),
+        dict(model=_m("tiny-phi3"), quant="nf4", lora_rank=8, seq_len=64, batch_size=4, optimizer="adamw_8bit"),
+        dict(model=_m("tiny-phi3"), method="full", quant="bf16", seq_len=64, batch_size=2, grad_checkpointing=True, optimizer="sgd_momentum"),
+    ]
+    return [Setup(device="cpu", **r) for r in rows]
