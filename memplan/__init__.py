@@ -12,6 +12,7 @@ from memplan.estimate import Estimate, Memory, estimate
 from memplan.gpus import gpu_catalog
 from memplan.setup import Setup
 from memplan.spec import ModelSpec
+from memplan.sweep import sweep
 
 __all__ = [
     "Estimate",
@@ -25,5 +26,6 @@ __all__ = [
     "load_model",
     "plan",
     "plan_frame",
+    "sweep",
 ]
 __version__ = "0.1.0"

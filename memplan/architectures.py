@@ -17,6 +17,8 @@ __all__ = ["SUPPORTED_MODEL_TYPES", "spec_from_config", "DEFAULT_LORA_TARGETS"]
 
 # PEFT's per-family default `target_modules`
 # (peft/utils/constants.py, TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
+# PEFT 0.21 has no entry for phi3 (LoraConfig() without target_modules raises there);
+# memplan uses qkv_proj, the fused module holding PEFT's usual q_proj/v_proj choice.
 DEFAULT_LORA_TARGETS: dict[str, tuple[str, ...]] = {
     "llama": ("q_proj", "v_proj"),
     "mistral": ("q_proj", "v_proj"),
@@ -131,9 +133,7 @@ def _decoder(
             Linear("v_proj", att + "v_proj", h, kv_out, qkv_bias, L, "attention"),
             Linear("o_proj", att + "o_proj", q_out, h, o_bias, L, "attention"),
         ]
-        if experts:  # modeling_mixtral.py: router `gate` Linear + MixtralExperts 3D params
-            linears.append(Linear("gate", mlp + "gate", h, experts, False, L, "router"))
-        else:
+        if not experts:
             linears += [
                 Linear("gate_proj", mlp + "gate_proj", h, inter, mlp_bias, L, "mlp"),
                 Linear("up_proj", mlp + "up_proj", h, inter, mlp_bias, L, "mlp"),
@@ -142,7 +142,13 @@ def _decoder(
     linears.append(Linear("lm_head", "lm_head", h, vocab, False, 1, "lm_head", is_output=True, tied=tie))
     tensors = [Tensor("embed_tokens", "model.embed_tokens.weight", vocab * h, 1, "embeddings")]
     if experts:
+        # modeling_mixtral.py (transformers 5): the router is `MixtralTopKRouter`, a bare
+        # (experts x hidden) Parameter used through F.linear -- not an nn.Linear, so
+        # bitsandbytes leaves it unquantized and PEFT reaches it only as a
+        # `target_parameters` entry (see lora.py). MixtralExperts holds the experts as
+        # 3D Parameters (also never quantized).
         tensors += [
+            Tensor("gate", mlp + "gate.weight", experts * h, L, "router"),
             Tensor("experts.gate_up_proj", mlp + "experts.gate_up_proj", experts * 2 * inter * h, L, "experts"),
             Tensor("experts.down_proj", mlp + "experts.down_proj", experts * h * inter, L, "experts"),
         ]
@@ -191,10 +197,10 @@ def _mixtral(c: _Cfg) -> dict[str, Any]:
 
 def _gemma2(c: _Cfg) -> dict[str, Any]:
     # modeling_gemma2.py: head_dim from config (default 256), four norms per layer,
-    # tied embeddings, and a 0-d fp32 `embed_scale` buffer on the embedding.
+    # tied embeddings, and a 0-d `embed_scale` buffer on the embedding (in the load dtype).
     ab = c.bool("attention_bias", False)
     d = _decoder(c, qkv_bias=ab, o_bias=ab, mlp_bias=False, tie_default=True, norms_per_layer=4, head_dim=c.int("head_dim", 256))
-    d["buffers"] = d["buffers"] + (Buffer("model.embed_tokens.embed_scale", 1, 4),)
+    d["buffers"] = d["buffers"] + (Buffer("model.embed_tokens.embed_scale", 1, 4, follows_load_dtype=True),)
     d["hidden_act"] = c.str("hidden_activation", c.str("hidden_act", "gelu_pytorch_tanh"))
     return d
 

@@ -83,7 +83,11 @@ def _spec_from_local(path: Path) -> ModelSpec:
     raw = _read_json(cfg_path, "config")
     if isinstance(raw, dict) and "config" in raw and "name" in raw:  # a catalog-style file
         return spec_from_config(raw["config"], name=raw["name"], source=raw.get("source", str(cfg_path)))
-    name = path.name if path.is_dir() else (cfg_path.parent.name or cfg_path.stem)
+    # `my-model/config.json` is named after its folder; any other file after itself.
+    if path.is_dir() or (cfg_path.name == "config.json" and cfg_path.parent.name):
+        name = cfg_path.parent.name
+    else:
+        name = cfg_path.stem
     return spec_from_config(raw, name=name, source=str(cfg_path))
 
 

@@ -29,9 +29,14 @@ def app() -> None:
 # Each command lives in its own module and registers itself on `app`.
 from memplan.commands import estimate as _estimate  # noqa: E402,F401
 from memplan.commands import models as _models  # noqa: E402,F401
+from memplan.commands import profile as _profile  # noqa: E402,F401
+from memplan.commands import validate as _validate  # noqa: E402,F401
 from memplan.commands import plan as _plan  # noqa: E402,F401
 from memplan.commands import fit as _fit  # noqa: E402,F401
 from memplan.commands import calibrate as _calibrate  # noqa: E402,F401
+from memplan.commands import app as _app  # noqa: E402,F401
+from memplan.commands import sweep as _sweep  # noqa: E402,F401
+from memplan.commands import report as _report  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -245,11 +245,12 @@ def estimate(setup: Setup, *, model: ModelSpec | None = None, terms: DeviceTerms
         logits=act.logits_saved,
         transients=best_parts.get("transients", 0),
         overhead=overhead,
-        allocated_peak=best_total + terms.allocated_extra_bytes(),
+        # Paged optimizer state lives in CUDA unified memory, outside torch's allocator.
+        allocated_peak=best_total - (opt.paged if setup.device == "cuda" else 0) + terms.allocated_extra_bytes(),
         peak=peak,
         peak_phase=best_phase,
     )
-    adapter_sizes = {d: adapter_file_bytes(plan, d) for d in ("fp32", "fp16", "bf16")} if plan is not None else {}
+    adapter_sizes = {d: adapter_file_bytes(plan, d, base_dtype=setup.param_dtype) for d in ("fp32", "fp16", "bf16")} if plan is not None else {}
     return Estimate(
         setup=setup,
         model=spec,

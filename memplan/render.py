@@ -65,7 +65,7 @@ def _table(est: Estimate, payload: dict, gpu: GPU | None) -> str:
         f"{est.model.name} ({est.model.architecture}): {format_count(est.total_parameters)} parameters"
         + (f", {format_count(est.active_parameters)} active per token" if est.model.num_experts else ""),
         f"{s.method} fine-tuning, {s.quant}{' + double quant' if s.double_quant else ''}"
-        + (f", LoRA r={s.lora_rank} on {', '.join(dict.fromkeys(t for t in (s.lora_targets or ('default',))))}" if s.method == 'lora' else "")
+        + (f", LoRA r={s.lora_rank} on {_lora_targets(est)}" if s.method == "lora" else "")
         + f", seq {s.seq_len} x batch {s.batch_size}, {s.optimizer}, {s.attention}"
         + (", checkpointing" if s.grad_checkpointing else "")
         + f", {s.device}",
@@ -94,3 +94,11 @@ def _table(est: Estimate, payload: dict, gpu: GPU | None) -> str:
     if est.device_terms.source == "none" and s.device == "cuda":
         lines.append("note: no CUDA device terms calibrated yet; the peak excludes the CUDA context")
     return "\n".join(lines)
+
+
+def _lora_targets(est: Estimate) -> str:
+    """The module names the adapters go on; PEFT's default is spelled out (`on default` said nothing)."""
+    from memplan.lora import plan_lora
+
+    names = ", ".join(plan_lora(est.model, est.setup.lora_rank, est.setup.lora_targets).target_names)
+    return names if est.setup.lora_targets is not None else f"{names} (PEFT default)"

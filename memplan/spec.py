@@ -64,10 +64,18 @@ class Buffer:
     numel: int
     itemsize: int
     count: int = 1
+    # True for a buffer made from a Python float under the default dtype that
+    # `from_pretrained(dtype=...)` sets while building the model (Gemma2's
+    # `torch.tensor(embed_scale)`): it takes the load dtype, not `itemsize`.
+    follows_load_dtype: bool = False
 
     @property
     def bytes(self) -> int:
         return self.numel * self.itemsize * self.count
+
+    def loaded_bytes(self, load_itemsize: int) -> int:
+        """Bytes after loading in a dtype of `load_itemsize` bytes per element."""
+        return self.numel * (load_itemsize if self.follows_load_dtype else self.itemsize) * self.count
 
 
 @dataclass(frozen=True)

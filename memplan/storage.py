@@ -37,7 +37,9 @@ NF4_BLOCKSIZE = 64
 NESTED_BLOCKSIZE = 256
 # functional.py::get_4bit_type: a 16-entry fp32 code table built per quantized tensor.
 FOUR_BIT_CODE_BYTES = 16 * 4
-# functional.py: name2qmap["dynamic"], 256 fp32 values, built once and shared by every nested state.
+# functional.py::quantize_blockwise: the nested state's code is name2qmap["dynamic"] (256 fp32
+# values) copied per tensor (`code.to(A.device, copy=True)`), so every double-quantized
+# linear holds its own 1 KiB copy (measured: tests/test_storage.py).
 DYNAMIC_CODE_BYTES = 256 * 4
 
 
@@ -61,7 +63,8 @@ def linear_quantized_bytes(lin: Linear, quant: Quant, *, double_quant: bool) -> 
     - nf4/fp4 (`quantize_4bit`): ceil(n/2) uint8 (two codes per byte), one fp32
       absmax per 64-value block, and the 16-value fp32 code table. With double
       quantization the absmax become uint8 (`quantize_blockwise`, block 256) with one
-      fp32 absmax per 256 blocks and a 0-d fp32 offset (`_absmax.mean()`).
+      fp32 absmax per 256 blocks, a 0-d fp32 offset (`_absmax.mean()`) and its own
+      copy of the 256-value fp32 dynamic code table.
     - int8 (`Int8Params._quantize` -> `int8_vectorwise_quant`): n int8 plus one fp32
       scale (SCB) per output row. Outliers are decomposed at run time, not stored.
     The bias is not quantized and is counted with the unquantized tensors.
@@ -73,7 +76,8 @@ def linear_quantized_bytes(lin: Linear, quant: Quant, *, double_quant: bool) -> 
         packed = _ceil_div(n, 2)
         blocks = _ceil_div(n, NF4_BLOCKSIZE)
         if double_quant:
-            state = blocks + 4 * _ceil_div(blocks, NESTED_BLOCKSIZE) + 4 + FOUR_BIT_CODE_BYTES
+            nested = 4 * _ceil_div(blocks, NESTED_BLOCKSIZE) + 4 + DYNAMIC_CODE_BYTES
+            state = blocks + nested + FOUR_BIT_CODE_BYTES
         else:
             state = 4 * blocks + FOUR_BIT_CODE_BYTES
         return packed, state
@@ -106,7 +110,6 @@ def weight_bytes(spec: ModelSpec, quant: Quant, *, double_quant: bool = False, c
     float_bytes = FLOAT_BYTES[compute_dtype] if is_quantized(quant) else FLOAT_BYTES[quant]
     by: dict[str, int] = {}
     quantized = state = unq = 0
-    any_nested = False
     for lin in spec.linears:
         bias = lin.out_features * float_bytes if lin.bias else 0
         if is_quantized(quant) and is_quantized_linear(lin):
@@ -115,7 +118,6 @@ def weight_bytes(spec: ModelSpec, quant: Quant, *, double_quant: bool = False, c
             state += st * lin.count
             unq += bias * lin.count
             part = (packed + st + bias) * lin.count
-            any_nested = any_nested or (double_quant and quant != "int8")
         else:
             own = (0 if lin.tied else lin.weight_numel * float_bytes) + bias
             unq += own * lin.count
@@ -125,10 +127,7 @@ def weight_bytes(spec: ModelSpec, quant: Quant, *, double_quant: bool = False, c
         b = t.numel * t.count * float_bytes
         unq += b
         by[t.component] = by.get(t.component, 0) + b
-    if any_nested:
-        state += DYNAMIC_CODE_BYTES
-        by["quant_tables"] = DYNAMIC_CODE_BYTES
-    buffers = sum(b.bytes for b in spec.buffers)
+    buffers = sum(b.loaded_bytes(float_bytes) for b in spec.buffers)
     if buffers:
         by["buffers"] = buffers
     return WeightBytes(quantized=quantized, quant_state=state, unquantized=unq, buffers=buffers, by_component=by)

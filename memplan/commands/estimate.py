@@ -24,6 +24,6 @@ def estimate(gpu: str | None, fmt: str, **kwargs: object) -> None:
         from memplan.gpus import gpu_catalog
 
         if setup.device != "cuda":
-            raise SetupError("--gpu needs --device cuda")
+            raise SetupError("--gpu checks the fit on a CUDA GPU, which needs --device cuda; drop --gpu or --device cpu")
         gpu_spec = gpu_catalog().get(gpu)
     click.echo(render_estimate(run(setup), fmt, gpu=gpu_spec))

@@ -1,0 +1,1 @@
+"""Streamlit building blocks shared by the pages: guards, inputs and charts (no formulas)."""

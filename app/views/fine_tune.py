@@ -1,0 +1,127 @@
+"""Fine-tune: the memory of one training step, which GPUs it fits, and how far it can grow."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from components.charts import breakdown_chart
+from components.guard import shown_errors
+from components.inputs import gpu_choice, init, model_spec
+from memplan import appdata
+from memplan.architectures import DEFAULT_LORA_TARGETS
+from memplan.estimate import estimate
+from memplan.fit import fit_on
+from memplan.gpus import gpu_catalog
+from memplan.lora import ALL_LINEAR
+from memplan.search import limits_on
+from memplan.setup import ATTENTIONS, MAX_BATCH, MAX_SEQ_LEN, METHODS, OPTIMIZERS, Setup
+from memplan.storage import FLOAT_BYTES, QUANTS, is_quantized
+from memplan.units import format_bytes, format_count
+
+gpus = gpu_catalog()
+
+with st.sidebar:
+    st.header("Model")
+    spec = model_spec("ft_")
+    st.header("Training")
+    init("ft_method", "lora")
+    method = st.radio("Method", METHODS, key="ft_method", horizontal=True,
+                      format_func={"lora": "LoRA / QLoRA", "full": "full fine-tuning"}.get)
+    quants = list(QUANTS) if method == "lora" else [q for q in QUANTS if not is_quantized(q)]
+    init("ft_quant", "nf4" if method == "lora" else "bf16", quants)
+    quant = st.selectbox("Base weights", quants, key="ft_quant", help="bf16/fp16/fp32, or a bitsandbytes format (int8, nf4, fp4).")
+    double_quant = False
+    if quant in ("nf4", "fp4"):
+        init("ft_double_quant", True)
+        double_quant = st.checkbox("Double quantization", key="ft_double_quant", help="bnb_4bit_use_double_quant")
+    targets: tuple[str, ...] | None = None
+    rank = 8
+    if method == "lora":
+        init("ft_lora_rank", 16)
+        rank = int(st.number_input("LoRA rank r", min_value=1, max_value=65536, step=1, key="ft_lora_rank"))
+        options = [ALL_LINEAR, *spec.linear_names]
+        init("ft_lora_targets", list(DEFAULT_LORA_TARGETS[spec.model_type]))
+        if any(t not in options for t in st.session_state["ft_lora_targets"]):  # another model's modules
+            st.session_state["ft_lora_targets"] = list(DEFAULT_LORA_TARGETS[spec.model_type])
+        chosen = st.multiselect(f"LoRA targets ({spec.name}'s linear modules)", options, key="ft_lora_targets",
+                                help="PEFT target_modules; all-linear = every linear except the output layer.")
+        targets = tuple(chosen)
+    init("ft_seq_len", 1024)
+    seq_len = int(st.number_input("Sequence length (tokens)", min_value=1, max_value=MAX_SEQ_LEN, step=256, key="ft_seq_len"))
+    init("ft_batch_size", 4)
+    batch_size = int(st.number_input("Batch size (sequences)", min_value=1, max_value=MAX_BATCH, step=1, key="ft_batch_size"))
+    init("ft_grad_checkpointing", True)
+    checkpointing = st.toggle("Gradient checkpointing", key="ft_grad_checkpointing")
+    init("ft_optimizer", "adamw", OPTIMIZERS)
+    optimizer = st.selectbox("Optimizer", OPTIMIZERS, key="ft_optimizer")
+    init("ft_attention", appdata.default_attention(spec), ATTENTIONS)
+    if st.session_state.get("ft_attention_for") != spec.model_type:  # a new family: transformers' own default
+        st.session_state["ft_attention"] = appdata.default_attention(spec)
+        st.session_state["ft_attention_for"] = spec.model_type
+    attention = st.selectbox("Attention", ATTENTIONS, key="ft_attention")
+    with st.expander("More options"):
+        init("ft_compute_dtype", "bf16", list(FLOAT_BYTES))
+        compute_dtype = st.selectbox("Compute dtype (quantized bases)", list(FLOAT_BYTES), key="ft_compute_dtype")
+        prepare_kbit = False
+        if is_quantized(quant):
+            init("ft_prepare_kbit", False)
+            prepare_kbit = st.checkbox("prepare_model_for_kbit_training", key="ft_prepare_kbit",
+                                       help="PEFT's preparation of a quantized base (casts the rest to fp32, turns on checkpointing).")
+        dropout = 0.0
+        if method == "lora":
+            init("ft_lora_dropout", 0.0)
+            dropout = float(st.number_input("LoRA dropout", min_value=0.0, max_value=0.99, step=0.05, key="ft_lora_dropout",
+                                            help="lora_dropout: above 0 each adapted input is copied for backward."))
+    st.header("GPU")
+    gpu = gpu_choice("ft_gpu", gpus)
+
+if method == "lora" and not targets:
+    st.warning("Pick at least one LoRA target module in the sidebar.")
+    st.stop()
+
+with shown_errors():
+    setup = Setup(model=spec.name, method=method, quant=quant, double_quant=double_quant, compute_dtype=compute_dtype,
+                  lora_rank=rank, lora_targets=targets, lora_dropout=dropout, seq_len=seq_len, batch_size=batch_size,
+                  grad_checkpointing=checkpointing, optimizer=optimizer, attention=attention, device="cuda",
+                  prepare_kbit_training=prepare_kbit)
+    est = estimate(setup, model=spec)
+    fit = fit_on(est, gpu)
+    limits = limits_on(setup, gpu, spec=spec)
+
+st.title(f"Fine-tune {spec.name}")
+st.caption(f"{spec.architecture} ({spec.model_type}), {spec.num_layers} layers, hidden {spec.hidden_size}. "
+           f"Source: {spec.source or 'uploaded'}")
+
+cols = st.columns(6)
+cols[0].metric("Peak memory", format_bytes(est.memory.peak), help=f"{est.memory.peak:,} bytes; peak phase: {est.memory.peak_phase}")
+cols[1].metric(f"{gpu.key} usable", format_bytes(fit.usable_bytes), help=f"{fit.usable_bytes:,} bytes (nvidia-smi total)")
+cols[2].metric("Headroom", format_bytes(fit.headroom_bytes), delta="fits" if fit.fits else "does not fit",
+               delta_color="normal" if fit.fits else "inverse", delta_arrow="off", help=f"{fit.headroom_bytes:,} bytes")
+cols[3].metric("Parameters", format_count(est.total_parameters), help=f"{est.total_parameters:,}")
+cols[4].metric("Trainable", format_count(est.trainable_parameters), help=f"{est.trainable_parameters:,}")
+adapter = est.adapter_file_bytes.get("fp32")
+cols[5].metric("Adapter file (fp32)", format_bytes(adapter, decimal=True) if adapter else "none",
+               help=f"adapter_model.safetensors: {adapter:,} bytes" if adapter else "full fine-tuning saves the whole model")
+
+st.plotly_chart(
+    breakdown_chart(appdata.breakdown(est), capacity_gib=appdata.to_gib(fit.usable_bytes),
+                    capacity_label=f"{gpu.name} usable: {format_bytes(fit.usable_bytes)}"),
+    key="ft_breakdown", config={"displayModeBar": False},
+)
+note = "" if est.device_terms.source != "none" else " No CUDA device terms calibrated yet: the peak leaves out the CUDA context."
+st.caption(f"Memory at the step's peak ({est.memory.peak_phase}); the parts add up to the peak. GiB = 2³⁰ bytes, GB = 10⁹ bytes.{note}")
+
+left, right = st.columns([3, 2])
+with left:
+    st.subheader("Catalog GPUs")
+    st.dataframe(appdata.fit_rows(est, gpus), hide_index=True, height="content", key="ft_fits")
+with right:
+    st.subheader(f"Largest that fits on {gpu.key}")
+    a, b, c = st.columns(3)
+    a.metric(f"Batch (seq {seq_len:,})", f"{limits.max_batch_size:,}")
+    b.metric(f"Sequence (batch {batch_size:,})", f"{limits.max_seq_len:,}")
+    c.metric("LoRA rank", "n/a" if limits.max_lora_rank is None else f"{limits.max_lora_rank:,}")
+    if limits.max_batch_size == 0:
+        st.caption(f"Even one sequence of {seq_len:,} tokens does not fit on {gpu.key}.")
+    st.subheader("At the peak")
+    st.dataframe(appdata.breakdown_rows(est), hide_index=True, height="content", key="ft_parts")

@@ -1,0 +1,172 @@
+"""`memplan profile`: measure real fine-tuning steps, one subprocess per setup.
+
+Takes `memplan estimate`'s setup flags; repeat a flag to give several values
+(`--quant nf4 --quant bf16`, `--grad-checkpointing --no-grad-checkpointing`)
+and the campaign runs the cross product. `--grid FILE` (YAML or JSON) gives
+grids instead; setup flags given beside it apply to every grid.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import click
+
+from memplan.cli import app
+from memplan.commands.options import SETUP_FLAGS
+from memplan.errors import ProfileError, SetupError
+
+_INT_FIELDS = {"lora_rank", "seq_len", "batch_size"}
+
+
+def _campaign_options(fn: Any) -> Any:
+    """The setup flags, each repeatable and without a default (absent = the Setup default)."""
+    for decls, kwargs in reversed(SETUP_FLAGS):
+        kw = {k: v for k, v in kwargs.items() if k not in ("required", "default", "show_default")}
+        kw["multiple"] = True
+        kw["help"] = kwargs.get("help", "") + " Repeatable."
+        fn = click.option(*decls, **kw)(fn)
+    return fn
+
+
+def _flag_values(kwargs: dict[str, Any]) -> dict[str, list[Any]]:
+    values: dict[str, list[Any]] = {}
+    for decls, _ in SETUP_FLAGS:
+        name = decls[0].split("/")[0].lstrip("-").replace("-", "_")
+        given = kwargs.pop(name)
+        if not given:
+            continue
+        if name == "lora_targets":
+            for v in given:
+                if not [t for t in v.split(",") if t.strip()]:
+                    raise SetupError("--lora-targets is empty; give module names (e.g. q_proj,v_proj) or all-linear")
+        values[name] = list(dict.fromkeys(given))
+    return values
+
+
+def _default_out(device: str, env: dict[str, Any]) -> Path:
+    from memplan.paths import profiles_dir
+
+    if device == "cpu":
+        return profiles_dir() / "cpu.jsonl"
+    # "NVIDIA H100 80GB HBM3" -> cuda-h100.jsonl (the record's env keeps the full name)
+    words = [w for w in re.split(r"[^a-z0-9]+", str(env.get("device_name", "gpu")).lower()) if w and w != "nvidia"]
+    return profiles_dir() / f"cuda-{words[0] if words else 'gpu'}.jsonl"
+
+
+@app.command()
+@_campaign_options
+@click.option("--layers", "layers", multiple=True, type=click.IntRange(min=1), help="Keep only the first N decoder layers. Repeatable.")
+@click.option("--steps", default=3, show_default=True, type=click.IntRange(min=1), help="Training steps per run (steady state = the last).")
+@click.option("--grid", "grids", multiple=True, type=click.Path(exists=True, dir_okay=False), help="YAML/JSON grid file(s) of setups.")
+@click.option("--out", "-o", type=click.Path(dir_okay=False), default=None, help="JSONL file to append records to [default: profiles/<device>.jsonl].")
+@click.option("--resume/--no-resume", default=True, show_default=True, help="Skip setups already recorded (ok or oom) in this environment.")
+@click.option("--sample", type=click.IntRange(min=1), default=None, help="Run a random subset of N setups.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of --sample.")
+@click.option("--run-timeout", type=click.FloatRange(min=1), default=None, help="Seconds before one run is stopped and recorded as error.")
+@click.option("--checkpoint-dir", type=click.Path(file_okay=False), default=None, help="Cache of random checkpoints [default: a temp folder].")
+@click.option("--compare", is_flag=True, help="Also print predicted vs measured for the runs.")
+@click.option("--dry-run", is_flag=True, help="List the setups and which would be skipped; run nothing.")
+def profile(layers: tuple[int, ...], steps: int, grids: tuple[str, ...], out: str | None, resume: bool, sample: int | None,
+            seed: int, run_timeout: float | None, checkpoint_dir: str | None, compare: bool, dry_run: bool, **kwargs: Any) -> None:
+    """Measure real fine-tuning steps (CUDA allocator + NVML, or the CPU storage ledger).
+
+    Each run loads a random-weight checkpoint through from_pretrained (bitsandbytes for
+    int8/nf4/fp4), applies PEFT LoRA and runs forward, backward and optimizer steps in its
+    own subprocess. Records go to profiles/ as JSON Lines, one per run, whatever its outcome
+    (ok, oom, error); a failed run never stops the campaign.
+    """
+    from memplan.profiler.campaign import expand_grid, load_grid_file, run_campaign, sample_jobs
+    from memplan.profiler.device import check_device, collect_env, env_key
+    from memplan.records import read_records, run_key
+
+    flags = _flag_values(kwargs)
+    if layers:
+        flags["layers"] = list(dict.fromkeys(layers))
+    if grids:
+        grid_list = [{**g, **flags} for path in grids for g in load_grid_file(path)]
+    elif "model" in flags:
+        grid_list = [flags]
+    else:
+        raise ProfileError("give --model (repeatable) or --grid FILE")
+    jobs, skipped_invalid = [], []
+    for g in grid_list:
+        got, bad = expand_grid(g, steps=steps)
+        jobs += got
+        skipped_invalid += bad
+    if not jobs:
+        raise SetupError(f"no valid setup in the grid: {skipped_invalid[0] if skipped_invalid else 'it is empty'}")
+    jobs = sample_jobs(jobs, sample, seed=seed)
+    devices = sorted({j.setup.device for j in jobs})
+    if len(devices) > 1:
+        raise SetupError(f"one --device per campaign, got {', '.join(devices)}; run one campaign per device")
+    device = devices[0]
+    check_device(device)
+    env = collect_env(device)
+    out_path = Path(out) if out else _default_out(device, env)
+    if skipped_invalid:
+        click.echo(f"skipping {len(skipped_invalid)} impossible combination(s), e.g.: {skipped_invalid[0]}", err=True)
+
+    if dry_run:
+        from memplan.profiler.campaign import done_keys
+
+        done = done_keys(out_path, env_key(env)) if resume else set()
+        for job in jobs:
+            mark = "skip" if run_key(job.setup, job.layers, job.steps, env_key(env)) in done else "run "
+            click.echo(f"{mark}  {job.label()}")
+        click.echo(f"{len(jobs)} setup(s); records -> {out_path}")
+        return
+
+    def on_start(i: int, n: int, job: Any) -> None:
+        click.echo(f"[{i}/{n}] {job.label()} ...", err=True)
+
+    def on_record(i: int, n: int, job: Any, record: dict[str, Any]) -> None:
+        from memplan.units import format_bytes
+
+        m = record.get("measured") or {}
+        peak = m.get("steady_peak_bytes")
+        detail = f"steady peak {format_bytes(peak)}" if peak is not None else ""
+        if record["outcome"] == "error":
+            detail = (record.get("error") or {}).get("message", "")[:160]
+        elif record["outcome"] == "oom":
+            detail = f"in phase {(record.get('oom') or {}).get('phase')}"
+        click.echo(f"[{i}/{n}] {record['outcome']:<5} {detail} ({record['duration_s']:.0f} s)", err=True)
+
+    result = run_campaign(
+        jobs,
+        out=out_path,
+        env=env,
+        resume=resume,
+        timeout_s=run_timeout,
+        checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None,
+        on_start=on_start,
+        on_record=on_record,
+    )
+    if result.skipped:
+        click.echo(f"skipped {len(result.skipped)} setup(s) already recorded in {out_path}", err=True)
+    if result.interrupted:
+        click.echo(f"memplan: interrupted; {len(result.written)} finished record(s) kept in {out_path}; "
+                   "run the same command again to resume", err=True)
+        raise click.exceptions.Exit(130)
+
+    from memplan.commands.validate import render_comparison, render_measured
+
+    keys = {run_key(j.setup, j.layers, j.steps, env_key(env)) for j in jobs}
+    campaign_records = [r for r in read_records([out_path]) if env_key(r["env"]) == env_key(env)
+                        and run_key(_setup_of(r), r["layers"], r["steps"], env_key(env)) in keys] if out_path.is_file() else []
+    if campaign_records:
+        click.echo(render_measured(campaign_records))
+    if compare:
+        from memplan.compare import compare_records
+
+        click.echo(render_comparison(compare_records(campaign_records), "table"))
+    counts = {o: sum(r["outcome"] == o for r in result.written) for o in ("ok", "oom", "error")}
+    click.echo(f"{counts['ok']} ok, {counts['oom']} oom, {counts['error']} error; records in {out_path}", err=True)
+
+
+def _setup_of(record: dict[str, Any]) -> Any:
+    from memplan.setup import Setup
+
+    return Setup.from_dict(record["setup"])

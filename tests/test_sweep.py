@@ -1,0 +1,252 @@
+"""`memplan.sweep`: every row equals the single-setup estimate for the same inputs, the
+columns and dtypes are the documented ones, exports round-trip, and `memplan sweep`
+is a thin CLI over it."""
+
+from __future__ import annotations
+
+import importlib
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pytest
+
+from memplan.cli import main
+from memplan.estimate import estimate
+from memplan.fit import fit_on
+from memplan.fleet import PlanInputs, plan
+from memplan.gpus import gpu_catalog
+from memplan.search import cheapest_gpu, smallest_gpu
+from memplan.setup import Setup
+from memplan.sweep import ADAPTER_DTYPES, MEMORY_FIELDS, PEAK_PARTS, column_dtypes, read_sweep, sweep, write_sweep
+from memplan.units import format_bytes
+
+# 3 families (gemma2: eager attention by default; gpt2: learned positions), every
+# method/format/option crossing that collapses or is refused, both devices.
+GRID: dict[str, Any] = dict(
+    model=["llama2-7b", "gemma2-9b", "gpt2"], method=["full", "lora"], quant=["bf16", "nf4"], double_quant=[False, True],
+    lora_targets=["default", "all-linear"], seq_len=[512, 2048], batch_size=2, grad_checkpointing=[False, True],
+    optimizer=["adamw", "paged_adamw_8bit"], device=["cuda", "cpu"],
+)
+
+
+@pytest.fixture(scope="module")
+def frame() -> pd.DataFrame:
+    return sweep(**GRID)
+
+
+def setup_of(row: dict[str, Any]) -> Setup:
+    """The Setup a row describes, read from its columns as documented."""
+    lora = row["method"] == "lora"
+    targets = row["lora_targets"] if lora else "default"
+    return Setup(
+        model=row["model"], method=row["method"], quant=row["quant"], double_quant=bool(row["double_quant"]),
+        compute_dtype=row["compute_dtype"], lora_rank=int(row["lora_rank"]) if lora else 8,
+        lora_targets=None if targets == "default" else tuple(targets.split(",")),
+        lora_dropout=float(row["lora_dropout"]) if lora else 0.0, seq_len=int(row["seq_len"]), batch_size=int(row["batch_size"]),
+        grad_checkpointing=bool(row["grad_checkpointing"]), optimizer=row["optimizer"], attention=row["attention"],
+        device=row["device"], prepare_kbit_training=bool(row["prepare_kbit_training"]),
+    )
+
+
+def test_rows_equal_single_setup_estimates(frame: pd.DataFrame) -> None:
+    catalog = gpu_catalog()
+    assert len(frame) > 100
+    for row in frame.to_dict("records"):
+        setup = setup_of(row)
+        est = estimate(setup)  # the single-setup path: its own model load, no sweep caches
+        m = est.memory
+        assert row["total_parameters"] == est.total_parameters
+        assert row["trainable_parameters"] == est.trainable_parameters
+        for f in MEMORY_FIELDS:
+            expected = est.weight_storage.quant_state if f == "quant_state" else getattr(m, f)
+            assert row[f"{f}_bytes"] == expected, (f, setup)
+        assert row["peak_phase"] == m.peak_phase
+        for p in PEAK_PARTS:
+            assert row[f"peak_breakdown_bytes.{p}"] == est.peak_parts[p]
+        for d in ADAPTER_DTYPES:
+            if setup.method == "lora":
+                assert row[f"adapter_file_bytes.{d}"] == est.adapter_file_bytes[d]
+            else:
+                assert pd.isna(row[f"adapter_file_bytes.{d}"])
+        if setup.device == "cuda":
+            for g in catalog.gpus:
+                fit = fit_on(est, g)
+                assert (row[f"fits.{g.key}"], row[f"headroom_bytes.{g.key}"]) == (fit.fits, fit.headroom_bytes)
+            small, cheap = smallest_gpu(setup, catalog), cheapest_gpu(setup, catalog)
+            assert (None if pd.isna(row["smallest_gpu"]) else row["smallest_gpu"]) == (small.key if small else None)
+            assert (None if pd.isna(row["cheapest_gpu"]) else row["cheapest_gpu"]) == (cheap.key if cheap else None)
+            assert (None if pd.isna(row["cheapest_usd_per_hour"]) else row["cheapest_usd_per_hour"]) == (cheap.usd_per_hour if cheap else None)
+        else:
+            assert all(pd.isna(row[f"fits.{g.key}"]) and pd.isna(row[f"headroom_bytes.{g.key}"]) for g in catalog.gpus)
+            assert pd.isna(row["smallest_gpu"]) and pd.isna(row["cheapest_gpu"])
+
+
+def test_row_count_collapses_and_refusals() -> None:
+    # full: bf16 (double_quant and rank do not apply: 1 row); nf4 x 2 double_quant refused (rank
+    # does not apply: 2 combinations); lora: bf16 x 2 ranks (double_quant collapsed) + nf4 x 2 x 2 = 6.
+    f = sweep(model="llama2-7b", method=["full", "lora"], quant=["bf16", "nf4"], double_quant=[False, True], lora_rank=[8, 16])
+    assert len(f) == 7
+    assert list(f.attrs["refused"].values()) == [2]
+    assert "full fine-tuning cannot train a nf4 base" in next(iter(f.attrs["refused"]))
+    full = f[f["method"] == "full"].iloc[0]
+    assert pd.isna(full["lora_rank"]) and pd.isna(full["lora_targets"]) and math.isnan(full["lora_dropout"])
+    assert not full["double_quant"]
+    assert sorted(f.loc[f["quant"] == "nf4", "double_quant"].tolist()) == [False, False, True, True]
+
+
+def test_refused_combinations_are_counted_by_reason(frame: pd.DataFrame) -> None:
+    refused = frame.attrs["refused"]
+    # gpt2 has 1,024 learned positions: its seq_len 2048 rows are refused, never estimated.
+    assert not ((frame["model"] == "gpt2") & (frame["seq_len"] == 2048)).any()
+    assert any("exceeds gpt2's 1024 learned positions" in r for r in refused)
+    assert (frame.loc[frame["model"] == "gemma2-9b", "attention"] == "eager").all()  # transformers' choice for gemma2
+    assert (frame.loc[frame["model"] != "gemma2-9b", "attention"] == "sdpa").all()
+
+
+def test_explicit_sdpa_for_gemma2_is_refused_per_row() -> None:
+    f = sweep(model=["gemma2-9b", "llama2-7b"], attention="sdpa")
+    assert f["model"].tolist() == ["llama2-7b"]
+    assert list(f.attrs["refused"]) == ["gemma2 has no SDPA attention in transformers 5.x; use --attention eager (its default) or flash"]
+
+
+def test_peak_parts_sum_to_the_peak(frame: pd.DataFrame) -> None:
+    parts = frame[[f"peak_breakdown_bytes.{p}" for p in PEAK_PARTS]].sum(axis=1)
+    assert (parts == frame["peak_bytes"]).all()
+
+
+def test_dtypes_are_the_documented_ones(frame: pd.DataFrame) -> None:
+    documented = column_dtypes(list(frame.columns))
+    assert {c: str(t) for c, t in frame.dtypes.items()} == documented
+    for c in ("model", "method", "quant", "lora_targets", "optimizer", "attention", "device", "peak_phase", "smallest_gpu"):
+        assert isinstance(frame[c].dtype, pd.CategoricalDtype), c
+    assert frame["peak_bytes"].dtype == "int64" and frame["seq_len"].dtype == "int64"
+    assert frame["lora_rank"].dtype == "Int64" and frame["fits.a10g"].dtype == "boolean"
+    # categories in order of first appearance
+    assert list(frame["model"].cat.categories) == ["llama2-7b", "gemma2-9b", "gpt2"]
+
+
+def test_column_names_are_stable() -> None:
+    f = sweep(model="llama2-7b", quant="nf4", gpu=["a10g", "h100"], variants=[1, 10], rps=1.0, serve_gpu="a10g")
+    assert list(f.columns) == [
+        "model", "method", "quant", "double_quant", "compute_dtype", "lora_rank", "lora_targets", "lora_dropout", "seq_len",
+        "batch_size", "grad_checkpointing", "optimizer", "attention", "device", "prepare_kbit_training",
+        "variants", "rps", "serve_gpu",
+        "total_parameters", "trainable_parameters", "weights_bytes", "quant_state_bytes", "adapters_bytes", "gradients_bytes",
+        "optimizer_states_bytes", "optimizer_paged_bytes", "activations_bytes", "logits_bytes", "transients_bytes",
+        "overhead_bytes", "allocated_peak_bytes", "peak_bytes", "peak_phase",
+        "peak_breakdown_bytes.weights", "peak_breakdown_bytes.adapters", "peak_breakdown_bytes.optimizer_states",
+        "peak_breakdown_bytes.gradients", "peak_breakdown_bytes.activations", "peak_breakdown_bytes.logits",
+        "peak_breakdown_bytes.transients", "peak_breakdown_bytes.overhead",
+        "adapter_file_bytes.fp32", "adapter_file_bytes.fp16", "adapter_file_bytes.bf16",
+        "fits.a10g", "fits.h100", "headroom_bytes.a10g", "headroom_bytes.h100", "smallest_gpu", "cheapest_gpu",
+        "cheapest_usd_per_hour", "gpus.full_finetune", "gpus.lora", "gpus.lorax",
+        "usd_per_month.full_finetune", "usd_per_month.lora", "usd_per_month.lorax", "fleet_error",
+    ]
+
+
+def test_llama2_trainable_parameters_match_the_published_count() -> None:
+    f = sweep(model="llama2-7b", lora_rank=8, lora_targets="q_proj,v_proj")
+    assert f["trainable_parameters"].tolist() == [4_194_304]  # REFERENCE.md: r=8 on q_proj, v_proj
+    assert f["total_parameters"].tolist() == [6_738_415_616]
+
+
+def test_fleet_columns_equal_the_fleet_plan() -> None:
+    f = sweep(model="llama2-7b", method=["full", "lora"], quant="bf16", lora_rank=16, variants=[1, 100], rps=2.0,
+              serve_gpu="a10g", fleet_options={"engine": "vllm"})
+    assert len(f) == 4 and f["fleet_error"].isna().all()
+    for row in f.to_dict("records"):
+        lora = row["method"] == "lora"
+        kw = dict(lora_rank=16) if lora else {}
+        p = plan(PlanInputs(model="llama2-7b", variants=int(row["variants"]), gpu="a10g", rps=2.0, train_quant="bf16",
+                            engine="vllm", **kw))
+        for s, r in p.strategies.items():
+            if lora or s == "full_finetune":
+                assert (row[f"gpus.{s}"], row[f"usd_per_month.{s}"]) == (r.gpus, r.usd_per_month)
+            else:  # a full fine-tuning row has no rank: the LoRA strategies do not apply to it
+                assert math.isnan(row[f"gpus.{s}"]) and math.isnan(row[f"usd_per_month.{s}"])
+
+
+def test_fleet_refusal_is_a_column_not_a_lost_row() -> None:
+    # gpt2 has 1,024 positions; the fleet's default prompt + output is 1,152 tokens.
+    f = sweep(model="gpt2", variants=10, rps=1.0, serve_gpu="a10g")
+    assert len(f) == 1
+    assert "exceeds gpt2's 1,024 positions" in f["fleet_error"].iloc[0]
+    assert f[["gpus.lorax", "usd_per_month.lorax"]].isna().all(axis=None)
+
+
+def test_progress_callback_reaches_the_total() -> None:
+    seen: list[tuple[int, int]] = []
+    sweep(model="llama2-7b", seq_len=[256, 512, 1024], progress=lambda done, total: seen.append((done, total)))
+    assert seen[0] == (0, 3) and seen[-1] == (3, 3)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet", ".xlsx"])
+def test_exports_round_trip(tmp_path: Path, suffix: str) -> None:
+    f = sweep(model=["llama2-7b", "gpt2"], method=["full", "lora"], quant="bf16", lora_targets=["default", "q_proj,k_proj"],
+              device=["cuda", "cpu"], gpu=["a10g", "l40s"], variants=[1, 10], rps=0.5, serve_gpu="l4")
+    path = tmp_path / f"sweep{suffix}"
+    write_sweep(f, path)
+    back = read_sweep(path)
+    if suffix == ".xlsx":
+        # openpyxl writes floats with 16 significant digits (Excel keeps 15): $ figures to 1e-15;
+        # integers (every byte count) stay exact.
+        pd.testing.assert_frame_equal(back, f, rtol=1e-15)
+        ints = [c for c, t in f.dtypes.items() if str(t) in ("int64", "Int64")]
+        pd.testing.assert_frame_equal(back[ints], f[ints], check_exact=True)
+    else:
+        pd.testing.assert_frame_equal(back, f, check_exact=True)
+    # Byte counts above 2**53 would not survive a float: they are written as integers.
+    if suffix == ".csv":
+        assert pd.read_csv(path)["peak_bytes"].dtype == "int64"
+
+
+def test_cli_writes_by_extension(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "s.parquet"
+    assert main(["sweep", "-m", "llama2-7b", "-q", "bf16,nf4", "-s", "512,1024", "-g", "a10g", "--out", str(out)]) == 0
+    assert capsys.readouterr().out == f"wrote 4 rows x 1 GPUs to {out}\n"
+    f = pd.read_parquet(out)
+    assert f["quant"].tolist() == ["bf16", "bf16", "nf4", "nf4"] and f["seq_len"].tolist() == [512, 1024, 512, 1024]
+
+
+def test_cli_prints_a_table(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sweep", "--model", "llama2-7b", "--quant", "bf16,nf4", "--lora-targets", "q_proj,v_proj",
+                 "--lora-targets", "all-linear"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["model", "quant", "lora_targets", "peak", "smallest", "GPU", "cheapest", "GPU"]
+    assert len(lines) == 5
+    nf4 = estimate(Setup(model="llama2-7b", quant="nf4", lora_targets=("all-linear",)))
+    assert lines[4].split()[:3] == ["llama2-7b", "nf4", "all-linear"]
+    assert format_bytes(nf4.memory.peak) in lines[4]
+
+
+def test_cli_refuses_an_unknown_extension_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(importlib.import_module("memplan.estimate"), "estimate", lambda *a, **k: pytest.fail("estimated"))
+    assert main(["sweep", "-m", "llama2-7b", "--out", str(tmp_path / "s.txt")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "write .csv, .parquet or .xlsx" in err
+    assert main(["sweep", "-m", "llama2-7b", "--out", str(tmp_path / "no" / "s.csv")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_progress_bar_goes_to_stderr(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sweep", "-m", "llama2-7b", "-s", "256,512", "--progress"]) == 0
+    out, err = capsys.readouterr()
+    assert "sweep" in err and "2/2" in err
+    assert "2/2" not in out
+
+
+def test_cli_notes_refused_combinations(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sweep", "-m", "llama2-7b", "--method", "full,lora", "-q", "nf4"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("note: the estimator refused 1 combinations of the grid:\n  1 x full fine-tuning cannot train a nf4 base")
+
+
+def test_cli_import_stays_light() -> None:
+    code = "import sys, memplan.cli; print(sorted(m for m in ('pandas', 'plotly', 'yaml', 'rich', 'torch') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]"
