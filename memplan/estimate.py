@@ -15,7 +15,7 @@ from memplan.catalog import load_model
 from memplan.device_terms import DeviceTerms, device_terms
 from memplan.errors import SetupError
 from memplan.lora import LoraPlan, adapter_file_bytes, plan_lora
-from memplan.optim import gradient_bytes, optimizer_bytes
+from memplan.optim import OptimizerBytes, gradient_bytes, optimizer_bytes
 from memplan.setup import Setup
 from memplan.spec import ModelSpec
 from memplan.storage import FLOAT_BYTES, WeightBytes, is_quantized, weight_bytes
@@ -126,17 +126,29 @@ def _largest_dequantized(spec: ModelSpec, setup: Setup) -> int:
     return max(sizes, default=0) * FLOAT_BYTES[setup.compute_dtype]
 
 
-def estimate(setup: Setup, *, model: ModelSpec | None = None, terms: DeviceTerms | None = None) -> Estimate:
-    spec = model if model is not None else load_model(setup.model)
-    if spec.model_type == "gemma2" and setup.attention == "sdpa":
-        # transformers 5.x: Gemma2ForCausalLM._supports_sdpa is False (its attention softcapping).
-        raise SetupError("gemma2 has no SDPA attention in transformers 5.x; use --attention eager (its default) or flash")
-    if spec.model_type in ("gpt2", "bert") and setup.seq_len > spec.max_position_embeddings:
-        # Learned absolute positions: the embedding table has no row past the last position.
-        raise SetupError(
-            f"--seq-len {setup.seq_len} exceeds {spec.name}'s {spec.max_position_embeddings} learned positions; "
-            f"use --seq-len <= {spec.max_position_embeddings}"
-        )
+@dataclass(frozen=True)
+class _Fixed:
+    """The parts of an estimate that depend on the model and the method, format, rank, targets,
+    optimizer and device, but not on seq_len, batch_size, checkpointing, attention or dropout."""
+
+    plan: LoraPlan | None
+    weights: WeightBytes
+    numels: tuple[int, ...]
+    trainable_parameters: int
+    train_itemsize: int
+    adapters: int
+    gradients: int
+    optimizer: OptimizerBytes
+    dequant: int
+    opt_temp: int
+    head_grad: int
+    first_layer_grads: int
+    adapter_file_bytes: tuple[tuple[str, int], ...]
+    total_parameters: int
+    active_parameters: int
+
+
+def _fixed_parts(spec: ModelSpec, setup: Setup) -> _Fixed:
     plan = plan_lora(spec, setup.lora_rank, setup.lora_targets) if setup.method == "lora" else None
     # prepare_model_for_kbit_training casts every non-quantized fp16/bf16 parameter to fp32.
     load_dtype = "fp32" if setup.prepare_kbit_training else setup.compute_dtype
@@ -147,10 +159,7 @@ def estimate(setup: Setup, *, model: ModelSpec | None = None, terms: DeviceTerms
     adapters = sum(numels) * FP32 if plan is not None else 0
     grads = gradient_bytes(numels, train_itemsize)
     opt = optimizer_bytes(setup.optimizer, numels, train_itemsize, device=setup.device)
-    act = activation_bytes(spec, setup, plan)
-    terms = terms if terms is not None else device_terms(setup.device)
 
-    persistent = wb.total + adapters + opt.total
     dequant = _largest_dequantized(spec, setup)
     # Optimizer-step temporaries (torch/optim/adamw.py): the foreach path (CUDA default)
     # builds one `_foreach_sqrt(exp_avg_sq)` list, the size of one state. The single-tensor
@@ -165,22 +174,10 @@ def estimate(setup: Setup, *, model: ModelSpec | None = None, terms: DeviceTerms
             opt_temp = max(3 * linear_max, 2 * other_max) * train_itemsize
     else:
         opt_temp = 0
-    # Phases of a steady-state step (the training loop drops the model outputs before
-    # backward, as transformers' Trainer.compute_loss does, so the compute-dtype logits
-    # are gone once the loss exists).
-    acts = act.layers + act.head
-    e_tokens_inter = (4 if setup.prepare_kbit_training else FLOAT_BYTES[setup.param_dtype]) * setup.batch_size * setup.seq_len * spec.intermediate_size
     head_grad = 0
     if plan is None:
         head_grad = sum(lin.weight_numel for lin in spec.linears if lin.is_output and not lin.tied) * train_itemsize
-    # Full fine-tuning: by layer 0's backward every gradient but the embedding's exists,
-    # while layer 0's activations (or its rebuilt copy) and the layer transients are alive.
     embed_grad = sum(t.numel * t.count for t in spec.tensors if t.component == "embeddings") * train_itemsize
-    first_layer_acts = (
-        FLOAT_BYTES[setup.param_dtype] * setup.batch_size * setup.seq_len * spec.hidden_size + act.recompute_layer
-        if setup.grad_checkpointing
-        else act.first_layer
-    )
     if plan is None:
         # Every later layer's gradients exist, and of layer 0's own only the down-proj's
         # (its weight gradient is computed before the SwiGLU backward peaks).
@@ -190,6 +187,62 @@ def estimate(setup: Setup, *, model: ModelSpec | None = None, terms: DeviceTerms
         first_layer_grads = max(grads - embed_grad - (per_layer_params - last_linear) * train_itemsize, 0)
     else:
         first_layer_grads = grads
+    files = tuple((d, adapter_file_bytes(plan, d, base_dtype=setup.param_dtype)) for d in ("fp32", "fp16", "bf16")) if plan is not None else ()
+    return _Fixed(plan, wb, tuple(numels), sum(numels), train_itemsize, adapters, grads, opt, dequant, opt_temp, head_grad,
+                  first_layer_grads, files, spec.total_parameters, spec.active_parameters)
+
+
+# Memo of `_fixed_parts`, keyed by the spec's identity (hashing a ModelSpec costs more than
+# the lookup saves) and the setup fields the fixed parts read; the entry keeps the spec alive
+# so its id cannot be reused while cached.
+_FIXED_CACHE: dict[tuple, tuple[ModelSpec, _Fixed]] = {}
+_FIXED_CACHE_SIZE = 4096
+
+
+def _fixed(spec: ModelSpec, setup: Setup) -> _Fixed:
+    key = (id(spec), setup.method, setup.quant, setup.double_quant, setup.compute_dtype, setup.lora_rank,
+           setup.lora_targets, setup.optimizer, setup.device, setup.prepare_kbit_training)
+    hit = _FIXED_CACHE.get(key)
+    if hit is not None and hit[0] is spec:
+        return hit[1]
+    if len(_FIXED_CACHE) >= _FIXED_CACHE_SIZE:
+        _FIXED_CACHE.clear()
+    fixed = _fixed_parts(spec, setup)
+    _FIXED_CACHE[key] = (spec, fixed)
+    return fixed
+
+
+def estimate(setup: Setup, *, model: ModelSpec | None = None, terms: DeviceTerms | None = None) -> Estimate:
+    spec = model if model is not None else load_model(setup.model)
+    if spec.model_type == "gemma2" and setup.attention == "sdpa":
+        # transformers 5.x: Gemma2ForCausalLM._supports_sdpa is False (its attention softcapping).
+        raise SetupError("gemma2 has no SDPA attention in transformers 5.x; use --attention eager (its default) or flash")
+    if spec.model_type in ("gpt2", "bert") and setup.seq_len > spec.max_position_embeddings:
+        # Learned absolute positions: the embedding table has no row past the last position.
+        raise SetupError(
+            f"--seq-len {setup.seq_len} exceeds {spec.name}'s {spec.max_position_embeddings} learned positions; "
+            f"use --seq-len <= {spec.max_position_embeddings}"
+        )
+    f = _fixed(spec, setup)
+    plan, wb, numels, train_itemsize, adapters, grads, opt = f.plan, f.weights, f.numels, f.train_itemsize, f.adapters, f.gradients, f.optimizer
+    dequant, opt_temp = f.dequant, f.opt_temp
+    act = activation_bytes(spec, setup, plan)
+    terms = terms if terms is not None else device_terms(setup.device)
+    persistent = wb.total + adapters + opt.total
+    # Phases of a steady-state step (the training loop drops the model outputs before
+    # backward, as transformers' Trainer.compute_loss does, so the compute-dtype logits
+    # are gone once the loss exists).
+    acts = act.layers + act.head
+    e_tokens_inter = (4 if setup.prepare_kbit_training else FLOAT_BYTES[setup.param_dtype]) * setup.batch_size * setup.seq_len * spec.intermediate_size
+    head_grad = f.head_grad
+    # Full fine-tuning: by layer 0's backward every gradient but the embedding's exists,
+    # while layer 0's activations (or its rebuilt copy) and the layer transients are alive.
+    first_layer_acts = (
+        FLOAT_BYTES[setup.param_dtype] * setup.batch_size * setup.seq_len * spec.hidden_size + act.recompute_layer
+        if setup.grad_checkpointing
+        else act.first_layer
+    )
+    first_layer_grads = f.first_layer_grads
     phases: dict[str, dict[str, int]] = {
         "forward": {
             "activations": acts,
@@ -250,13 +303,13 @@ def estimate(setup: Setup, *, model: ModelSpec | None = None, terms: DeviceTerms
         peak=peak,
         peak_phase=best_phase,
     )
-    adapter_sizes = {d: adapter_file_bytes(plan, d, base_dtype=setup.param_dtype) for d in ("fp32", "fp16", "bf16")} if plan is not None else {}
+    adapter_sizes = dict(f.adapter_file_bytes)
     return Estimate(
         setup=setup,
         model=spec,
-        total_parameters=spec.total_parameters,
-        trainable_parameters=sum(numels),
-        active_parameters=spec.active_parameters,
+        total_parameters=f.total_parameters,
+        trainable_parameters=f.trainable_parameters,
+        active_parameters=f.active_parameters,
         weight_storage=wb,
         adapter_dtype="fp32" if plan is not None else None,
         adapter_file_bytes=adapter_sizes,

@@ -77,8 +77,8 @@ _FLEET_KINDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "train_gpu": ("train_gpu", "gpu", ()),
     "engine": ("engine", "choice", ("lorax", "vllm")),
 }
-SETUP_KEYS: tuple[str, ...] = tuple(f.name for f in fields(Setup))
-assert set(SETUP_KEYS) == set(_SETUP_KINDS)  # internal invariant: every Setup field has a kind
+# Setup's fields in its own order (a field added to Setup is sweepable once it has a kind above).
+SETUP_KEYS: tuple[str, ...] = tuple(f.name for f in fields(Setup) if f.name in _SETUP_KINDS)
 FLEET_KEYS: tuple[str, ...] = tuple(_FLEET_KINDS)
 FLEET_REQUIRED = ("variants", "rps", "serve_gpu")
 KEYS: tuple[str, ...] = (*SETUP_KEYS, "gpu", *FLEET_KEYS)
@@ -142,6 +142,11 @@ def _check_type(source: str, key: str, kind: str, value: Any, where: str) -> Any
         shown = f"{value!r} ({type(value).__name__})" if value is not None else "null"
         raise _fail(source, f"{where} must be {_TYPE_WORDS[kind]}, got {shown}")
     return value
+
+
+def _where(key: str, raw: Any, i: int) -> str:
+    """How a message names a value: `quant` for a scalar, `quant[1]` for an item of a list."""
+    return f"{key}[{i}]" if isinstance(raw, (list, tuple)) else key
 
 
 def _as_list(source: str, key: str, raw: Any) -> list[Any]:
@@ -244,8 +249,31 @@ def parse_grid(raw: Any, *, source: str = "grid") -> Grid:
             setup[key] = (defaults[key],)
             continue
         items = _as_list(source, key, raw[key])
-        where = key if len(items) == 1 and not isinstance(raw[key], (list, tuple)) else None
-        setup[key] = _unique([_setup_value(source, key, v, where or f"{key}[{i}]") for i, v in enumerate(items)])
+        setup[key] = _unique([_setup_value(source, key, v, _where(key, raw[key], i)) for i, v in enumerate(items)])
+
+    gpus: tuple[str, ...] = tuple(g.key for g in catalog.gpus)
+    if "gpu" in raw:
+        keys = []
+        for i, v in enumerate(_as_list(source, "gpu", raw["gpu"])):
+            _check_type(source, "gpu", "gpu", v, _where("gpu", raw["gpu"], i))
+            try:
+                keys.append(catalog.get(v).key)
+            except MemplanError as exc:
+                raise _fail(source, f"gpu: {exc}") from None
+        gpus = _unique(keys)
+
+    fleet: dict[str, tuple[Any, ...]] = {}
+    given = [k for k in FLEET_KEYS if k in raw]
+    missing = [k for k in FLEET_REQUIRED if k not in raw]
+    if given and missing:
+        raise _fail(source, f"fleet inputs need {', '.join(FLEET_REQUIRED)} together; add {', '.join(missing)}")
+    for key in given:
+        items = _as_list(source, key, raw[key])
+        fleet[key] = _unique([_fleet_value(source, key, v, _where(key, raw[key], i), catalog) for i, v in enumerate(items)])
+
+    combinations = math.prod(len(v) for v in (*setup.values(), *fleet.values()))
+    if combinations > MAX_SETUPS:
+        raise _fail(source, f"the grid has {combinations:,} combinations; split it into sweeps of at most {MAX_SETUPS:,}")
 
     specs: dict[str, ModelSpec] = {}
     for name in setup["model"]:
@@ -265,34 +293,7 @@ def parse_grid(raw: Any, *, source: str = "grid") -> Grid:
                 problems.append(str(exc))
         if len(problems) == len(specs):  # fits no model: a typo, not a per-model refusal
             raise _fail(source, f"lora_targets {','.join(targets)!r}: {problems[0]}")
-
-    gpus: tuple[str, ...] = tuple(g.key for g in catalog.gpus)
-    if "gpu" in raw:
-        items = _as_list(source, "gpu", raw["gpu"])
-        keys = []
-        for i, v in enumerate(items):
-            _check_type(source, "gpu", "gpu", v, f"gpu[{i}]")
-            try:
-                keys.append(catalog.get(v).key)
-            except MemplanError as exc:
-                raise _fail(source, f"gpu: {exc}") from None
-        gpus = _unique(keys)
-
-    fleet: dict[str, tuple[Any, ...]] = {}
-    given = [k for k in FLEET_KEYS if k in raw]
-    if given:
-        missing = [k for k in FLEET_REQUIRED if k not in raw]
-        if missing:
-            raise _fail(source, f"fleet inputs need {', '.join(FLEET_REQUIRED)} together; add {', '.join(missing)}")
-        for key in given:
-            items = _as_list(source, key, raw[key])
-            fleet[key] = _unique([_fleet_value(source, key, v, f"{key}[{i}]" if isinstance(raw[key], (list, tuple)) else key, catalog)
-                                  for i, v in enumerate(items)])
-
-    grid = Grid(setup=setup, gpus=gpus, fleet=fleet, source=source, specs=specs)
-    if grid.combinations > MAX_SETUPS:
-        raise _fail(source, f"the grid has {grid.combinations:,} combinations; split it into sweeps of at most {MAX_SETUPS:,}")
-    return grid
+    return Grid(setup=setup, gpus=gpus, fleet=fleet, source=source, specs=specs)
 
 
 def read_grid_file(path: str | Path) -> dict[str, Any]:

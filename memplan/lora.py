@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -184,6 +185,7 @@ EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 _DTYPE_ORDER = {"F16": 1, "BF16": 2, "F32": 3}
 
 
+@lru_cache(maxsize=4096)
 def adapter_file_bytes(plan: LoraPlan, save_dtype: str, *, base_dtype: str | None = None) -> int:
     """Size of PEFT's `adapter_model.safetensors` with adapters in `save_dtype`.
 

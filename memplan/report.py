@@ -96,26 +96,31 @@ def _number(v: Any) -> str:
     return f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v)
 
 
+def _share(flags: "pd.Series") -> str:
+    return f"{flags.mean():.0%}" if len(flags) else "-"
+
+
 def _pct(x: float | None) -> str:
     return "-" if x is None else f"{x:.1%}"
 
 
 def _reference(rows: "pd.DataFrame", dims: Sequence[str], cover: str) -> tuple["pd.DataFrame", dict[str, Any]]:
     """Narrow `rows` to one value per dimension: the value that keeps the most distinct values of
-    `cover` (each a line of the chart), then the most rows; the first on ties."""
+    `cover` (each a line of the chart), then the most rows; the first on ties. A row whose value
+    is NA (the option does not apply to it, e.g. the rank of full fine-tuning) matches any value."""
     fixed: dict[str, Any] = {}
     for d in dims:
         if d not in rows.columns:
             continue
+        values = rows[d].dropna().drop_duplicates().tolist()
+        if len(values) <= 1:
+            continue
         best: tuple[int, int] | None = None
-        keep = rows
-        for value in rows[d].drop_duplicates().tolist():
-            sub = rows[rows[d].isna()] if _na(value) else rows[rows[d] == value]
+        for value in values:
+            sub = rows[(rows[d] == value).fillna(False) | rows[d].isna()]
             score = (sub[cover].nunique(), len(sub))
             if best is None or score > best:
                 best, keep, fixed[d] = score, sub, value
-        if len(keep) == len(rows):
-            fixed.pop(d, None)  # did not vary
         rows = keep
     return rows, fixed
 
@@ -152,7 +157,7 @@ def _summary(frame: "pd.DataFrame", per_setup: int) -> str:
                 method, f"{quant} + double quant" if dq else quant, _shown(rank), _shown(targets),
                 f"{len(g) // per_setup:,}", format_bytes(int(lo["peak_bytes"])), format_bytes(int(hi["peak_bytes"])),
                 format_count(int(g["trainable_parameters"].iloc[0])), "-" if _na(adapter) else format_bytes(int(adapter), decimal=True),
-                f"{g['smallest_gpu'].notna().mean():.0%}",
+                _share(g.loc[g["device"] == "cuda", "smallest_gpu"].notna()),
                 "none" if _na(lo["cheapest_gpu"]) else lo["cheapest_gpu"],
                 "none" if _na(hi["cheapest_gpu"]) else hi["cheapest_gpu"],
             ])

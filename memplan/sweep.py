@@ -7,8 +7,8 @@ every GPU of the grid with `memplan.fit.Fit`, and, when fleet inputs are given, 
 
 Options that do not apply to a combination are collapsed rather than refused, so a
 grid can cross them freely: full fine-tuning has no LoRA rank, targets or dropout
-(NA in those columns), and `double_quant` / `prepare_kbit_training` apply only to
-quantized bases (False elsewhere). Combinations the library refuses (full
+(NA in those columns), `compute_dtype` is a quantized base's (NA for bf16/fp16/fp32),
+and `double_quant` / `prepare_kbit_training` apply only to quantized bases (False elsewhere). Combinations the library refuses (full
 fine-tuning of an nf4 base, gemma2 with sdpa, a sequence past GPT-2's positions...)
 are left out; `frame.attrs["refused"]` counts them by reason.
 
@@ -17,7 +17,8 @@ first appearance):
 
 | column | dtype | what |
 |---|---|---|
-| model, method, quant, compute_dtype, optimizer, attention, device | category | the setup (`attention` as resolved per model) |
+| model, method, quant, optimizer, attention, device | category | the setup (`attention` as resolved per model) |
+| compute_dtype | category | a quantized base's compute dtype; NA for bf16/fp16/fp32 bases |
 | double_quant, grad_checkpointing, prepare_kbit_training | bool | the setup |
 | lora_rank | Int64 | NA for full fine-tuning |
 | lora_targets | category | comma list as given, `default` (PEFT's per-family default), NA for full |
@@ -51,7 +52,7 @@ from memplan.grid import FLEET_KEYS, SETUP_KEYS, Grid, GridError, parse_grid
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["sweep", "sweep_grid", "column_dtypes", "read_sweep", "write_sweep", "EXPORT_FORMATS", "MEMORY_FIELDS",
+__all__ = ["sweep", "sweep_grid", "column_dtypes", "read_sweep", "write_sweep", "check_output", "EXPORT_FORMATS", "MEMORY_FIELDS",
            "PEAK_PARTS", "ADAPTER_DTYPES", "STRATEGIES", "MAX_EXCEL_ROWS"]
 
 MEMORY_FIELDS = ("weights", "quant_state", "adapters", "gradients", "optimizer_states", "optimizer_paged", "activations",
@@ -65,11 +66,10 @@ _CATEGORY = ("model", "method", "quant", "compute_dtype", "lora_targets", "optim
              "serve_gpu", "serve_quant", "popularity", "train_gpu", "engine", "peak_phase", "smallest_gpu", "cheapest_gpu",
              "fleet_error")
 _BOOL = ("double_quant", "grad_checkpointing", "prepare_kbit_training", "scale_to_zero")
-_INT = ("seq_len", "batch_size", "variants", "prompt_tokens", "output_tokens", "dataset_tokens", "total_parameters",
-        "trainable_parameters", *(f"{f}_bytes" for f in MEMORY_FIELDS), *(f"peak_breakdown_bytes.{p}" for p in PEAK_PARTS))
-_FLOAT = ("lora_dropout", "rps", "zipf_exponent", "utilization", "epochs", "cheapest_usd_per_hour")
 _INT_NAMES = ("total_parameters", "trainable_parameters", *(f"{f}_bytes" for f in MEMORY_FIELDS),
-              *(f"peak_breakdown_bytes.{p}" for p in PEAK_PARTS))
+              *(f"peak_breakdown_bytes.{p}" for p in PEAK_PARTS))  # the estimate's integers, in column order
+_INT = ("seq_len", "batch_size", "variants", "prompt_tokens", "output_tokens", "dataset_tokens", *_INT_NAMES)
+_FLOAT = ("lora_dropout", "rps", "zipf_exponent", "utilization", "epochs", "cheapest_usd_per_hour")
 _FLEET_FIELD = {"serve_gpu": "gpu", "serve_quant": "quant"}  # grid key -> memplan.fleet.PlanInputs field
 _DEFAULT_TARGETS = "default"
 _PROGRESS_EVERY = 1024
@@ -149,14 +149,16 @@ def sweep(
 _FOUR_BIT = ("nf4", "fp4")
 _QUANTIZED = ("int8", "nf4", "fp4")
 _LORA_ONLY = ("lora_rank", "lora_targets", "lora_dropout")
+_QUANTIZED_ONLY = ("compute_dtype",)  # bnb_4bit_compute_dtype: a bf16/fp16/fp32 base computes in its own dtype
 
 
 def _points(grid: Grid, default_attention: Mapping[str, str]) -> Iterator[tuple[Any, ...]]:
     """Every distinct setup of the grid, as a tuple of Setup field values in SETUP_KEYS order.
 
     An option that cannot apply to a (model, method, quant) takes Setup's default, once:
-    full fine-tuning has no rank, targets or dropout; double quantization needs nf4/fp4;
-    prepare_kbit_training needs a quantized base, and turns checkpointing on (as Setup does)."""
+    full fine-tuning has no rank, targets or dropout; compute_dtype is a quantized base's;
+    double quantization needs nf4/fp4; prepare_kbit_training needs a quantized base, and
+    turns checkpointing on (Setup's rule), so it comes with checkpointing only."""
     from dataclasses import fields
 
     from memplan.setup import Setup
@@ -171,7 +173,7 @@ def _points(grid: Grid, default_attention: Mapping[str, str]) -> Iterator[tuple[
         if quant not in _FOUR_BIT:
             values["double_quant"] = (False,)
         if quant not in _QUANTIZED:
-            values["prepare_kbit_training"] = (False,)
+            values.update({k: (defaults[k],) for k in _QUANTIZED_ONLY}, prepare_kbit_training=(False,))
         for kbit in values["prepare_kbit_training"]:
             inner = dict(values, prepare_kbit_training=(kbit,))
             if kbit:
@@ -198,6 +200,7 @@ def sweep_grid(grid: Grid, *, progress: Callable[[int, int], None] | None = None
     specs = grid.specs
     attention = {name: default_attention(spec) for name, spec in specs.items()}
     at_rank, at_targets, at_dropout = (keys.index(k) for k in _LORA_ONLY)
+    at_compute = keys.index("compute_dtype")
     peak_parts, file_sizes = itemgetter(*PEAK_PARTS), itemgetter(*ADAPTER_DTYPES)
     no_files = (None,) * len(ADAPTER_DTYPES)
     for i, point in enumerate(_points(grid, attention)):
@@ -215,6 +218,8 @@ def sweep_grid(grid: Grid, *, progress: Callable[[int, int], None] | None = None
             values[at_targets] = _DEFAULT_TARGETS if setup.lora_targets is None else ",".join(setup.lora_targets)
         else:
             values[at_rank], values[at_targets], values[at_dropout] = None, None, None
+        if setup.quant not in _QUANTIZED:
+            values[at_compute] = None
         head = tuple(values)
         ints = (est.total_parameters, est.trainable_parameters, m.weights, est.weight_storage.quant_state, m.adapters,
                 m.gradients, m.optimizer_states, m.optimizer_paged, m.activations, m.logits, m.transients, m.overhead,
@@ -379,7 +384,11 @@ def read_sweep(path: Any) -> "pd.DataFrame":
     else:
         frame = pd.read_excel(path, sheet_name="sweep", engine="openpyxl", keep_default_na=False, na_values=[""])
     out: dict[str, Any] = {}
-    for c, dtype in column_dtypes(list(frame.columns)).items():
+    try:
+        dtypes = column_dtypes([str(c) for c in frame.columns])
+    except ValueError as exc:
+        raise MemplanError(f"{path} is not a memplan sweep: {exc}") from None
+    for c, dtype in dtypes.items():
         col = frame[c]
         values = np.asarray([None if pd.isna(v) else v for v in col], dtype=object)
         if dtype == "category":

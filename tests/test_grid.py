@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from memplan.cli import main
-from memplan.grid import MAX_SETUPS, GridError, load_grid, parse_grid, values_from_text
+from memplan.grid import MAX_SETUPS, SETUP_KEYS, GridError, load_grid, parse_grid, values_from_text
 from memplan.sweep import sweep
 
 
@@ -149,6 +149,14 @@ def test_a_target_one_model_lacks_is_left_to_that_model() -> None:
     # c_attn is GPT-2's; llama2-7b has none: the grid is valid, the llama rows are refused per row.
     g = parse_grid({"model": ["llama2-7b", "gpt2"], "lora_targets": "c_attn"})
     assert g.setup["lora_targets"] == (("c_attn",),)
+
+
+def test_every_setup_field_is_a_grid_key() -> None:
+    from dataclasses import fields
+
+    from memplan.setup import Setup
+
+    assert SETUP_KEYS == tuple(f.name for f in fields(Setup))
 
 
 def test_values_from_text() -> None:

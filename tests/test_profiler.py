@@ -8,6 +8,8 @@ model loaded here through transformers and counted storage by storage.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
@@ -47,17 +49,22 @@ def campaign(tmp_path_factory: pytest.TempPathFactory, tiny_configs: dict) -> di
             "grids": list(CASES.values())}
     (root / "grid.json").write_text(json.dumps(grid))
     out = root / "runs.jsonl"
-    status = main(["profile", "--grid", str(root / "grid.json"), "--steps", "2", "--out", str(out)])
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        status = main(["profile", "--grid", str(root / "grid.json"), "--steps", "2", "--out", str(out), "--compare"])
     records = read_records(out)
     by_case = {}
     for name, fields in CASES.items():
         want = Setup(model=str(model), device="cpu", seq_len=24, batch_size=2, **fields).to_dict()
         by_case[name] = next(r for r in records if r["setup"] == want)
-    return {"status": status, "records": records, "by_case": by_case, "model": str(model)}
+    return {"status": status, "records": records, "by_case": by_case, "model": str(model), "printed": printed.getvalue()}
 
 
 def test_every_setup_ran_ok(campaign: dict) -> None:
     assert campaign["status"] == 0
+    printed = campaign["printed"]  # the measured summary, then predicted vs measured per run
+    assert printed.count(" ok ") >= len(CASES) and printed.count("predicted") == len(CASES)
+    assert all(c in printed for c in ("weights", "adapters", "gradients", "optimizer_states", "activations", "peak"))
     assert len(campaign["records"]) == len(CASES)
     for name, r in campaign["by_case"].items():
         assert r["outcome"] == "ok", (name, r["error"])

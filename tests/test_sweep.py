@@ -44,7 +44,7 @@ def setup_of(row: dict[str, Any]) -> Setup:
     targets = row["lora_targets"] if lora else "default"
     return Setup(
         model=row["model"], method=row["method"], quant=row["quant"], double_quant=bool(row["double_quant"]),
-        compute_dtype=row["compute_dtype"], lora_rank=int(row["lora_rank"]) if lora else 8,
+        compute_dtype="bf16" if pd.isna(row["compute_dtype"]) else row["compute_dtype"], lora_rank=int(row["lora_rank"]) if lora else 8,
         lora_targets=None if targets == "default" else tuple(targets.split(",")),
         lora_dropout=float(row["lora_dropout"]) if lora else 0.0, seq_len=int(row["seq_len"]), batch_size=int(row["batch_size"]),
         grad_checkpointing=bool(row["grad_checkpointing"]), optimizer=row["optimizer"], attention=row["attention"],
@@ -86,16 +86,19 @@ def test_rows_equal_single_setup_estimates(frame: pd.DataFrame) -> None:
 
 
 def test_row_count_collapses_and_refusals() -> None:
-    # full: bf16 (double_quant and rank do not apply: 1 row); nf4 x 2 double_quant refused (rank
-    # does not apply: 2 combinations); lora: bf16 x 2 ranks (double_quant collapsed) + nf4 x 2 x 2 = 6.
-    f = sweep(model="llama2-7b", method=["full", "lora"], quant=["bf16", "nf4"], double_quant=[False, True], lora_rank=[8, 16])
-    assert len(f) == 7
-    assert list(f.attrs["refused"].values()) == [2]
+    # full: bf16 (double_quant, compute_dtype and rank do not apply: 1 row); nf4 x 2 double_quant x
+    # 2 compute_dtype refused (rank does not apply: 4 combinations); lora: bf16 x 2 ranks (double_quant
+    # and compute_dtype collapsed) + nf4 x 2 double_quant x 2 compute_dtype x 2 ranks = 2 + 8.
+    f = sweep(model="llama2-7b", method=["full", "lora"], quant=["bf16", "nf4"], double_quant=[False, True], lora_rank=[8, 16],
+              compute_dtype=["bf16", "fp16"])
+    assert len(f) == 11
+    assert list(f.attrs["refused"].values()) == [4]
     assert "full fine-tuning cannot train a nf4 base" in next(iter(f.attrs["refused"]))
     full = f[f["method"] == "full"].iloc[0]
     assert pd.isna(full["lora_rank"]) and pd.isna(full["lora_targets"]) and math.isnan(full["lora_dropout"])
-    assert not full["double_quant"]
-    assert sorted(f.loc[f["quant"] == "nf4", "double_quant"].tolist()) == [False, False, True, True]
+    assert not full["double_quant"] and pd.isna(full["compute_dtype"])
+    assert sorted(f.loc[f["quant"] == "nf4", "double_quant"].tolist()) == [False] * 4 + [True] * 4
+    assert f.loc[f["quant"] == "bf16", "compute_dtype"].isna().all()
 
 
 def test_refused_combinations_are_counted_by_reason(frame: pd.DataFrame) -> None:

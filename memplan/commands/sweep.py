@@ -4,7 +4,8 @@ Parquet or Excel, or a table.
 Every grid flag takes a comma list and may be repeated (`--quant bf16,nf4`), except
 `--lora-targets`, where each occurrence is ONE target set (`--lora-targets q_proj,v_proj
 --lora-targets all-linear`). Booleans take true/false (`--grad-checkpointing true,false`).
-Flags replace the same keys of the grid file.
+Flags replace the same keys of the grid file; the other fleet inputs (popularity,
+prompt_tokens, scale_to_zero, ...) are grid-file keys (see `memplan.grid`).
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ def render_table(frame: Any) -> str:
 
     if frame.empty:
         return "no setup of the grid was accepted by the estimator"
-    varying = [c for c in (*SETUP_KEYS, *FLEET_KEYS) if c in frame.columns and (c == "model" or frame[c].nunique(dropna=False) > 1)]
+    varying = [c for c in (*SETUP_KEYS, *FLEET_KEYS) if c in frame.columns and (c == "model" or frame[c].nunique() > 1)]
     shown = {**{c: c for c in varying}, "peak_bytes": "peak", "smallest_gpu": "smallest GPU", "cheapest_gpu": "cheapest GPU"}
     if "variants" in frame.columns:
         shown.update({f"usd_per_month.{s}": f"$/month {s}" for s in ("full_finetune", "lora", "lorax")})

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from memplan.errors import ProfileError
 from memplan.setup import Setup
 from memplan.spec import ModelSpec
 
@@ -145,12 +146,12 @@ def apply_training_setup(model: Any, spec: ModelSpec, setup: Setup) -> Any:
             )
         elif setup.grad_checkpointing:
             _enable_checkpointing(model)
-        targets: Any = None
-        if setup.lora_targets is not None:
-            targets = "all-linear" if tuple(setup.lora_targets) == ("all-linear",) else list(setup.lora_targets)
-        cfg_kwargs: dict[str, Any] = {"r": setup.lora_rank, "lora_alpha": 2 * setup.lora_rank, "lora_dropout": setup.lora_dropout}
-        if targets is not None:
-            cfg_kwargs["target_modules"] = targets
+        cfg_kwargs: dict[str, Any] = {
+            "r": setup.lora_rank,
+            "lora_alpha": 2 * setup.lora_rank,
+            "lora_dropout": setup.lora_dropout,
+            "target_modules": _lora_targets(spec, setup),
+        }
         if spec.is_causal_lm:
             cfg_kwargs["task_type"] = "CAUSAL_LM"
         model = peft.get_peft_model(model, peft.LoraConfig(**cfg_kwargs))
@@ -158,6 +159,23 @@ def apply_training_setup(model: Any, spec: ModelSpec, setup: Setup) -> Any:
         _enable_checkpointing(model)
     model.train()
     return model
+
+
+def _lora_targets(spec: ModelSpec, setup: Setup) -> Any:
+    """The setup's targets, or PEFT's per-family default looked up here.
+
+    Passing the default explicitly equals what `LoraModel._prepare_adapter_config`
+    does with `target_modules=None`, except that PEFT 0.21 + transformers 5 empties
+    the field for MoE models (Mixtral) before the lookup and then finds nothing.
+    """
+    if setup.lora_targets is not None:
+        return "all-linear" if tuple(setup.lora_targets) == ("all-linear",) else list(setup.lora_targets)
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+    default = DEFAULTS.get(spec.model_type)
+    if default is None:
+        raise ProfileError(f"PEFT has no default LoRA targets for {spec.model_type}; pass --lora-targets")
+    return default if isinstance(default, str) else list(default)
 
 
 def make_optimizer(setup: Setup, params: list[Any]) -> Any:
