@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
+from memplan.architectures import default_attention  # noqa: F401  (re-exported for the app)
 from memplan.catalog import MAX_CONFIG_BYTES, catalog
 from memplan.errors import ConfigError, MemplanError, ProfileError
 from memplan.estimate import Estimate
@@ -100,12 +101,6 @@ def catalog_names() -> list[str]:
 
 def gpu_label(gpu: GPU) -> str:
     return f"{gpu.key}: {gpu.name} ({format_bytes(gpu.usable_bytes)} usable)"
-
-
-def default_attention(spec: ModelSpec) -> str:
-    """transformers 5.x picks SDPA where the model supports it; Gemma2 has no SDPA path
-    (the same rule as `memplan.commands.options.setup_from_kwargs`)."""
-    return "eager" if spec.model_type == "gemma2" else "sdpa"
 
 
 def spec_from_upload(filename: str, data: bytes) -> ModelSpec:

@@ -13,7 +13,17 @@ from typing import Any, Callable
 from memplan.errors import ConfigError, UnsupportedArchitectureError
 from memplan.spec import Buffer, Linear, ModelSpec, Tensor
 
-__all__ = ["SUPPORTED_MODEL_TYPES", "spec_from_config", "DEFAULT_LORA_TARGETS"]
+__all__ = ["SUPPORTED_MODEL_TYPES", "spec_from_config", "DEFAULT_LORA_TARGETS", "default_attention", "MAX_LAYERS"]
+
+# No released model comes near this; a larger count is a typo or a hostile config, and
+# per-layer accounting (adapter file headers) would take seconds.
+MAX_LAYERS = 10_000
+
+
+def default_attention(spec: "ModelSpec") -> str:
+    """The attention transformers 5.x picks when none is asked for: SDPA where the model
+    supports it; Gemma2 (`_supports_sdpa = False`, its softcapping) runs eager."""
+    return "eager" if spec.model_type == "gemma2" else "sdpa"
 
 # PEFT's per-family default `target_modules`
 # (peft/utils/constants.py, TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
@@ -310,6 +320,10 @@ def spec_from_config(config: dict[str, Any], *, name: str, source: str = "") -> 
     builder, default_arch = _BUILDERS[model_type]
     fields = builder(_Cfg(config, name))
     archs = config.get("architectures") or [default_arch]
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise ConfigError(f"{name}: field 'architectures' must be a list of class names, got {archs!r}")
+    if fields["num_layers"] > MAX_LAYERS:
+        raise ConfigError(f"{name}: {fields['num_layers']:,} layers is implausibly large (at most {MAX_LAYERS:,}); check the config")
     dtype = config.get("torch_dtype") or config.get("dtype") or "float32"
     keep_fp32 = tuple(config.get("_keep_in_fp32_modules") or ())
     return ModelSpec(

@@ -14,7 +14,8 @@ its measurement:
 | peak             | allocated_peak                                   | steady_peak_bytes (CUDA max allocated / CPU ledger) |
 | device_peak      | peak (CUDA only)                                 | nvml_peak_bytes                 |
 
-`rel_error` = (predicted - measured) / measured. Records that ended in `oom` or
+`rel_error` = (predicted - measured) / measured (0 when both are 0; None when nothing
+was measured or the measurement is 0). Records that ended in `oom` or
 `error` have nothing to compare and are left out.
 """
 
@@ -81,9 +82,11 @@ def compare_record(record: dict[str, Any]) -> list[dict[str, Any]]:
         base[col] = ",".join(d[col]) if col == "lora_targets" and d[col] else d[col]
     rows = []
     for component, predicted, measured in pairs:
-        rel = None
+        rel = None  # no measurement, or nothing measured against a non-zero prediction
         if measured:
             rel = (predicted - measured) / measured
+        elif measured == 0 and predicted == 0:
+            rel = 0.0
         rows.append({**base, "component": component, "predicted_bytes": int(predicted),
                      "measured_bytes": None if measured is None else int(measured), "rel_error": rel})
     return rows

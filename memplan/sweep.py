@@ -183,7 +183,7 @@ def _points(grid: Grid, default_attention: Mapping[str, str]) -> Iterator[tuple[
 
 def sweep_grid(grid: Grid, *, progress: Callable[[int, int], None] | None = None) -> "pd.DataFrame":
     """`sweep` over an already checked `Grid` (from `memplan.grid.parse_grid` or `load_grid`)."""
-    from memplan.appdata import default_attention
+    from memplan.architectures import default_attention
     from memplan.estimate import estimate
     from memplan.setup import Setup
 

@@ -134,3 +134,19 @@ def test_quantized_weights_are_smaller(campaign: dict) -> None:
     # (double quantization only pays off on large matrices: each quantized linear keeps its own
     # 1 KiB nested code table, so on this tiny model nf4 + dq is not smaller than nf4)
     assert max(w["nf4-lora"], w["nf4-dq-lora"]) < w["int8-lora"] < w["bf16-lora"] == w["bf16-full"]
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "mixtral", "gemma2", "phi3", "gpt2", "bert"])
+def test_every_family_loads_to_the_predicted_weight_bytes(family: str, tiny_configs: dict, tmp_path: Path) -> None:
+    """In-process (no subprocess) NF4 + double-quant load and one step of every supported family."""
+    from memplan.profiler.run import profile_setup
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(tiny_configs[family]))
+    setup = Setup(model=str(path), device="cpu", quant="nf4", double_quant=True, seq_len=16,
+                  lora_targets=("qkv_proj",) if family == "phi3" else None,  # PEFT 0.21 has no phi3 default
+                  attention="eager" if family == "gemma2" else "sdpa")
+    record = profile_setup(setup, steps=1)
+    assert record["outcome"] == "ok", record["error"]
+    predicted = weight_bytes(load_model(str(path)), "nf4", double_quant=True).total
+    assert abs(record["measured"]["weights_bytes"] - predicted) <= 0.001 * predicted

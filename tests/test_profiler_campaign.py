@@ -148,3 +148,22 @@ def test_crash_and_ctrl_c_keep_finished_records(tiny_model: str, tmp_path: Path,
     records = read_records(out)
     assert len(records) == 1 and records[0]["outcome"] == "error"
     assert "worker exited with status 70" in records[0]["error"]["message"]
+
+
+def test_progress_bar_on_a_terminal() -> None:
+    import io
+
+    from rich.console import Console
+
+    from memplan.commands.profile import ProgressReporter
+
+    buf = io.StringIO()
+    rep = ProgressReporter(2, console=Console(file=buf, force_terminal=True, width=120))
+    job = Job(Setup(model="llama2-7b", quant="nf4"), None, 3)
+    record = {"outcome": "ok", "measured": {"steady_peak_bytes": 3 * 2**30}, "duration_s": 12.0}
+    for i in (1, 2):
+        rep.start(i, 2, job)
+        rep.done(i, 2, job, record)
+    rep.close()
+    text = buf.getvalue()
+    assert "2/2" in text and "llama2-7b lora nf4" in text and "steady peak 3.00 GiB" in text

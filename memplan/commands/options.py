@@ -57,8 +57,8 @@ def setup_from_kwargs(kwargs: dict[str, Any]) -> Setup:
              "batch_size", "grad_checkpointing", "optimizer", "attention", "device", "prepare_kbit_training")
     values = {n: kwargs.pop(n) for n in names}
     if values["attention"] is None:
+        from memplan.architectures import default_attention
         from memplan.catalog import load_model
 
-        # transformers 5.x picks SDPA where the model supports it; Gemma2 has no SDPA path.
-        values["attention"] = "eager" if load_model(values["model"]).model_type == "gemma2" else "sdpa"
+        values["attention"] = default_attention(load_model(values["model"]))
     return Setup(lora_targets=targets, **values)

@@ -56,6 +56,54 @@ def _default_out(device: str, env: dict[str, Any]) -> Path:
     return profiles_dir() / f"cuda-{words[0] if words else 'gpu'}.jsonl"
 
 
+def _outcome_line(record: dict[str, Any]) -> str:
+    from memplan.units import format_bytes
+
+    m = record.get("measured") or {}
+    if record["outcome"] == "error":
+        detail = (record.get("error") or {}).get("message", "")[:160]
+    elif record["outcome"] == "oom":
+        detail = f"in phase {(record.get('oom') or {}).get('phase')}"
+    else:
+        peak = m.get("steady_peak_bytes")
+        detail = f"steady peak {format_bytes(peak)}" if peak is not None else ""
+    return f"{record['outcome']:<5} {detail} ({record['duration_s']:.0f} s)"
+
+
+class ProgressReporter:
+    """A progress bar on a terminal (rich), one line per event elsewhere (logs, CI)."""
+
+    def __init__(self, total: int, *, console: Any = None) -> None:
+        import sys
+
+        self.progress = None
+        if console is not None or sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                     console=console or Console(stderr=True))
+            self.task = self.progress.add_task("profiling", total=total)
+            self.progress.start()
+
+    def start(self, i: int, n: int, job: Any) -> None:
+        if self.progress is not None:  # n: the setups left to run once resume skipped the rest
+            self.progress.update(self.task, description=job.label(), total=n)
+        else:
+            click.echo(f"[{i}/{n}] {job.label()} ...", err=True)
+
+    def done(self, i: int, n: int, job: Any, record: dict[str, Any]) -> None:
+        if self.progress is not None:
+            self.progress.console.print(f"{job.label()}: {_outcome_line(record)}", highlight=False, markup=False)
+            self.progress.advance(self.task)
+        else:
+            click.echo(f"[{i}/{n}] {_outcome_line(record)}", err=True)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
 @app.command()
 @_campaign_options
 @click.option("--layers", "layers", multiple=True, type=click.IntRange(min=1), help="Keep only the first N decoder layers. Repeatable.")
@@ -119,31 +167,20 @@ def profile(layers: tuple[int, ...], steps: int, grids: tuple[str, ...], out: st
         click.echo(f"{len(jobs)} setup(s); records -> {out_path}")
         return
 
-    def on_start(i: int, n: int, job: Any) -> None:
-        click.echo(f"[{i}/{n}] {job.label()} ...", err=True)
-
-    def on_record(i: int, n: int, job: Any, record: dict[str, Any]) -> None:
-        from memplan.units import format_bytes
-
-        m = record.get("measured") or {}
-        peak = m.get("steady_peak_bytes")
-        detail = f"steady peak {format_bytes(peak)}" if peak is not None else ""
-        if record["outcome"] == "error":
-            detail = (record.get("error") or {}).get("message", "")[:160]
-        elif record["outcome"] == "oom":
-            detail = f"in phase {(record.get('oom') or {}).get('phase')}"
-        click.echo(f"[{i}/{n}] {record['outcome']:<5} {detail} ({record['duration_s']:.0f} s)", err=True)
-
-    result = run_campaign(
-        jobs,
-        out=out_path,
-        env=env,
-        resume=resume,
-        timeout_s=run_timeout,
-        checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None,
-        on_start=on_start,
-        on_record=on_record,
-    )
+    reporter = ProgressReporter(len(jobs))
+    try:
+        result = run_campaign(
+            jobs,
+            out=out_path,
+            env=env,
+            resume=resume,
+            timeout_s=run_timeout,
+            checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None,
+            on_start=reporter.start,
+            on_record=reporter.done,
+        )
+    finally:
+        reporter.close()
     if result.skipped:
         click.echo(f"skipped {len(result.skipped)} setup(s) already recorded in {out_path}", err=True)
     if result.interrupted:
