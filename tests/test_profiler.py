@@ -144,9 +144,10 @@ def test_every_family_loads_to_the_predicted_weight_bytes(family: str, tiny_conf
     path = tmp_path / "config.json"
     path.write_text(json.dumps(tiny_configs[family]))
     setup = Setup(model=str(path), device="cpu", quant="nf4", double_quant=True, seq_len=16,
-                  lora_targets=("qkv_proj",) if family == "phi3" else None,  # PEFT 0.21 has no phi3 default
-                  attention="eager" if family == "gemma2" else "sdpa")
+                  attention="eager" if family == "gemma2" else "sdpa")  # default targets (phi3: memplan's)
     record = profile_setup(setup, steps=1)
     assert record["outcome"] == "ok", record["error"]
-    predicted = weight_bytes(load_model(str(path)), "nf4", double_quant=True).total
+    spec = load_model(str(path))
+    predicted = weight_bytes(spec, "nf4", double_quant=True).total
     assert abs(record["measured"]["weights_bytes"] - predicted) <= 0.001 * predicted
+    assert record["measured"]["trainable_parameters"] == plan_lora(spec, 8, None).trainable_parameters

@@ -162,7 +162,7 @@ def apply_training_setup(model: Any, spec: ModelSpec, setup: Setup) -> Any:
 
 
 def _lora_targets(spec: ModelSpec, setup: Setup) -> Any:
-    """The setup's targets, or PEFT's per-family default looked up here.
+    """The setup's targets, or PEFT's per-family default looked up here (memplan's where PEFT has none).
 
     Passing the default explicitly equals what `LoraModel._prepare_adapter_config`
     does with `target_modules=None`, except that PEFT 0.21 + transformers 5 empties
@@ -172,7 +172,10 @@ def _lora_targets(spec: ModelSpec, setup: Setup) -> Any:
         return "all-linear" if tuple(setup.lora_targets) == ("all-linear",) else list(setup.lora_targets)
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
 
-    default = DEFAULTS.get(spec.model_type)
+    from memplan.architectures import DEFAULT_LORA_TARGETS
+
+    # PEFT 0.21 has no phi3 entry; there memplan's own choice (what the estimator assumes) applies.
+    default = DEFAULTS.get(spec.model_type) or DEFAULT_LORA_TARGETS.get(spec.model_type)
     if default is None:
         raise ProfileError(f"PEFT has no default LoRA targets for {spec.model_type}; pass --lora-targets")
     return default if isinstance(default, str) else list(default)

@@ -82,13 +82,13 @@ def _as_values(key: str, value: Any) -> list[Any]:
 
 
 def _default_attention(model: str, cache: dict[str, str]) -> str:
-    """What `memplan estimate` assumes without --attention (commands/options.py): transformers
-    5.x picks SDPA where the model supports it; Gemma2 has no SDPA path and runs eager."""
+    """What `memplan estimate` assumes without --attention (`architectures.default_attention`)."""
     if model not in cache:
+        from memplan.architectures import default_attention
         from memplan.catalog import load_model
 
-        cache[model] = load_model(model).model_type
-    return "eager" if cache[model] == "gemma2" else "sdpa"
+        cache[model] = default_attention(load_model(model))
+    return cache[model]
 
 
 def expand_grid(grid: dict[str, Any], *, steps: int) -> tuple[list[Job], list[str]]:
