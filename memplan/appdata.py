@@ -206,21 +206,21 @@ def catalog_with_price_rows(gpus: GPUCatalog, rows: Iterable[dict[str, Any]], *,
 
 def usd(x: float | None) -> str:
     """Dollars as `memplan plan` prints them."""
-    from memplan.commands.plan import _usd
+    from memplan.units import format_usd as _usd
 
     return _usd(x)
 
 
 def seconds(x: float | None) -> str:
     """Seconds as `memplan plan` prints them (ms below one second)."""
-    from memplan.commands.plan import _secs
+    from memplan.units import format_seconds as _secs
 
     return _secs(x)
 
 
 def gpus_text(x: float) -> str:
     """A GPU count as `memplan plan` prints it (time-averaged counts say so)."""
-    from memplan.commands.plan import _gpus
+    from memplan.units import format_gpus as _gpus
 
     return _gpus(x)
 

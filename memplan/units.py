@@ -5,7 +5,7 @@ GiB = 2**30 bytes and GB = 10**9 bytes; every label says which it is.
 
 from __future__ import annotations
 
-__all__ = ["GIB", "MIB", "GB", "MB", "format_bytes", "format_count"]
+__all__ = ["GIB", "MIB", "GB", "MB", "format_bytes", "format_count", "format_usd", "format_seconds", "format_gpus"]
 
 KIB = 2**10
 MIB = 2**20
@@ -34,3 +34,22 @@ def format_count(n: int) -> str:
         if abs(n) >= size:
             return f"{n / size:.2f}{label}"
     return str(n)
+
+
+def format_usd(x: float | None) -> str:
+    """Dollars: whole dollars from $100 up, cents below; "n/a" when unknown."""
+    if x is None:
+        return "n/a"
+    return f"${x:,.0f}" if abs(x) >= 100 else f"${x:,.2f}"
+
+
+def format_seconds(x: float | None) -> str:
+    """Latencies: milliseconds below a second."""
+    if x is None:
+        return "-"
+    return f"{x * 1000:.0f} ms" if x < 1 else f"{x:.1f} s"
+
+
+def format_gpus(x: float) -> str:
+    """A GPU count; a fractional one (scale-to-zero averages) is marked as such."""
+    return f"{x:,.0f}" if abs(x - round(x)) < 1e-9 else f"{x:,.2f} avg"

@@ -10,6 +10,7 @@ from typing import Any
 import click
 
 from memplan.cli import app
+from memplan.units import format_gpus, format_seconds, format_usd
 from memplan.commands.options import output_format
 from memplan.errors import MemplanError, SetupError
 
@@ -132,20 +133,9 @@ def plan_command(fmt: str, sweep_variants: str | None, emit: str | None, engine:
 # ---- rendering (no formulas: numbers come from memplan.fleet) --------------------------------
 
 
-def _usd(x: float | None) -> str:
-    if x is None:
-        return "n/a"
-    return f"${x:,.0f}" if abs(x) >= 100 else f"${x:,.2f}"
-
-
-def _secs(x: float | None) -> str:
-    if x is None:
-        return "-"
-    return f"{x * 1000:.0f} ms" if x < 1 else f"{x:.1f} s"
-
-
-def _gpus(x: float) -> str:
-    return f"{x:,.0f}" if abs(x - round(x)) < 1e-9 else f"{x:,.2f} avg"
+_usd = format_usd
+_secs = format_seconds
+_gpus = format_gpus
 
 
 def _csv(rows: list[dict[str, Any]]) -> str:
