@@ -42,7 +42,10 @@ from memplan.commands import report as _report  # noqa: E402,F401
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; return the exit status instead of exiting (tests call this)."""
     try:
-        app.main(args=argv, prog_name="memplan", standalone_mode=False)
+        # Outside standalone mode click returns a command's `Exit(n)` code instead of raising it.
+        rv = app.main(args=argv, prog_name="memplan", standalone_mode=False)
+        if isinstance(rv, int):
+            return rv
     except MemplanError as exc:
         click.echo(f"memplan: error: {exc}", err=True)
         return 2

@@ -167,3 +167,14 @@ def test_progress_bar_on_a_terminal() -> None:
     rep.close()
     text = buf.getvalue()
     assert "2/2" in text and "llama2-7b lora nf4" in text and "steady peak 3.00 GiB" in text
+
+
+def test_cli_interrupt_exits_130_and_says_how_to_resume(tiny_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from memplan.profiler import campaign
+    from memplan.profiler.campaign import CampaignResult
+
+    monkeypatch.setattr(campaign, "run_campaign", lambda jobs, **kw: CampaignResult(interrupted=True))
+    assert _run_cli(tiny_model, tmp_path / "runs.jsonl") == 130
+    err = capsys.readouterr().err
+    assert "run the same command again to resume" in err and "interrupted" in err

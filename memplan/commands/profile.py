@@ -184,9 +184,9 @@ def profile(layers: tuple[int, ...], steps: int, grids: tuple[str, ...], out: st
     if result.skipped:
         click.echo(f"skipped {len(result.skipped)} setup(s) already recorded in {out_path}", err=True)
     if result.interrupted:
-        click.echo(f"memplan: interrupted; {len(result.written)} finished record(s) kept in {out_path}; "
+        click.echo(f"memplan: {len(result.written)} finished record(s) kept in {out_path}; "
                    "run the same command again to resume", err=True)
-        raise click.exceptions.Exit(130)
+        raise KeyboardInterrupt  # the CLI reports it and exits with status 130
 
     from memplan.commands.validate import render_comparison, render_measured
 
