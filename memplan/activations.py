@@ -35,6 +35,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from memplan.activations_autocast import autocast_head_bytes, autocast_layer_bytes, low_bytes
 from memplan.lora import LoraPlan
 from memplan.setup import Setup
 from memplan.spec import ModelSpec
@@ -71,8 +72,16 @@ class ActivationBytes:
 def _compute_bytes(setup: Setup) -> int:
     """Element size of the activations. `prepare_model_for_kbit_training` casts the
     embeddings, norms and lm_head to fp32, so the whole residual stream (and every
-    non-quantized op on it) runs in fp32 (peft/utils/other.py)."""
+    non-quantized op on it) runs in fp32 (peft/utils/other.py). Under autocast the
+    matmul outputs (attention, MLP, logits) are low precision."""
+    if setup.autocast != "none":
+        return low_bytes(setup)
     return FP32 if setup.prepare_kbit_training else FLOAT_BYTES[setup.param_dtype]
+
+
+def residual_bytes(setup: Setup) -> int:
+    """Element size of the residual stream (layer inputs, norm inputs): fp32 under autocast."""
+    return FP32 if setup.autocast != "none" else _compute_bytes(setup)
 
 
 def _mask_bytes(setup: Setup, e: int) -> int:
@@ -80,7 +89,7 @@ def _mask_bytes(setup: Setup, e: int) -> int:
     return 1 if setup.device == "cuda" else e
 
 
-def _lora_bytes(spec: ModelSpec, plan: LoraPlan | None, setup: Setup, t: int, *, input_grad: bool) -> int:
+def _lora_bytes(spec: ModelSpec, plan: LoraPlan | None, setup: Setup, t: int, *, input_grad: bool, masks_only: bool = False) -> int:
     """Per-layer bytes the LoRA branches save (fp32 input copy, A's output, dropout mask)."""
     if plan is None:
         return 0
@@ -89,8 +98,11 @@ def _lora_bytes(spec: ModelSpec, plan: LoraPlan | None, setup: Setup, t: int, *,
     for lin in plan.targets:
         if lin.count != spec.num_layers:  # lm_head / MLM head: counted in the head
             continue
-        total += FP32 * t * plan.rank
-        if setup.prepare_kbit_training:
+        if not masks_only:
+            total += FP32 * t * plan.rank  # A's output, saved by lora_B
+        if masks_only:
+            pass
+        elif setup.prepare_kbit_training:
             # The input is already fp32: no cast copy; lora_A saves the module input itself,
             # which q/k/v (and gate/up) share, and which SDPA already keeps for o_proj.
             group = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}.get(lin.name, lin.name)
@@ -136,6 +148,9 @@ def _layer_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan | None, *, input_
     e = _compute_bytes(setup)
     b, s = setup.batch_size, setup.seq_len
     t = b * s
+    if setup.autocast != "none":
+        masks = _lora_bytes(spec, plan, setup, t, input_grad=input_grad, masks_only=True)
+        return autocast_layer_bytes(spec, setup, plan, input_grad=input_grad, lora_bytes=masks)
     h, a = spec.hidden_size, spec.num_heads * spec.head_dim
     kv = spec.num_kv_heads * spec.head_dim
     full = setup.method == "full"
@@ -203,15 +218,16 @@ def activation_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan | None) -> Ac
     t = b * s
     h = spec.hidden_size
     full = setup.method == "full"
+    r = residual_bytes(setup)
     first_grad = _first_layer_input_grad(setup)
     first = _layer_bytes(spec, setup, plan, input_grad=first_grad)
     per = _layer_bytes(spec, setup, plan, input_grad=True)
     if setup.grad_checkpointing:
         # Each layer keeps its input, plus what bnb int8 keeps outside autograd's view (in
         # every layer, measured); the rebuilt layer's int8 inputs replace the kept ones.
-        layers = spec.num_layers * (e * t * h + _int8_kept_bytes(spec, setup, t, input_grad=True, inter=spec.intermediate_size))
+        layers = spec.num_layers * (r * t * h + _int8_kept_bytes(spec, setup, t, input_grad=True, inter=spec.intermediate_size))
         recompute = _layer_bytes(spec, setup, plan, input_grad=True, int8_kept=False)
-        if e == FP32 and spec.model_type in _GATED:
+        if r == FP32 and spec.model_type in _GATED:
             # An fp32 residual stream makes `.to(torch.float32)` a no-op: the rebuilt layer's
             # first norm saves the layer input itself, already kept by the checkpoint.
             recompute -= FP32 * t * h
@@ -223,7 +239,9 @@ def activation_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan | None) -> Ac
     # shifted labels (int64), token ids for the embedding's weight gradient.
     head = INT64 * t + FP32  # shifted labels, the 0-d loss
     rotary = 0
-    if spec.model_type in _GATED:
+    if setup.autocast != "none":
+        head, rotary = autocast_head_bytes(spec, setup)
+    elif spec.model_type in _GATED:
         # cos/sin are saved by the rotary multiplies, or kept as checkpointed layers' inputs.
         rotary = 2 * e * s * spec.head_dim
         head += rotary + FP32 * t * h + FP32 * t
@@ -241,7 +259,7 @@ def activation_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan | None) -> Ac
     # Inside the last layer's MLP backward: the gradient of the down-proj input and both
     # SwiGLU branch gradients (MulBackward0), plus the hidden-size gradient flowing down
     # the residual stream.
-    layer_bwd = 3 * e * t * inter + e * t * h
+    layer_bwd = 3 * e * t * inter + r * t * h
     return ActivationBytes(
         first_layer=first,
         per_layer=per,

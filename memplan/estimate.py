@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from memplan.activations import activation_bytes
+from memplan.activations_autocast import AUTOCAST_FAMILIES, layer_weight_copies
 from memplan.catalog import load_model
 from memplan.device_terms import DeviceTerms, device_terms
 from memplan.errors import SetupError
@@ -223,6 +224,11 @@ def estimate(setup: Setup, *, model: ModelSpec | None = None, terms: DeviceTerms
             f"--seq-len {setup.seq_len} exceeds {spec.name}'s {spec.max_position_embeddings} learned positions; "
             f"use --seq-len <= {spec.max_position_embeddings}"
         )
+    if setup.autocast != "none" and spec.model_type not in AUTOCAST_FAMILIES:
+        raise SetupError(
+            f"--autocast is modelled for {', '.join(AUTOCAST_FAMILIES)} (checked on the CPU ledger), not {spec.model_type}; "
+            f"load {spec.name} in bf16 instead (--quant bf16, no --autocast)"
+        )
     f = _fixed(spec, setup)
     plan, wb, numels, train_itemsize, adapters, grads, opt = f.plan, f.weights, f.numels, f.train_itemsize, f.adapters, f.gradients, f.optimizer
     dequant, opt_temp = f.dequant, f.opt_temp
@@ -233,7 +239,11 @@ def estimate(setup: Setup, *, model: ModelSpec | None = None, terms: DeviceTerms
     # backward, as transformers' Trainer.compute_loss does, so the compute-dtype logits
     # are gone once the loss exists).
     acts = act.layers + act.head
-    e_tokens_inter = (4 if setup.prepare_kbit_training else FLOAT_BYTES[setup.param_dtype]) * setup.batch_size * setup.seq_len * spec.intermediate_size
+    compute_itemsize = FLOAT_BYTES[setup.autocast] if setup.autocast != "none" else 4 if setup.prepare_kbit_training else FLOAT_BYTES[setup.param_dtype]
+    e_tokens_inter = compute_itemsize * setup.batch_size * setup.seq_len * spec.intermediate_size
+    # Under autocast with checkpointing, the autocast cache still holds the low-precision copy
+    # of every trainable weight until the forward ends (freed with the cache on exit).
+    weight_cache = layer_weight_copies(spec, setup) * spec.num_layers if setup.grad_checkpointing else 0
     head_grad = f.head_grad
     # Full fine-tuning: by layer 0's backward every gradient but the embedding's exists,
     # while layer 0's activations (or its rebuilt copy) and the layer transients are alive.
@@ -247,7 +257,7 @@ def estimate(setup: Setup, *, model: ModelSpec | None = None, terms: DeviceTerms
         "forward": {
             "activations": acts,
             "logits": act.logits_saved,
-            "transients": max(act.logits_forward_extra, dequant),
+            "transients": max(act.logits_forward_extra, dequant) + weight_cache,
         },
         "backward_loss": {
             "activations": acts,

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from memplan.errors import MemplanError
-from memplan.setup import ATTENTIONS, DEVICES, METHODS, OPTIMIZERS, Setup
+from memplan.setup import ATTENTIONS, AUTOCASTS, DEVICES, METHODS, OPTIMIZERS, Setup
 from memplan.spec import ModelSpec
 from memplan.storage import FLOAT_BYTES, QUANTS
 
@@ -59,6 +59,7 @@ _SETUP_KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "attention": ("attention", ATTENTIONS),
     "device": ("choice", DEVICES),
     "prepare_kbit_training": ("bool", ()),
+    "autocast": ("choice", AUTOCASTS),
 }
 # Fleet keys -> PlanInputs field (memplan.fleet), kind, choices.
 _FLEET_KINDS: dict[str, tuple[str, str, tuple[str, ...]]] = {

@@ -65,6 +65,7 @@ def _table(est: Estimate, payload: dict, gpu: GPU | None) -> str:
         f"{est.model.name} ({est.model.architecture}): {format_count(est.total_parameters)} parameters"
         + (f", {format_count(est.active_parameters)} active per token" if est.model.num_experts else ""),
         f"{s.method} fine-tuning, {s.quant}{' + double quant' if s.double_quant else ''}"
+        + (f" weights with {s.autocast} autocast" if s.autocast != "none" else "")
         + (f", LoRA r={s.lora_rank} on {_lora_targets(est)}" if s.method == "lora" else "")
         + f", seq {s.seq_len} x batch {s.batch_size}, {s.optimizer}, {s.attention}"
         + (", checkpointing" if s.grad_checkpointing else "")

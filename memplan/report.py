@@ -177,7 +177,7 @@ def _memory_chart(frame: "pd.DataFrame") -> tuple[str, str]:
     notes = []
     legend: set[str] = set()
     dims = ["method", "double_quant", "compute_dtype", "lora_rank", "lora_targets", "lora_dropout", "batch_size",
-            "grad_checkpointing", "optimizer", "attention", "device", "prepare_kbit_training"]
+            "grad_checkpointing", "optimizer", "attention", "device", "prepare_kbit_training", "autocast"]
     for i, model in enumerate(models):
         rows, fixed = _reference(frame[frame["model"] == model], dims, cover="quant")
         for quant in quants:

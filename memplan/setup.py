@@ -12,17 +12,19 @@ from typing import Any, Literal, get_args
 from memplan.errors import SetupError
 from memplan.storage import FLOAT_BYTES, QUANTS, Quant, FloatDtype, is_quantized
 
-__all__ = ["Setup", "Method", "Optimizer", "Attention", "Device", "OPTIMIZERS", "ATTENTIONS", "METHODS", "DEVICES"]
+__all__ = ["Setup", "Method", "Optimizer", "Attention", "Device", "OPTIMIZERS", "ATTENTIONS", "METHODS", "DEVICES", "Autocast", "AUTOCASTS"]
 
 Method = Literal["full", "lora"]
 # Names follow transformers' TrainingArguments.optim where one exists.
 Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit", "sgd", "sgd_momentum"]
 Attention = Literal["sdpa", "eager", "flash"]
 Device = Literal["cuda", "cpu"]
+Autocast = Literal["none", "bf16", "fp16"]
 METHODS: tuple[str, ...] = get_args(Method)
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 ATTENTIONS: tuple[str, ...] = get_args(Attention)
 DEVICES: tuple[str, ...] = get_args(Device)
+AUTOCASTS: tuple[str, ...] = get_args(Autocast)
 _OPTIMIZER_ALIASES = {"adamw_torch": "adamw", "adamw_bnb_8bit": "adamw_8bit", "paged_adamw": "paged_adamw_32bit"}
 
 # Hard ceilings that catch typos (seq 10**9) before they reach arithmetic.
@@ -63,6 +65,9 @@ class Setup:
     attention: Attention = "sdpa"
     device: Device = "cuda"
     prepare_kbit_training: bool = False
+    # Mixed precision: fp32 master weights (`--quant fp32`) with the forward under
+    # torch.autocast in this dtype, as Trainer's bf16=True / fp16=True runs it.
+    autocast: Autocast = "none"
 
     def __post_init__(self) -> None:
         _choice("method", self.method, METHODS)
@@ -93,6 +98,12 @@ class Setup:
             object.__setattr__(self, "grad_checkpointing", True)
         if self.double_quant and self.quant not in ("nf4", "fp4"):
             raise SetupError(f"--double-quant only applies to nf4/fp4, not {self.quant}; drop it or use --quant nf4")
+        _choice("autocast", self.autocast, AUTOCASTS)
+        if self.autocast != "none" and self.quant != "fp32":
+            raise SetupError(
+                f"--autocast {self.autocast} models fp32 master weights; use --quant fp32 with it, "
+                f"or drop --autocast (a {self.quant} model already computes in {self.quant})"
+            )
         if self.attention == "flash" and self.device == "cpu":
             raise SetupError("--attention flash needs --device cuda (flash-attn has no CPU kernel); use sdpa")
 

@@ -7,7 +7,8 @@ every GPU of the grid with `memplan.fit.Fit`, and, when fleet inputs are given, 
 
 Options that do not apply to a combination are collapsed rather than refused, so a
 grid can cross them freely: full fine-tuning has no LoRA rank, targets or dropout
-(NA in those columns), `compute_dtype` is a quantized base's (NA for bf16/fp16/fp32),
+(NA in those columns), `compute_dtype` is a quantized base's (NA for bf16/fp16/fp32), `autocast`
+is an fp32 base's (`none` elsewhere),
 and `double_quant` / `prepare_kbit_training` apply only to quantized bases (False elsewhere). Combinations the library refuses (full
 fine-tuning of an nf4 base, gemma2 with sdpa, a sequence past GPT-2's positions...)
 are left out; `frame.attrs["refused"]` counts them by reason.
@@ -20,6 +21,7 @@ first appearance):
 | model, method, quant, optimizer, attention, device | category | the setup (`attention` as resolved per model) |
 | compute_dtype | category | a quantized base's compute dtype; NA for bf16/fp16/fp32 bases |
 | double_quant, grad_checkpointing, prepare_kbit_training | bool | the setup |
+| autocast | category | none, bf16, fp16: mixed precision over fp32 weights; `none` for every other base |
 | lora_rank | Int64 | NA for full fine-tuning |
 | lora_targets | category | comma list as given, `default` (PEFT's per-family default), NA for full |
 | lora_dropout | float64 | NaN for full fine-tuning |
@@ -62,7 +64,7 @@ ADAPTER_DTYPES = ("fp32", "fp16", "bf16")
 EXPORT_FORMATS = {".csv": "CSV", ".parquet": "Parquet", ".xlsx": "Excel"}
 MAX_EXCEL_ROWS = 1_048_575  # an Excel sheet holds 1,048,576 rows, one of them the header
 
-_CATEGORY = ("model", "method", "quant", "compute_dtype", "lora_targets", "optimizer", "attention", "device",
+_CATEGORY = ("model", "method", "quant", "compute_dtype", "lora_targets", "optimizer", "attention", "device", "autocast",
              "serve_gpu", "serve_quant", "popularity", "train_gpu", "engine", "peak_phase", "smallest_gpu", "cheapest_gpu",
              "fleet_error")
 _BOOL = ("double_quant", "grad_checkpointing", "prepare_kbit_training", "scale_to_zero")
@@ -114,6 +116,7 @@ def sweep(
     attention: str | Sequence[str | None] | None = None,
     device: str | Sequence[str] = "cuda",
     prepare_kbit_training: bool | Sequence[bool] = False,
+    autocast: str | Sequence[str] = "none",
     gpu: str | Sequence[str] | None = None,
     variants: int | Sequence[int] | None = None,
     rps: float | Sequence[float] | None = None,
@@ -134,6 +137,7 @@ def sweep(
         "lora_rank": lora_rank, "lora_targets": lora_targets, "lora_dropout": lora_dropout, "seq_len": seq_len,
         "batch_size": batch_size, "grad_checkpointing": grad_checkpointing, "optimizer": optimizer, "attention": attention,
         "device": device, "prepare_kbit_training": prepare_kbit_training,
+        "autocast": autocast,
     }
     for key, value in (("gpu", gpu), ("variants", variants), ("rps", rps), ("serve_gpu", serve_gpu)):
         if value is not None:
@@ -172,6 +176,8 @@ def _points(grid: Grid, default_attention: Mapping[str, str]) -> Iterator[tuple[
             values.update({k: (defaults[k],) for k in _LORA_ONLY})
         if quant not in _FOUR_BIT:
             values["double_quant"] = (False,)
+        if quant != "fp32":
+            values["autocast"] = (defaults["autocast"],)
         if quant not in _QUANTIZED:
             values.update({k: (defaults[k],) for k in _QUANTIZED_ONLY}, prepare_kbit_training=(False,))
         for kbit in values["prepare_kbit_training"]:

@@ -58,7 +58,8 @@ def ft_setup(at: AppTest, model: str) -> Setup:
                  compute_dtype=s["ft_compute_dtype"], lora_rank=int(s["ft_lora_rank"]) if lora else 8,
                  lora_targets=tuple(s["ft_lora_targets"]) if lora else None, lora_dropout=float(s["ft_lora_dropout"]) if lora else 0.0,
                  seq_len=int(s["ft_seq_len"]), batch_size=int(s["ft_batch_size"]), grad_checkpointing=s["ft_grad_checkpointing"],
-                 optimizer=s["ft_optimizer"], attention=s["ft_attention"], prepare_kbit_training=quantized and s["ft_prepare_kbit"])
+                 optimizer=s["ft_optimizer"], attention=s["ft_attention"], prepare_kbit_training=quantized and s["ft_prepare_kbit"],
+                 autocast=s["ft_autocast"] if s["ft_quant"] == "fp32" else "none")
 
 
 def check_fine_tune_page(at: AppTest, spec) -> None:
@@ -145,6 +146,18 @@ def test_quantization_options_follow_the_quant() -> None:
     check_fine_tune_page(at, load_model("llama2-7b"))
     at.selectbox(key="ft_quant").set_value("bf16").run()
     assert [c.key for c in at.checkbox] == []
+    check_fine_tune_page(at, load_model("llama2-7b"))
+
+
+def test_mixed_precision_is_offered_on_fp32_weights() -> None:
+    at = start()
+    assert not any(b.key == "ft_autocast" for b in at.selectbox)
+    at.radio(key="ft_method").set_value("full").run()
+    at.selectbox(key="ft_quant").set_value("fp32").run()
+    at.selectbox(key="ft_autocast").set_value("bf16").run()
+    check_fine_tune_page(at, load_model("llama2-7b"))
+    at.radio(key="ft_method").set_value("lora").run()
+    at.selectbox(key="ft_autocast").set_value("fp16").run()
     check_fine_tune_page(at, load_model("llama2-7b"))
 
 

@@ -173,6 +173,9 @@ BAD = [
     (["-m", "llama2-7b", "--optimizer", "adam"], r"--optimizer must be one of"),
     (["-m", "llama2-7b", "--lora-dropout", "1.5"], r"--lora-dropout must be in \[0, 1\)"),
     (["-m", "llama2-7b", "--format", "xml"], r"'xml' is not one of"),
+    (["-m", "llama2-7b", "--autocast", "bf16"], r"--autocast bf16 models fp32 master weights; use --quant fp32"),
+    (["-m", "llama2-7b", "--quant", "fp32", "--autocast", "fp8"], r"--autocast must be one of none, bf16, fp16"),
+    (["-m", "gpt2", "--quant", "fp32", "--autocast", "bf16"], r"--autocast is modelled for llama, mistral, qwen2, phi3.*not gpt2"),
     (["-m", "llama2-7b", "--no-such-flag"], r"No such option.*--no-such-flag"),
     ([], r"Missing option '--model'"),
 ]

@@ -48,7 +48,7 @@ def setup_of(row: dict[str, Any]) -> Setup:
         lora_targets=None if targets == "default" else tuple(targets.split(",")),
         lora_dropout=float(row["lora_dropout"]) if lora else 0.0, seq_len=int(row["seq_len"]), batch_size=int(row["batch_size"]),
         grad_checkpointing=bool(row["grad_checkpointing"]), optimizer=row["optimizer"], attention=row["attention"],
-        device=row["device"], prepare_kbit_training=bool(row["prepare_kbit_training"]),
+        device=row["device"], prepare_kbit_training=bool(row["prepare_kbit_training"]), autocast=row["autocast"],
     )
 
 
@@ -101,6 +101,16 @@ def test_row_count_collapses_and_refusals() -> None:
     assert f.loc[f["quant"] == "bf16", "compute_dtype"].isna().all()
 
 
+def test_autocast_applies_to_fp32_bases_only() -> None:
+    # fp32 x {none, bf16, fp16} = 3 rows; bf16 and nf4 collapse autocast to none: 1 row each.
+    f = sweep(model="llama2-7b", quant=["fp32", "bf16", "nf4"], autocast=["none", "bf16", "fp16"])
+    assert len(f) == 5 and f["autocast"].dtype == "category"
+    assert sorted(f.loc[f["quant"] == "fp32", "autocast"].tolist()) == ["bf16", "fp16", "none"]
+    assert (f.loc[f["quant"] != "fp32", "autocast"] == "none").all()
+    for row in f.to_dict("records"):
+        assert row["peak_bytes"] == estimate(setup_of(row)).memory.peak
+
+
 def test_refused_combinations_are_counted_by_reason(frame: pd.DataFrame) -> None:
     refused = frame.attrs["refused"]
     # gpt2 has 1,024 learned positions: its seq_len 2048 rows are refused, never estimated.
@@ -137,7 +147,7 @@ def test_column_names_are_stable() -> None:
     assert list(f.columns) == [
         "model", "method", "quant", "double_quant", "compute_dtype", "lora_rank", "lora_targets", "lora_dropout", "seq_len",
         "batch_size", "grad_checkpointing", "optimizer", "attention", "device", "prepare_kbit_training",
-        "variants", "rps", "serve_gpu",
+        "autocast", "variants", "rps", "serve_gpu",
         "total_parameters", "trainable_parameters", "weights_bytes", "quant_state_bytes", "adapters_bytes", "gradients_bytes",
         "optimizer_states_bytes", "optimizer_paged_bytes", "activations_bytes", "logits_bytes", "transients_bytes",
         "overhead_bytes", "allocated_peak_bytes", "peak_bytes", "peak_phase",

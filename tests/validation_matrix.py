@@ -5,7 +5,8 @@ tests/data/tiny/. Together they cover: llama (MHA, 1k vocab), mistral (GQA, 32k)
 qwen2 (q/k/v biases, tied, 152k vocab) and phi3 (fused qkv/gate_up, 32k); bf16,
 int8, nf4 and nf4 + double quant; full fine-tuning and LoRA; ranks 1-64; targets
 q,v (or PEFT's default) and all-linear; sequences 64-1024; batches 1-4;
-checkpointing on and off; adamw, sgd, sgd_momentum and the bnb 8-bit optimizers.
+checkpointing on and off; adamw, sgd, sgd_momentum and the bnb 8-bit optimizers;
+fp32 master weights under bf16 and fp16 autocast (Trainer's mixed precision).
 """
 
 from __future__ import annotations
@@ -71,5 +72,17 @@ def matrix() -> list[Setup]:
         dict(model=_m("tiny-phi3"), lora_rank=48, lora_targets=("all-linear",), seq_len=512, batch_size=1, grad_checkpointing=True),
         dict(model=_m("tiny-phi3"), quant="nf4", lora_rank=8, seq_len=64, batch_size=4, optimizer="adamw_8bit"),
         dict(model=_m("tiny-phi3"), method="full", quant="bf16", seq_len=64, batch_size=2, grad_checkpointing=True, optimizer="sgd_momentum"),
+    ]
+    # Mixed precision: fp32 master weights with the forward under bf16/fp16 autocast.
+    rows += [
+        dict(model=_m("tiny-llama"), quant="fp32", autocast="bf16", seq_len=256, batch_size=2),
+        dict(model=_m("tiny-llama"), quant="fp32", autocast="bf16", seq_len=256, batch_size=2, grad_checkpointing=True),
+        dict(model=_m("tiny-llama"), method="full", quant="fp32", autocast="bf16", seq_len=128, batch_size=2),
+        dict(model=_m("tiny-llama"), method="full", quant="fp32", autocast="bf16", seq_len=128, batch_size=2, grad_checkpointing=True),
+        dict(model=_m("tiny-llama"), method="full", quant="fp32", autocast="fp16", seq_len=64, batch_size=2),
+        dict(model=_m("tiny-mistral"), quant="fp32", autocast="bf16", lora_rank=16, lora_targets=("all-linear",), seq_len=128, batch_size=2),
+        dict(model=_m("tiny-qwen2"), quant="fp32", autocast="bf16", seq_len=64, batch_size=1),
+        dict(model=_m("tiny-phi3"), method="full", quant="fp32", autocast="bf16", seq_len=64, batch_size=2),
+        dict(model=_m("tiny-phi3"), quant="fp32", autocast="fp16", attention="eager", seq_len=128, batch_size=1),
     ]
     return [Setup(device="cpu", **r) for r in rows]

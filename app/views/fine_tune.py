@@ -67,6 +67,11 @@ with st.sidebar:
             init("ft_prepare_kbit", False)
             prepare_kbit = st.checkbox("prepare_model_for_kbit_training", key="ft_prepare_kbit",
                                        help="PEFT's preparation of a quantized base (casts the rest to fp32, turns on checkpointing).")
+        autocast = "none"
+        if quant == "fp32":
+            init("ft_autocast", "none", ["none", "bf16", "fp16"])
+            autocast = st.selectbox("Autocast (mixed precision)", ["none", "bf16", "fp16"], key="ft_autocast",
+                                    help="fp32 master weights with the forward under torch.autocast (Trainer's bf16=True / fp16=True).")
         dropout = 0.0
         if method == "lora":
             init("ft_lora_dropout", 0.0)
@@ -83,7 +88,7 @@ with shown_errors():
     setup = Setup(model=spec.name, method=method, quant=quant, double_quant=double_quant, compute_dtype=compute_dtype,
                   lora_rank=rank, lora_targets=targets, lora_dropout=dropout, seq_len=seq_len, batch_size=batch_size,
                   grad_checkpointing=checkpointing, optimizer=optimizer, attention=attention, device="cuda",
-                  prepare_kbit_training=prepare_kbit)
+                  prepare_kbit_training=prepare_kbit, autocast=autocast)
     est = estimate(setup, model=spec)
     fit = fit_on(est, gpu)
     limits = limits_on(setup, gpu, spec=spec)

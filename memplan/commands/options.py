@@ -32,6 +32,7 @@ SETUP_FLAGS: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = (
     (("--attention",), dict(default=None, help="sdpa | eager | flash  [default: transformers' own choice: sdpa, or eager for gemma2]")),
     (("--device",), dict(default="cuda", show_default=True, help="cuda | cpu")),
     (("--prepare-kbit-training/--no-prepare-kbit-training",), dict(default=False, show_default=True, help="PEFT prepare_model_for_kbit_training.")),
+    (("--autocast",), dict(default="none", show_default=True, help="none | bf16 | fp16: fp32 master weights (--quant fp32) with the forward under torch.autocast (Trainer's bf16=True / fp16=True).")),
 )
 
 
@@ -54,7 +55,7 @@ def setup_from_kwargs(kwargs: dict[str, Any]) -> Setup:
         if not targets:
             raise SetupError("--lora-targets is empty; give module names (e.g. q_proj,v_proj) or all-linear")
     names = ("model", "method", "quant", "double_quant", "compute_dtype", "lora_rank", "lora_dropout", "seq_len",
-             "batch_size", "grad_checkpointing", "optimizer", "attention", "device", "prepare_kbit_training")
+             "batch_size", "grad_checkpointing", "optimizer", "attention", "device", "prepare_kbit_training", "autocast")
     values = {n: kwargs.pop(n) for n in names}
     if values["attention"] is None:
         from memplan.architectures import default_attention

@@ -37,6 +37,7 @@ _FLAGS: dict[str, tuple[tuple[str, ...], str]] = {
     "attention": (("--attention",), "sdpa, eager, flash, default (transformers' choice per model)."),
     "device": (("--device",), "cuda, cpu."),
     "prepare_kbit_training": (("--prepare-kbit-training",), "true, false."),
+    "autocast": (("--autocast",), "none, bf16, fp16 (fp32 bases only: mixed precision)."),
     "gpu": (("--gpu", "-g"), "GPUs to check every setup against [default: the whole catalog]."),
     "variants": (("--variants", "-n"), "Fleet: numbers of fine-tuned variants N."),
     "rps": (("--rps",), "Fleet: requests per second over all variants."),

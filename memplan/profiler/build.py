@@ -29,7 +29,8 @@ from memplan.errors import ProfileError
 from memplan.setup import Setup
 from memplan.spec import ModelSpec
 
-__all__ = ["TORCH_DTYPES", "checkpoint_for", "load_model", "apply_training_setup", "make_optimizer", "quant_state_tensors"]
+__all__ = ["TORCH_DTYPES", "checkpoint_for", "load_model", "apply_training_setup", "make_optimizer", "quant_state_tensors",
+           "training_forward", "grad_scaler"]
 
 TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 ATTN_IMPLEMENTATION = {"sdpa": "sdpa", "eager": "eager", "flash": "flash_attention_2"}
@@ -233,3 +234,24 @@ if __name__ == "__main__":  # python -m memplan.profiler.build JOB_JSON: make on
 
     _job = json.loads(sys.argv[1])
     _make_checkpoint(spec_from_config(_job["config"], name=_job["name"]), _job["dtype"], Path(_job["final"]), _job["device"])
+
+
+def training_forward(model: Any, setup: Setup) -> Any:
+    """The callable a training step runs. Under `--autocast` it is what accelerate's
+    `Accelerator.prepare_model` installs for Trainer's bf16=True / fp16=True: the forward
+    inside `torch.autocast`, its fp16/bf16 outputs converted to fp32
+    (`accelerate/accelerator.py::prepare_model`, `utils/operations.py::convert_outputs_to_fp32`)."""
+    if setup.autocast == "none":
+        return model
+    from accelerate.utils import convert_outputs_to_fp32
+
+    device_type = "cuda" if setup.device == "cuda" else "cpu"
+    return convert_outputs_to_fp32(torch.autocast(device_type, dtype=TORCH_DTYPES[setup.autocast])(model.forward))
+
+
+def grad_scaler(setup: Setup) -> Any:
+    """Trainer's fp16=True scales the loss (`torch.amp.GradScaler`); None otherwise."""
+    if setup.autocast != "fp16":
+        return None
+    return torch.amp.GradScaler("cuda" if setup.device == "cuda" else "cpu")
+

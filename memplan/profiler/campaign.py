@@ -52,7 +52,7 @@ class Job:
         if self.layers:
             parts.append(f"L{self.layers}")
         parts.append(s.method)
-        parts.append(s.quant + ("+dq" if s.double_quant else ""))
+        parts.append(s.quant + ("+dq" if s.double_quant else "") + (f"+{s.autocast}-autocast" if s.autocast != "none" else ""))
         if s.method == "lora":
             targets = ",".join(s.lora_targets) if s.lora_targets else "default"
             parts.append(f"r{s.lora_rank}:{targets}")

@@ -6,7 +6,9 @@ then per step `forward`, `backward`, `optimizer` (step 1) and
 state exists and `zero_grad(set_to_none=True)` freed the previous gradients.
 A step mirrors transformers' Trainer: `loss = model(input_ids, labels).loss`
 (the output object with its logits is dropped), `loss.backward()`,
-`optimizer.step()`, `optimizer.zero_grad(set_to_none=True)`.
+`optimizer.step()`, `optimizer.zero_grad(set_to_none=True)`; under `--autocast`
+the forward runs inside torch.autocast as accelerate wraps it, and fp16 scales
+the loss with a GradScaler.
 
 Run it through `memplan.profiler.worker` (one subprocess per setup) so that an
 OOM or a crash cannot affect the next measurement.
@@ -155,6 +157,8 @@ def _run(setup: Setup, spec: ModelSpec, steps: int, ckpt: Path, s: _Session, mea
         measured["parameters_bytes"] = led.category_bytes("parameters")
 
         device = torch.device("cuda", 0) if setup.device == "cuda" else torch.device("cpu")
+        forward = build.training_forward(model, setup)
+        scaler = build.grad_scaler(setup)
         vocab = spec.vocab_size
         generator = torch.Generator().manual_seed(0)
         for k in range(1, steps + 1):
@@ -163,17 +167,21 @@ def _run(setup: Setup, spec: ModelSpec, steps: int, ckpt: Path, s: _Session, mea
                 led.open_window()
             s.begin(prefix + "forward")
             input_ids = torch.randint(0, vocab, (setup.batch_size, setup.seq_len), generator=generator).to(device)
-            loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+            loss = forward(input_ids=input_ids, labels=input_ids, use_cache=False).loss
             led.end_forward()
             fwd = s.end(prefix + "forward")
             s.begin(prefix + "backward")
-            loss.backward()
+            (scaler.scale(loss) if scaler is not None else loss).backward()
             del loss
             led.adopt((p.grad for p in params), "gradients")
             s.end(prefix + "backward")
             grads = led.storage_bytes(p.grad for p in params)
             s.begin(prefix + "optimizer")
-            optimizer.step()
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
             led.adopt(_tensors_of_state(optimizer), "optimizer_state")
             optimizer.zero_grad(set_to_none=True)
             s.end(prefix + "optimizer")
