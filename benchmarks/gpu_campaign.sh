@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# The GPU profiling campaign of issue 3: real fine-tuning steps on one CUDA GPU,
-# recorded as JSON Lines for `memplan validate` / `memplan calibrate`.
+# The GPU profiling campaign (issues 3 and 8): real fine-tuning steps on one CUDA GPU,
+# recorded as JSON Lines for `memplan validate` / `memplan calibrate`. Groups run in
+# priority order and resume, so repeated calls (10 minutes each on the device tool)
+# walk through the whole campaign; then, here: `memplan calibrate` and
+# `memplan validate --extrapolate profiles/cuda-h100.jsonl`.
 #
 # Usage, from the repository root on a CUDA machine:
 #   benchmarks/gpu_campaign.sh [OUT_DIR]        # default OUT_DIR: $OUT, else profiles/
@@ -84,7 +87,28 @@ grids:
   - {quant: nf4, double_quant: [false, true]}
 EOF
 group llama2-7b-grid --grid "$grids/llama2.yaml" --sample 16 --seed 3
+
+# ---- The calibration campaign (issue 8): breadth first; every group resumes. ----
+# 6. Llama-2-13B QLoRA at full depth: the check of the per-layer extrapolation from --layers 4/8.
+group llama2-13b-full-depth -m llama2-13b -q nf4 --double-quant -r 8 --lora-targets q_proj,v_proj -s 512 -b 1
+rm -rf "$ckpt"/llama2-13b-*
+
+# 7. 70B and Mixtral through truncation at two depths (memplan validate --extrapolate).
+group llama2-70b-layers -m llama2-70b -q nf4 --double-quant -r 8 --lora-targets q_proj,v_proj -s 512 -b 1 --layers 4 --layers 8
+group llama3-70b-layers -m llama3-70b -q nf4 -r 16 --lora-targets all-linear -s 1024 -b 1 --grad-checkpointing --layers 4 --layers 8
+group mixtral-layers -m mixtral-8x7b -q nf4 -r 8 --lora-targets q_proj,v_proj -s 512 -b 1 --layers 2 --layers 4
+rm -rf "$ckpt"/llama2-70b-* "$ckpt"/llama3-70b-* "$ckpt"/mixtral-*
+
+# 8. Mixed precision: fp32 master weights under bf16 autocast (LoRA keeps bf16 weight copies).
+group autocast -m tinyllama-1.1b --method full -q fp32 --autocast bf16 -s 512 -b 1 -b 4
+group autocast-lora -m llama2-7b -q fp32 --autocast bf16 -r 8 --lora-targets q_proj,v_proj -s 512 -b 1
+
+# 9. Full fine-tuning of a second small model; Llama-2-7B at rank 256; more of the grid.
+group qwen2.5-1.5b-full -m qwen2.5-1.5b --method full -q bf16 -s 512 -b 1 --optimizer adamw --optimizer adamw_8bit
+group llama2-7b-r256 -m llama2-7b -r 256 --lora-targets all-linear -s 512 -b 1 -q bf16 -q nf4
+group llama2-7b-grid-more --grid "$grids/llama2.yaml" --sample 40 --seed 3
 rm -rf "$ckpt" "$grids"
 
 echo "== summary ($(( $(date +%s) - start )) s)"
 mp validate --measured "$rec"
+mp validate --extrapolate "$rec"

@@ -33,7 +33,7 @@ __all__ = ["COMPONENTS", "compare_record", "compare_records", "record_spec"]
 
 COMPONENTS = ("weights", "adapters", "gradients", "optimizer_states", "activations", "peak", "device_peak")
 _SETUP_COLUMNS = ("model", "method", "quant", "double_quant", "lora_rank", "lora_targets", "seq_len", "batch_size",
-                  "grad_checkpointing", "optimizer", "attention", "device")
+                  "grad_checkpointing", "optimizer", "attention", "device", "autocast")
 
 
 def record_spec(record: dict[str, Any]) -> Any:

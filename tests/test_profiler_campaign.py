@@ -178,3 +178,17 @@ def test_cli_interrupt_exits_130_and_says_how_to_resume(tiny_model: str, tmp_pat
     assert _run_cli(tiny_model, tmp_path / "runs.jsonl") == 130
     err = capsys.readouterr().err
     assert "run the same command again to resume" in err and "interrupted" in err
+
+
+def test_dry_run_plans_a_cuda_campaign_on_a_machine_without_one(capsys: pytest.CaptureFixture[str]) -> None:
+    # A campaign for the GPU machine is checked here first: every setup valid, nothing run.
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the dry run checks recorded runs instead")
+    args = ["profile", "--dry-run", "--device", "cuda", "-m", "mixtral-8x7b", "-q", "nf4", "--layers", "2", "--layers", "4"]
+    assert main(args) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[:2] == ["plan  mixtral-8x7b L2 lora nf4 r8:default s512 b1 adamw", "plan  mixtral-8x7b L4 lora nf4 r8:default s512 b1 adamw"]
+    assert out[2].startswith("2 setup(s); not checked against recorded runs")
+    assert main(["profile", "--device", "cuda", "-m", "mixtral-8x7b", "-q", "nf4"]) == 2  # a real run still refuses
+    assert "CUDA is not available" in capsys.readouterr().err

@@ -16,7 +16,7 @@ import click
 
 from memplan.cli import app
 from memplan.commands.options import SETUP_FLAGS
-from memplan.errors import ProfileError, SetupError
+from memplan.errors import MemplanError, ProfileError, SetupError
 
 _INT_FIELDS = {"lora_rank", "seq_len", "batch_size"}
 
@@ -151,7 +151,16 @@ def profile(layers: tuple[int, ...], steps: int, grids: tuple[str, ...], out: st
     if len(devices) > 1:
         raise SetupError(f"one --device per campaign, got {', '.join(devices)}; run one campaign per device")
     device = devices[0]
-    check_device(device)
+    try:
+        check_device(device)
+    except MemplanError as exc:
+        if not dry_run:
+            raise
+        # Planning a campaign for another machine: list it; resume is decided where it runs.
+        for job in jobs:
+            click.echo(f"plan  {job.label()}")
+        click.echo(f"{len(jobs)} setup(s); not checked against recorded runs ({exc})")
+        return
     env = collect_env(device)
     out_path = Path(out) if out else _default_out(device, env)
     if skipped_invalid:

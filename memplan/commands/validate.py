@@ -85,13 +85,37 @@ def render_comparison(frame: "pd.DataFrame", fmt: str) -> str:
     return "\n".join(out)
 
 
+def render_extrapolation(records: list[dict[str, Any]], fmt: str) -> str:
+    """Full-depth extrapolations of truncated runs against the estimator (and a full-depth run)."""
+    from memplan.extrapolate import depth_frame
+    from memplan.units import format_bytes
+
+    frame = depth_frame(records)
+    if fmt == "csv":
+        return frame.to_csv(index=False).rstrip("\n")
+    if fmt == "json":
+        return frame.to_json(orient="records", indent=2)
+    if frame.empty:
+        return "no setup was measured at two or more truncated depths (memplan profile --layers N --layers M)"
+    rows = []
+    for r in frame.to_dict("records"):
+        label = f"{r['model']} {r['method']} {r['quant']}{'+dq' if r['double_quant'] else ''} s{r['seq_len']} b{r['batch_size']}"
+        full = "-" if r["measured_full_bytes"] is None or r["measured_full_bytes"] != r["measured_full_bytes"] else (
+            f"{format_bytes(int(r['measured_full_bytes']))} ({100 * r['extrapolation_error']:+.2f}%)")
+        rows.append([label, r["metric"].replace("_bytes", ""), f"L{r['depths']} -> {r['full_depth']}", format_bytes(r["per_layer_bytes"]),
+                     format_bytes(r["extrapolated_bytes"]), format_bytes(r["predicted_bytes"]), f"{100 * r['error_vs_predicted']:+.2f}%", full])
+    return _table(["setup", "metric", "depths", "per layer", "extrapolated", "predicted", "pred err", "measured full (extrap. err)"], rows)
+
+
 @app.command()
 @click.argument("paths", nargs=-1, type=click.Path(exists=True, dir_okay=True))
 @click.option("--model", "-m", "model_filter", default=None, help="Only records of this model (setup.model).")
 @click.option("--device", "device_filter", default=None, help="Only records measured on this device (cuda | cpu).")
 @click.option("--measured", is_flag=True, help="Print the measured summary instead of the comparison.")
+@click.option("--extrapolate", is_flag=True, help="Extrapolate runs truncated with --layers at two or more depths to full depth, per layer.")
 @output_format()
-def validate(paths: tuple[str, ...], model_filter: str | None, device_filter: str | None, measured: bool, fmt: str) -> None:
+def validate(paths: tuple[str, ...], model_filter: str | None, device_filter: str | None, measured: bool, extrapolate: bool,
+             fmt: str) -> None:
     """Predicted vs measured, per component and for the peak (records: PATHS or profiles/)."""
     from memplan.compare import compare_records
     from memplan.records import read_records
@@ -101,6 +125,9 @@ def validate(paths: tuple[str, ...], model_filter: str | None, device_filter: st
         records = [r for r in records if r["setup"]["model"] == model_filter]
     if device_filter is not None:
         records = [r for r in records if r["setup"]["device"] == device_filter]
+    if extrapolate:
+        click.echo(render_extrapolation(records, fmt))
+        return
     if measured:
         if fmt == "table":
             click.echo(render_measured(records) if records else "no records")
