@@ -93,13 +93,29 @@ def _lora_bytes(spec: ModelSpec, plan: LoraPlan | None, setup: Setup, t: int, *,
     """Per-layer bytes the LoRA branches save (fp32 input copy, A's output, dropout mask)."""
     if plan is None:
         return 0
+    key = (id(plan), spec.num_layers, setup.prepare_kbit_training, setup.lora_dropout > 0, _mask_bytes(setup, FP32), input_grad, masks_only)
+    hit = _LORA_PER_TOKEN.get(key)
+    if hit is None or hit[0] is not plan:
+        if len(_LORA_PER_TOKEN) >= 4096:
+            _LORA_PER_TOKEN.clear()
+        hit = (plan, _lora_per_token(spec, plan, setup, input_grad=input_grad, masks_only=masks_only))
+        _LORA_PER_TOKEN[key] = hit
+    return t * hit[1]
+
+
+# Memo of the per-token LoRA bytes (the loop over targets is the sweep's hot spot), keyed by the
+# plan's identity and the setup fields it reads; the entry keeps the plan alive so its id stays its own.
+_LORA_PER_TOKEN: dict[tuple, tuple[LoraPlan, int]] = {}
+
+
+def _lora_per_token(spec: ModelSpec, plan: LoraPlan, setup: Setup, *, input_grad: bool, masks_only: bool) -> int:
     total = 0
     shared_inputs: set[str] = set()
     for lin in plan.targets:
         if lin.count != spec.num_layers:  # lm_head / MLM head: counted in the head
             continue
         if not masks_only:
-            total += FP32 * t * plan.rank  # A's output, saved by lora_B
+            total += FP32 * plan.rank  # A's output, saved by lora_B
         if masks_only:
             pass
         elif setup.prepare_kbit_training:
@@ -108,11 +124,11 @@ def _lora_bytes(spec: ModelSpec, plan: LoraPlan | None, setup: Setup, t: int, *,
             group = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}.get(lin.name, lin.name)
             if group not in shared_inputs and lin.name != "o_proj":
                 shared_inputs.add(group)
-                total += FP32 * t * lin.in_features
+                total += FP32 * lin.in_features
         else:
-            total += FP32 * t * lin.in_features
+            total += FP32 * lin.in_features
         if setup.lora_dropout > 0 and (input_grad or lin.name not in ("q_proj", "k_proj", "v_proj", "qkv_proj", "c_attn", "query", "key", "value")):
-            total += _mask_bytes(setup, FP32) * t * lin.in_features
+            total += _mask_bytes(setup, FP32) * lin.in_features
     return total
 
 
@@ -220,13 +236,14 @@ def activation_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan | None) -> Ac
     full = setup.method == "full"
     r = residual_bytes(setup)
     first_grad = _first_layer_input_grad(setup)
-    first = _layer_bytes(spec, setup, plan, input_grad=first_grad)
     per = _layer_bytes(spec, setup, plan, input_grad=True)
+    first = per if first_grad else _layer_bytes(spec, setup, plan, input_grad=False)
     if setup.grad_checkpointing:
         # Each layer keeps its input, plus what bnb int8 keeps outside autograd's view (in
         # every layer, measured); the rebuilt layer's int8 inputs replace the kept ones.
         layers = spec.num_layers * (r * t * h + _int8_kept_bytes(spec, setup, t, input_grad=True, inter=spec.intermediate_size))
-        recompute = _layer_bytes(spec, setup, plan, input_grad=True, int8_kept=False)
+        # (Without int8 there is nothing kept outside autograd: the rebuilt layer is `per`.)
+        recompute = _layer_bytes(spec, setup, plan, input_grad=True, int8_kept=False) if setup.quant == "int8" else per
         if r == FP32 and spec.model_type in _GATED:
             # An fp32 residual stream makes `.to(torch.float32)` a no-op: the rebuilt layer's
             # first norm saves the layer input itself, already kept by the checkpoint.

@@ -253,48 +253,36 @@ def estimate(setup: Setup, *, model: ModelSpec | None = None, terms: DeviceTerms
         else act.first_layer
     )
     first_layer_grads = f.first_layer_grads
-    phases: dict[str, dict[str, int]] = {
-        "forward": {
-            "activations": acts,
-            "logits": act.logits_saved,
-            "transients": max(act.logits_forward_extra, dequant) + weight_cache,
-        },
-        "backward_loss": {
-            "activations": acts,
-            "logits": act.logits_saved,
-            "transients": max(act.logits_backward_extra, dequant),
-        },
-        "backward_layers": {
-            # The final norm and the loss have been through backward: only the layers'
-            # saved tensors (and the rotary tables) remain, plus one rebuilt layer.
-            "activations": act.layers + act.rotary + act.recompute_layer,
-            "gradients": head_grad,
-            "transients": max(act.layer_backward_extra, dequant + e_tokens_inter),
-        },
-        "backward_first_layer": {
-            "activations": first_layer_acts + act.rotary,
-            "gradients": first_layer_grads,
-            "transients": max(act.layer_backward_extra, dequant + e_tokens_inter),
-        },
-        "backward_end": {"gradients": grads, "transients": act.graph_residue},
+    # (phase, gradients, activations, logits, transients) alive on top of the persistent bytes.
+    layer_transients = max(act.layer_backward_extra, dequant + e_tokens_inter)
+    phases: tuple[tuple[str, int, int, int, int], ...] = (
+        ("forward", 0, acts, act.logits_saved, max(act.logits_forward_extra, dequant) + weight_cache),
+        ("backward_loss", 0, acts, act.logits_saved, max(act.logits_backward_extra, dequant)),
+        # The final norm and the loss have been through backward: only the layers' saved
+        # tensors (and the rotary tables) remain, plus one rebuilt layer.
+        ("backward_layers", head_grad, act.layers + act.rotary + act.recompute_layer, 0, layer_transients),
+        ("backward_first_layer", first_layer_grads, first_layer_acts + act.rotary, 0, layer_transients),
+        ("backward_end", grads, 0, 0, act.graph_residue),
         # The training loop has released the loss (and with it the graph) before the step.
-        "optimizer_step": {"gradients": grads, "transients": opt_temp},
-    }
-    best_phase, best_total, best_parts = "", -1, {}
-    for phase, parts in phases.items():
-        total = persistent + sum(parts.values())
-        if total > best_total:
-            best_phase, best_total, best_parts = phase, total, parts
+        ("optimizer_step", grads, 0, 0, opt_temp),
+    )
+    best, best_alive = phases[0], -1
+    for phase in phases:  # the first phase wins a tie
+        alive = phase[1] + phase[2] + phase[3] + phase[4]
+        if alive > best_alive:
+            best, best_alive = phase, alive
+    best_phase, best_grads, best_acts, best_logits, best_transients = best
+    best_total = persistent + best_alive
     overhead = terms.overhead_bytes(best_total)
     peak = best_total + overhead
     peak_parts = {
         "weights": wb.total,
         "adapters": adapters,
         "optimizer_states": opt.total,
-        "gradients": best_parts.get("gradients", 0),
-        "activations": best_parts.get("activations", 0),
-        "logits": best_parts.get("logits", 0),
-        "transients": best_parts.get("transients", 0),
+        "gradients": best_grads,
+        "activations": best_acts,
+        "logits": best_logits,
+        "transients": best_transients,
         "overhead": overhead,
     }
     assert sum(peak_parts.values()) == peak  # internal invariant, not input validation
@@ -306,7 +294,7 @@ def estimate(setup: Setup, *, model: ModelSpec | None = None, terms: DeviceTerms
         optimizer_paged=opt.paged,
         activations=acts,
         logits=act.logits_saved,
-        transients=best_parts.get("transients", 0),
+        transients=best_transients,
         overhead=overhead,
         # Paged optimizer state lives in CUDA unified memory, outside torch's allocator.
         allocated_peak=best_total - (opt.paged if setup.device == "cuda" else 0) + terms.allocated_extra_bytes(),

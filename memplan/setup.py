@@ -7,6 +7,7 @@ records store exactly these fields, so a record can be re-estimated.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from functools import cached_property
 from typing import Any, Literal, get_args
 
 from memplan.errors import SetupError
@@ -107,7 +108,7 @@ class Setup:
         if self.attention == "flash" and self.device == "cpu":
             raise SetupError("--attention flash needs --device cuda (flash-attn has no CPU kernel); use sdpa")
 
-    @property
+    @cached_property  # read several times per estimate; a frozen dataclass still has a __dict__
     def param_dtype(self) -> str:
         """dtype of the non-quantized weights as loaded."""
         return self.compute_dtype if is_quantized(self.quant) else self.quant
