@@ -30,7 +30,7 @@ peft 0.21) on llama, mistral (GQA), qwen2 (biases) and phi3 (fused projections):
   autocast), and accelerate's `convert_outputs_to_fp32` makes one more fp32 copy after the
   upcast is freed, so the forward's logits peak is the same.
 Ignores: GradScaler's scale and found-inf scalars (fp16), allocator rounding.
-Mixtral, GPT-2 and BERT under autocast were not checked on the ledger, and the
+Mixtral, Gemma-2, GPT-2 and BERT under autocast were not checked on the ledger, and the
 estimator refuses them (`memplan.estimate`).
 """
 

@@ -42,6 +42,7 @@ setups = st.builds(
     optimizer=st.sampled_from(["adamw", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit", "sgd", "sgd_momentum"]),
     attention=st.sampled_from(["sdpa", "eager"]),
     device=st.sampled_from(["cuda", "cpu"]),
+    autocast=st.sampled_from(["none", "bf16", "fp16"]),
 )
 
 
@@ -62,6 +63,8 @@ def _build(d: dict):
         optimizer=d["optimizer"],
         attention=d["attention"],
         device=d["device"],
+        # mixed precision applies to fp32 weights of the families it is modelled for
+        autocast=d["autocast"] if d["quant"] == "fp32" and d["family"] in ("llama", "mistral", "qwen2", "phi3") else "none",
     )
     return spec, setup
 
