@@ -136,7 +136,9 @@ def calibrate(records: list[dict[str, Any]]) -> Calibration:
     for rec, alloc_pred in prepared:
         m = rec["measured"]
         s = rec["setup"]
-        label = f"{s['model']}{'/L' + str(rec['layers']) if rec.get('layers') else ''} {s['method']} {s['quant']}{'+dq' if s.get('double_quant') else ''} r{s['lora_rank']} s{s['seq_len']} b{s['batch_size']}{' ckpt' if s['grad_checkpointing'] else ''} {s['optimizer']}"
+        lora = f" r{s['lora_rank']}:{','.join(s['lora_targets']) if s.get('lora_targets') else 'default'}" if s["method"] == "lora" else ""
+        label = (f"{s['model']}{'/L' + str(rec['layers']) if rec.get('layers') else ''} {s['method']} {s['quant']}{'+dq' if s.get('double_quant') else ''}"
+                 f"{lora} s{s['seq_len']} b{s['batch_size']}{' ckpt' if s['grad_checkpointing'] else ''} {s['optimizer']}")
         rows.append(
             CalibrationRow(
                 record_id=str(rec.get("id")),
