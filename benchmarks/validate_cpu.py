@@ -43,7 +43,9 @@ def report(records: list[dict[str, Any]], csv_path: Path | None) -> "Any":
     peak = frame[frame.component == "peak"]
     for _, row in peak.sort_values("rel_error", key=abs, ascending=False).iterrows():
         name = Path(row["model"]).name
-        label = f"{name} {row['method']} {row['quant']}{'+dq' if row['double_quant'] else ''} r{row['lora_rank']} {row['lora_targets'] or 'default'} s{row['seq_len']} b{row['batch_size']}{' gc' if row['grad_checkpointing'] else ''} {row['optimizer']} {row['attention']}{' ' + row['autocast'] + '-autocast' if row['autocast'] != 'none' else ''}"
+        targets = row["lora_targets"] if isinstance(row["lora_targets"], str) and row["lora_targets"] else "default"
+        lora = f" r{row['lora_rank']} {targets}" if row["method"] == "lora" else ""
+        label = f"{name} {row['method']} {row['quant']}{'+dq' if row['double_quant'] else ''}{lora} s{row['seq_len']} b{row['batch_size']}{' gc' if row['grad_checkpointing'] else ''} {row['optimizer']} {row['attention']}{' ' + row['autocast'] + '-autocast' if row['autocast'] != 'none' else ''}"
         print(f"{label:<78} pred {row['predicted_bytes'] / 2**20:9.2f} MiB  meas {row['measured_bytes'] / 2**20:9.2f} MiB  {100 * row['rel_error']:+6.2f}%")
     errs = [abs(e) for e in peak.rel_error]
     print(f"steady-state peak over {len(errs)} runs: median |error| {100 * statistics.median(errs):.2f}%, max {100 * max(errs):.2f}%")
