@@ -34,6 +34,19 @@ TINY_CONFIGS: dict[str, dict] = {
 
 TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
+# Report tables a test leaves for the end of the run (printed even under -q and output capture).
+REPORTS: pytest.StashKey[dict[str, str]] = pytest.StashKey()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.stash[REPORTS] = {}
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    for title, text in config.stash.get(REPORTS, {}).items():
+        terminalreporter.section(title)
+        terminalreporter.write(text)
+
 
 @pytest.fixture(scope="session")
 def tiny_configs() -> dict[str, dict]:

@@ -9,6 +9,8 @@ printed and kept as reports/validation_cpu.csv.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import statistics
 import sys
 from pathlib import Path
@@ -27,14 +29,19 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def frame(tmp_path_factory):
+def frame(tmp_path_factory, pytestconfig):
     import validate_cpu
+    from conftest import REPORTS
 
     records_path = tmp_path_factory.mktemp("validation") / "cpu.jsonl"
     records = validate_cpu.run_matrix(records_path)
     failed = [(r["setup"]["model"], r.get("error") or r.get("oom")) for r in records if r["outcome"] != "ok"]
     assert not failed, f"profiled runs failed: {failed}"
-    return validate_cpu.report(records, ROOT / "reports" / "validation_cpu.csv")
+    table = io.StringIO()
+    with contextlib.redirect_stdout(table):
+        result = validate_cpu.report(records, ROOT / "reports" / "validation_cpu.csv")
+    pytestconfig.stash[REPORTS]["CPU validation: estimate vs ledger (reports/validation_cpu.csv)"] = table.getvalue()
+    return result
 
 
 def test_matrix_is_large_enough(frame) -> None:
