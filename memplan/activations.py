@@ -41,7 +41,7 @@ from memplan.setup import Setup
 from memplan.spec import ModelSpec
 from memplan.storage import FLOAT_BYTES
 
-__all__ = ["ActivationBytes", "activation_bytes"]
+__all__ = ["ActivationBytes", "activation_bytes", "compute_bytes", "residual_bytes"]
 
 FP32 = 4
 INT64 = 8
@@ -69,7 +69,7 @@ class ActivationBytes:
         return self.layers + self.head + self.logits_saved
 
 
-def _compute_bytes(setup: Setup) -> int:
+def compute_bytes(setup: Setup) -> int:
     """Element size of the activations. `prepare_model_for_kbit_training` casts the
     embeddings, norms and lm_head to fp32, so the whole residual stream (and every
     non-quantized op on it) runs in fp32 (peft/utils/other.py). Under autocast the
@@ -81,7 +81,7 @@ def _compute_bytes(setup: Setup) -> int:
 
 def residual_bytes(setup: Setup) -> int:
     """Element size of the residual stream (layer inputs, norm inputs): fp32 under autocast."""
-    return FP32 if setup.autocast != "none" else _compute_bytes(setup)
+    return FP32 if setup.autocast != "none" else compute_bytes(setup)
 
 
 def _mask_bytes(setup: Setup, e: int) -> int:
@@ -116,17 +116,15 @@ def _lora_per_token(spec: ModelSpec, plan: LoraPlan, setup: Setup, *, input_grad
             continue
         if not masks_only:
             total += FP32 * plan.rank  # A's output, saved by lora_B
-        if masks_only:
-            pass
-        elif setup.prepare_kbit_training:
-            # The input is already fp32: no cast copy; lora_A saves the module input itself,
-            # which q/k/v (and gate/up) share, and which SDPA already keeps for o_proj.
-            group = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}.get(lin.name, lin.name)
-            if group not in shared_inputs and lin.name != "o_proj":
-                shared_inputs.add(group)
-                total += FP32 * lin.in_features
-        else:
-            total += FP32 * lin.in_features
+            if not setup.prepare_kbit_training:
+                total += FP32 * lin.in_features  # the fp32 cast of the input, saved by lora_A
+            else:
+                # The input is already fp32: no cast copy; lora_A saves the module input itself,
+                # which q/k/v (and gate/up) share, and which SDPA already keeps for o_proj.
+                group = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}.get(lin.name, lin.name)
+                if group not in shared_inputs and lin.name != "o_proj":
+                    shared_inputs.add(group)
+                    total += FP32 * lin.in_features
         if setup.lora_dropout > 0 and (input_grad or lin.name not in ("q_proj", "k_proj", "v_proj", "qkv_proj", "c_attn", "query", "key", "value")):
             total += _mask_bytes(setup, FP32) * lin.in_features
     return total
@@ -140,7 +138,7 @@ def _int8_kept_bytes(spec: ModelSpec, setup: Setup, t: int, *, input_grad: bool,
     cannot see ctx attributes."""
     if setup.quant != "int8" or spec.model_type not in _GATED:
         return 0
-    e = _compute_bytes(setup)
+    e = compute_bytes(setup)
     h, a = spec.hidden_size, spec.num_heads * spec.head_dim
     kept = e * t * h * (2 if input_grad else 1) + e * t * inter
     if setup.grad_checkpointing:
@@ -160,8 +158,8 @@ def _first_layer_input_grad(setup: Setup) -> bool:
     return setup.grad_checkpointing and setup.quant not in ("int8", "nf4", "fp4")
 
 
-def _layer_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan | None, *, input_grad: bool, int8_kept: bool = True) -> int:
-    e = _compute_bytes(setup)
+def _layer_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan | None, *, input_grad: bool) -> int:
+    e = compute_bytes(setup)
     b, s = setup.batch_size, setup.seq_len
     t = b * s
     if setup.autocast != "none":
@@ -198,8 +196,7 @@ def _layer_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan | None, *, input_
                 total += e * t * kv
         if full:
             total += e * t * h  # q/k/v input (the norm output), shared by the three
-        if int8_kept:
-            total += _int8_kept_bytes(spec, setup, t, input_grad=input_grad, inter=inter)
+        total += _int8_kept_bytes(spec, setup, t, input_grad=input_grad, inter=inter)
         # MLP.
         if spec.num_experts:
             # MixtralExperts: per routed token, gate_up output (2I), act output (I), down output (h).
@@ -229,7 +226,7 @@ def _layer_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan | None, *, input_
 
 
 def activation_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan | None) -> ActivationBytes:
-    e = _compute_bytes(setup)
+    e = compute_bytes(setup)
     b, s = setup.batch_size, setup.seq_len
     t = b * s
     h = spec.hidden_size
@@ -242,8 +239,7 @@ def activation_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan | None) -> Ac
         # Each layer keeps its input, plus what bnb int8 keeps outside autograd's view (in
         # every layer, measured); the rebuilt layer's int8 inputs replace the kept ones.
         layers = spec.num_layers * (r * t * h + _int8_kept_bytes(spec, setup, t, input_grad=True, inter=spec.intermediate_size))
-        # (Without int8 there is nothing kept outside autograd: the rebuilt layer is `per`.)
-        recompute = _layer_bytes(spec, setup, plan, input_grad=True, int8_kept=False) if setup.quant == "int8" else per
+        recompute = per - _int8_kept_bytes(spec, setup, t, input_grad=True, inter=spec.intermediate_size)
         if r == FP32 and spec.model_type in _GATED:
             # An fp32 residual stream makes `.to(torch.float32)` a no-op: the rebuilt layer's
             # first norm saves the layer input itself, already kept by the checkpoint.

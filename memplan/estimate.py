@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from memplan.activations import activation_bytes
+from memplan.activations import activation_bytes, compute_bytes, residual_bytes
 from memplan.activations_autocast import AUTOCAST_FAMILIES, layer_weight_copies
 from memplan.catalog import load_model
 from memplan.device_terms import DeviceTerms, device_terms
@@ -239,8 +239,7 @@ def estimate(setup: Setup, *, model: ModelSpec | None = None, terms: DeviceTerms
     # backward, as transformers' Trainer.compute_loss does, so the compute-dtype logits
     # are gone once the loss exists).
     acts = act.layers + act.head
-    compute_itemsize = FLOAT_BYTES[setup.autocast] if setup.autocast != "none" else 4 if setup.prepare_kbit_training else FLOAT_BYTES[setup.param_dtype]
-    e_tokens_inter = compute_itemsize * setup.batch_size * setup.seq_len * spec.intermediate_size
+    e_tokens_inter = compute_bytes(setup) * setup.batch_size * setup.seq_len * spec.intermediate_size
     # Under autocast with checkpointing, the autocast cache still holds the low-precision copy
     # of every trainable weight until the forward ends (freed with the cache on exit).
     weight_cache = layer_weight_copies(spec, setup) * spec.num_layers if setup.grad_checkpointing else 0
@@ -248,7 +247,7 @@ def estimate(setup: Setup, *, model: ModelSpec | None = None, terms: DeviceTerms
     # Full fine-tuning: by layer 0's backward every gradient but the embedding's exists,
     # while layer 0's activations (or its rebuilt copy) and the layer transients are alive.
     first_layer_acts = (
-        FLOAT_BYTES[setup.param_dtype] * setup.batch_size * setup.seq_len * spec.hidden_size + act.recompute_layer
+        residual_bytes(setup) * setup.batch_size * setup.seq_len * spec.hidden_size + act.recompute_layer
         if setup.grad_checkpointing
         else act.first_layer
     )
