@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 from streamlit.testing.v1 import AppTest
 
-from memplan import appdata
+from memplan.planning import appdata
 
 ENTRY = str(Path(__file__).resolve().parent.parent / "app" / "memplan_app.py")
 
@@ -54,8 +54,8 @@ def timed(at: AppTest, change: Callable[[AppTest, int], Any], repeat: int) -> li
 
 def calibration_folder() -> str:
     """40 CUDA and 40 CPU records with fixed measurements, for the calibration page."""
-    from memplan.records import append_record, new_record
-    from memplan.setup import Setup
+    from memplan.measure.records import append_record, new_record
+    from memplan.training.setup import Setup
 
     folder = Path(tempfile.mkdtemp(prefix="memplan-bench-"))
     for device, name in (("cuda", "NVIDIA A10G"), ("cpu", "bench CPU")):

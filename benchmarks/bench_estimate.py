@@ -68,7 +68,7 @@ def main() -> int:
     if exe is None:
         print("the `memplan` console script is not on PATH; run `pip install -e .` first", file=sys.stderr)
         return 2
-    from memplan.catalog import catalog
+    from memplan.model.catalog import catalog
 
     entry = next((e for e in catalog() if e.name == args.model), None)
     if entry is None:

@@ -1,4 +1,4 @@
-"""How fast is `memplan.sweep`? A 100,000-setup grid, timed end to end.
+"""How fast is `memplan.planning.sweep`? A 100,000-setup grid, timed end to end.
 
     python benchmarks/bench_sweep.py              # the 100,000-setup grid
     python benchmarks/bench_sweep.py --quick      # 1,600 setups, a smoke run
@@ -48,7 +48,7 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true", help="print the hot spots (cProfile, own time)")
     args = parser.parse_args()
 
-    from memplan.sweep import sweep
+    from memplan.planning.sweep import sweep
 
     grid = QUICK if args.quick else GRID
     sweep(**dict(grid, model=grid["model"][:1], seq_len=[512], batch_size=[1]))  # warm imports and caches

@@ -22,9 +22,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 def run_matrix(records_path: Path) -> list[dict[str, Any]]:
     from validation_matrix import matrix
 
-    from memplan.profiler.campaign import Job, run_campaign
-    from memplan.profiler.device import collect_env
-    from memplan.records import read_records
+    from memplan.measure.profiler.campaign import Job, run_campaign
+    from memplan.measure.profiler.device import collect_env
+    from memplan.measure.records import read_records
 
     jobs = [Job(setup=s, layers=None, steps=3) for s in matrix()]
     env = collect_env("cpu")
@@ -34,7 +34,7 @@ def run_matrix(records_path: Path) -> list[dict[str, Any]]:
 
 
 def report(records: list[dict[str, Any]], csv_path: Path | None) -> "Any":
-    from memplan.compare import compare_records
+    from memplan.measure.compare import compare_records
 
     frame = compare_records(records)
     if csv_path is not None:

@@ -8,35 +8,56 @@ exit status 2, never a traceback.
 
 from __future__ import annotations
 
+import importlib
 import sys
 
 import click
 
 from memplan.errors import MemplanError
 
-__all__ = ["app", "main", "entrypoint"]
+__all__ = ["app", "main", "entrypoint", "COMMANDS"]
+
+
+# Each command is a plain click command in its own module, loaded only when it runs (or when
+# `--help` lists them), so `memplan estimate` never imports the planner, the profiler or pandas.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "estimate": ("memplan.commands.estimate", "estimate"),
+    "fit": ("memplan.commands.fit", "fit"),
+    "models": ("memplan.commands.models", "models"),
+    "plan": ("memplan.commands.plan", "plan_command"),
+    "sweep": ("memplan.commands.sweep", "sweep_command"),
+    "report": ("memplan.commands.report", "report_command"),
+    "profile": ("memplan.commands.profile", "profile"),
+    "validate": ("memplan.commands.validate", "validate"),
+    "calibrate": ("memplan.commands.calibrate", "calibrate"),
+    "app": ("memplan.commands.app", "app_command"),
+}
+
+
+class _LazyGroup(click.Group):
+    """A group whose subcommands are imported on first use (click's documented lazy-group pattern)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in COMMANDS:
+            return None
+        module, attr = COMMANDS[cmd_name]
+        command = getattr(importlib.import_module(module), attr)
+        if not isinstance(command, click.Command):
+            raise TypeError(f"{module}.{attr} is not a click command")
+        return command
 
 
 @click.group(
     name="memplan",
+    cls=_LazyGroup,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
 @click.version_option(package_name="memplan", prog_name="memplan")
 def app() -> None:
     """Will it fit, is the estimate right, and what does it cost: LLM fine-tuning and serving memory."""
-
-
-# Each command lives in its own module and registers itself on `app`.
-from memplan.commands import estimate as _estimate  # noqa: E402,F401
-from memplan.commands import models as _models  # noqa: E402,F401
-from memplan.commands import profile as _profile  # noqa: E402,F401
-from memplan.commands import validate as _validate  # noqa: E402,F401
-from memplan.commands import plan as _plan  # noqa: E402,F401
-from memplan.commands import fit as _fit  # noqa: E402,F401
-from memplan.commands import calibrate as _calibrate  # noqa: E402,F401
-from memplan.commands import app as _app  # noqa: E402,F401
-from memplan.commands import sweep as _sweep  # noqa: E402,F401
-from memplan.commands import report as _report  # noqa: E402,F401
 
 
 def main(argv: list[str] | None = None) -> int:

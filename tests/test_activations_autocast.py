@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from memplan.estimate import estimate
-from memplan.setup import Setup
+from memplan.training.estimate import estimate
+from memplan.training.setup import Setup
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

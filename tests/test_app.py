@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from memplan import appdata
-from memplan.architectures import spec_from_config
-from memplan.catalog import load_model
+from memplan.planning import appdata
+from memplan.model.architectures import spec_from_config
+from memplan.model.catalog import load_model
 from memplan.errors import MemplanError
-from memplan.estimate import estimate
-from memplan.fit import fit_on
-from memplan.gpus import gpu_catalog
-from memplan.search import limits_on
-from memplan.setup import Setup
+from memplan.training.estimate import estimate
+from memplan.training.fit import fit_on
+from memplan.hardware.gpus import gpu_catalog
+from memplan.training.search import limits_on
+from memplan.training.setup import Setup
 from memplan.units import format_bytes, format_count
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -280,7 +280,7 @@ def test_upload_reader_accepts_a_catalog_file_and_names_the_model() -> None:
 
 
 def fleet_inputs(at: AppTest):
-    from memplan.fleet import PlanInputs
+    from memplan.serving.fleet import PlanInputs
 
     s = at.session_state
     return PlanInputs(model=s["fleet_model"], variants=int(s["fleet_variants"]), gpu=s["fleet_gpu"], rps=float(s["fleet_rps"]),
@@ -292,8 +292,8 @@ def fleet_inputs(at: AppTest):
 
 
 def check_fleet_page(at: AppTest, catalog=None) -> None:
-    from memplan.emit import launch_settings
-    from memplan.fleet import plan
+    from memplan.serving.launch import launch_settings
+    from memplan.serving.fleet import plan
 
     assert not at.exception and not at.error
     p = plan(fleet_inputs(at), catalog=catalog or gpu_catalog())
@@ -320,12 +320,12 @@ def test_fleet_cards_equal_the_plan_and_the_launch_settings() -> None:
 def test_crossover_chart_is_the_library_sweep() -> None:
     from dataclasses import replace
 
-    from memplan.fleet import sweep
+    from memplan.serving.fleet import sweep_variants
 
     at = start("fleet")
     at.selectbox(key="fleet_model").set_value("tinyllama-1.1b").run()
     grid = (1, 3, 10, 30, 100, 300, 1_000, 3_000, 10_000, 30_000, 100_000)
-    sw = sweep(replace(fleet_inputs(at), variants=1), grid)
+    sw = sweep_variants(replace(fleet_inputs(at), variants=1), grid)
     fig = plotly(at)
     for trace, name in zip(fig["data"], appdata.STRATEGY_TITLES):
         assert trace["x"] == list(grid)
@@ -375,7 +375,7 @@ def test_a_plan_the_library_refuses_is_one_red_line() -> None:
 
 def write_records(folder: Path, device: str, measured: list[dict]) -> Path:
     """Profile records with fixed measurements (inputs of this test, not outputs of memplan)."""
-    from memplan.records import append_record, new_record
+    from memplan.measure.records import append_record, new_record
 
     path = folder / f"{device}.jsonl"
     name = "NVIDIA A10G" if device == "cuda" else "Test CPU"
@@ -397,7 +397,7 @@ def test_calibration_without_profiles_says_so(tmp_path: Path, monkeypatch: pytes
 
 
 def test_calibration_page_shows_the_library_comparison(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from memplan.records import read_records
+    from memplan.measure.records import read_records
 
     gib = 2**30
     measured = [{"steady_peak_bytes": int(k * gib), "nvml_peak_bytes": int(k * gib) + 500 * 2**20, "cuda_context_bytes": 400 * 2**20,

@@ -21,10 +21,10 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)")
 sync_api = pytest.importorskip("playwright.sync_api", reason="needs Playwright's Python client (pip install playwright)")
 
-from memplan.catalog import load_model  # noqa: E402
+from memplan.model.catalog import load_model  # noqa: E402
 from memplan.commands.app import streamlit_argv  # noqa: E402
-from memplan.estimate import estimate  # noqa: E402
-from memplan.setup import Setup  # noqa: E402
+from memplan.training.estimate import estimate  # noqa: E402
+from memplan.training.setup import Setup  # noqa: E402
 from memplan.units import format_bytes  # noqa: E402
 
 # The fine-tune page's starting inputs (app/views/fine_tune.py), restated.

@@ -22,9 +22,9 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from conftest import TINY_CONFIGS, build_model  # noqa: E402
-from memplan.architectures import SUPPORTED_MODEL_TYPES, spec_from_config  # noqa: E402
-from memplan.catalog import catalog, load_model  # noqa: E402
-from memplan.spec import ModelSpec  # noqa: E402
+from memplan.model.architectures import SUPPORTED_MODEL_TYPES, spec_from_config  # noqa: E402
+from memplan.model.catalog import catalog, load_model  # noqa: E402
+from memplan.model.spec import ModelSpec  # noqa: E402
 
 CATALOG = [e.name for e in catalog()]
 FEW = settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)

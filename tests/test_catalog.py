@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY_CONFIGS
-from memplan.architectures import SUPPORTED_MODEL_TYPES, spec_from_config
-from memplan.catalog import MAX_CONFIG_BYTES, catalog, load_model, with_layers
+from memplan.model.architectures import SUPPORTED_MODEL_TYPES, spec_from_config
+from memplan.model.catalog import MAX_CONFIG_BYTES, catalog, load_model, with_layers
 from memplan.errors import ConfigError, UnknownModelError, UnsupportedArchitectureError
 
 

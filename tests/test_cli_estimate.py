@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY_CONFIGS
-from memplan.catalog import MAX_CONFIG_BYTES, catalog
+from memplan.model.catalog import MAX_CONFIG_BYTES, catalog
 from memplan.cli import main
-from memplan.estimate import estimate
-from memplan.gpus import gpu_catalog
-from memplan.setup import Setup
+from memplan.training.estimate import estimate
+from memplan.hardware.gpus import gpu_catalog
+from memplan.training.setup import Setup
 
 MEMORY_KEYS = ("weights", "gradients", "optimizer_states", "activations", "peak")
 

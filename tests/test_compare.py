@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from memplan.catalog import load_model, with_layers
+from memplan.model.catalog import load_model, with_layers
 from memplan.cli import main
-from memplan.compare import compare_record, compare_records
-from memplan.estimate import estimate
-from memplan.records import append_record, new_record, read_records
-from memplan.setup import Setup
+from memplan.measure.compare import compare_record, compare_records
+from memplan.training.estimate import estimate
+from memplan.measure.records import append_record, new_record, read_records
+from memplan.training.setup import Setup
 
 ENV = {"device_type": "cuda", "device_name": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "transformers": "5.23.0",
        "peft": "0.21.2", "bitsandbytes": "0.50.2"}
@@ -104,7 +104,7 @@ def _gpu_records() -> list[dict]:
 def test_committed_llama2_7b_gpu_runs_match_published_counts() -> None:
     """REFERENCE.md: Llama-2-7B LoRA r=8 on q_proj,v_proj trains 4,194,304 parameters; the
     ledger's weight bytes after load match the core's weight_bytes within 0.1% (issue 3)."""
-    from memplan.storage import weight_bytes
+    from memplan.model.storage import weight_bytes
 
     records = [r for r in _gpu_records() if r["setup"]["model"] == "llama2-7b" and r["layers"] is None]
     if not records:

@@ -1,4 +1,4 @@
-"""Per-layer extrapolation of --layers runs (memplan.extrapolate, `memplan validate --extrapolate`)."""
+"""Per-layer extrapolation of --layers runs (memplan.measure.extrapolate, `memplan validate --extrapolate`)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from memplan.cli import main
-from memplan.extrapolate import depth_fits, depth_frame
-from memplan.records import read_records
+from memplan.measure.extrapolate import depth_fits, depth_frame
+from memplan.measure.records import read_records
 
 ROOT = Path(__file__).resolve().parent.parent
 H100 = ROOT / "profiles" / "cuda-h100.jsonl"

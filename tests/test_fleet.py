@@ -1,4 +1,4 @@
-"""The fleet planner (memplan.fleet): storage, GPUs, popularity, caches, sweeps."""
+"""The fleet planner (memplan.serving.fleet): storage, GPUs, popularity, caches, sweeps."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from memplan.fleet import (
+from memplan.serving.fleet import (
     STRATEGIES,
     PlanInputs,
     expected_distinct,
@@ -19,9 +19,9 @@ from memplan.fleet import (
     plan,
     plan_frame,
     popularity_weights,
-    sweep,
+    sweep_variants,
 )
-from memplan.serving import Assumptions, assumptions
+from memplan.serving.memory import Assumptions, assumptions
 
 
 def _plan(**kw: object):
@@ -63,8 +63,8 @@ def test_llama2_7b_lora_r8_qv_adapter() -> None:
                 tensors[f"{key}.lora_B.weight"] = np.zeros((4096, 8), dtype=dtype)
         return len(save(tensors, metadata={"format": "pt"}))
 
-    from memplan.catalog import load_model
-    from memplan.lora import adapter_file_bytes, plan_lora
+    from memplan.model.catalog import load_model
+    from memplan.model.lora import adapter_file_bytes, plan_lora
 
     assert p.adapter_file_bytes == real_file(np.float32)  # 16.79 MB
     assert 4 * 4_194_304 < p.adapter_file_bytes < 4 * 4_194_304 + 20_000
@@ -209,7 +209,7 @@ def test_every_assumption_is_in_the_output() -> None:
 
 
 def test_sweep_finds_the_crossover_exactly() -> None:
-    sw = sweep(PlanInputs(model="llama2-7b", variants=1, gpu="a10g", rps=5.0), [1, 10, 100])
+    sw = sweep_variants(PlanInputs(model="llama2-7b", variants=1, gpu="a10g", rps=5.0), [1, 10, 100])
     cross = {tuple(c["pair"]): c for c in sw.crossovers}
     c = cross[("full_finetune", "lorax")]
     assert c["cheaper_from"] == "lorax"
@@ -223,8 +223,8 @@ def test_sweep_finds_the_crossover_exactly() -> None:
 
 
 def test_plan_frame_is_a_dataframe_and_pandas_loads_lazily() -> None:
-    sw = sweep(PlanInputs(model="llama2-7b", variants=1, gpu="a10g", rps=1.0), [1, 10])
+    sw = sweep_variants(PlanInputs(model="llama2-7b", variants=1, gpu="a10g", rps=1.0), [1, 10])
     df = plan_frame(sw)
     assert list(df["strategy"]) == list(STRATEGIES) * 2 and list(df["variants"]) == [1, 1, 1, 10, 10, 10]
-    code = "import sys, memplan.fleet, memplan.emit, memplan.commands.plan; print('pandas' in sys.modules)"
+    code = "import sys, memplan.serving.fleet, memplan.serving.launch, memplan.commands.plan; print('pandas' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"

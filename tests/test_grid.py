@@ -1,4 +1,4 @@
-"""Grid files and grid arguments (`memplan.grid`): a bad grid is refused with one line
+"""Grid files and grid arguments (`memplan.planning.grid`): a bad grid is refused with one line
 naming the key or value, exit status 2, before any estimate runs."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from memplan.cli import main
-from memplan.grid import MAX_SETUPS, SETUP_KEYS, GridError, load_grid, parse_grid, values_from_text
-from memplan.sweep import sweep
+from memplan.planning.grid import MAX_SETUPS, SETUP_KEYS, GridError, load_grid, parse_grid, values_from_text
+from memplan.planning.sweep import sweep
 
 
 @pytest.fixture
@@ -23,7 +23,7 @@ def no_estimates(monkeypatch: pytest.MonkeyPatch) -> list[object]:
         calls.append(args)
         raise AssertionError("an estimate ran before the grid was checked")
 
-    monkeypatch.setattr(importlib.import_module("memplan.estimate"), "estimate", refuse)
+    monkeypatch.setattr(importlib.import_module("memplan.training.estimate"), "estimate", refuse)
     return calls
 
 
@@ -154,7 +154,7 @@ def test_a_target_one_model_lacks_is_left_to_that_model() -> None:
 def test_every_setup_field_is_a_grid_key() -> None:
     from dataclasses import fields
 
-    from memplan.setup import Setup
+    from memplan.training.setup import Setup
 
     assert SETUP_KEYS == tuple(f.name for f in fields(Setup))
 

@@ -1,4 +1,4 @@
-"""LoRA accounting (`memplan.lora`) against published counts and PEFT itself.
+"""LoRA accounting (`memplan.model.lora`) against published counts and PEFT itself.
 
 References: the published Llama-2 counts in /work/shared/REFERENCE.md (through
 the estimator, no torch); PEFT 0.21's `get_nb_trainable_parameters()`, the
@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY_CONFIGS, build_model
-from memplan.architectures import spec_from_config
+from memplan.model.architectures import spec_from_config
 from memplan.errors import SetupError
-from memplan.estimate import estimate
-from memplan.lora import adapter_file_bytes, plan_lora
-from memplan.setup import Setup
+from memplan.training.estimate import estimate
+from memplan.model.lora import adapter_file_bytes, plan_lora
+from memplan.training.setup import Setup
 
 ALL7 = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -67,7 +67,7 @@ def test_peft_has_no_phi3_default_so_memplan_documents_its_own() -> None:
     pytest.importorskip("peft")
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as defaults
 
-    from memplan.architectures import DEFAULT_LORA_TARGETS
+    from memplan.model.architectures import DEFAULT_LORA_TARGETS
 
     assert "phi3" not in defaults  # if PEFT adds one, memplan's default must follow it
     for family, names in DEFAULT_LORA_TARGETS.items():

@@ -1,4 +1,4 @@
-"""Optimizer states and gradients (`memplan.optim`, and their use in `estimate`).
+"""Optimizer states and gradients (`memplan.training.optim`, and their use in `estimate`).
 
 Reference: a real training step on a tiny model; after `optimizer.step()` we sum
 the bytes of every distinct tensor storage in `optimizer.state` (and of every
@@ -12,10 +12,10 @@ from __future__ import annotations
 import pytest
 
 from conftest import TINY_CONFIGS, build_model
-from memplan.architectures import spec_from_config
-from memplan.estimate import estimate
-from memplan.optim import MIN_8BIT_SIZE, optimizer_bytes
-from memplan.setup import Setup
+from memplan.model.architectures import spec_from_config
+from memplan.training.estimate import estimate
+from memplan.training.optim import MIN_8BIT_SIZE, optimizer_bytes
+from memplan.training.setup import Setup
 
 torch = pytest.importorskip("torch")
 

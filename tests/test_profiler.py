@@ -19,12 +19,12 @@ pytest.importorskip("torch")
 pytest.importorskip("bitsandbytes")
 pytest.importorskip("peft")
 
-from memplan.catalog import load_model  # noqa: E402
+from memplan.model.catalog import load_model  # noqa: E402
 from memplan.cli import main  # noqa: E402
-from memplan.lora import plan_lora  # noqa: E402
-from memplan.records import read_records  # noqa: E402
-from memplan.setup import Setup  # noqa: E402
-from memplan.storage import weight_bytes  # noqa: E402
+from memplan.model.lora import plan_lora  # noqa: E402
+from memplan.measure.records import read_records  # noqa: E402
+from memplan.training.setup import Setup  # noqa: E402
+from memplan.model.storage import weight_bytes  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -139,7 +139,7 @@ def test_quantized_weights_are_smaller(campaign: dict) -> None:
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "mixtral", "gemma2", "phi3", "gpt2", "bert"])
 def test_every_family_loads_to_the_predicted_weight_bytes(family: str, tiny_configs: dict, tmp_path: Path) -> None:
     """In-process (no subprocess) NF4 + double-quant load and one step of every supported family."""
-    from memplan.profiler.run import profile_setup
+    from memplan.measure.profiler.run import profile_setup
 
     path = tmp_path / "config.json"
     path.write_text(json.dumps(tiny_configs[family]))

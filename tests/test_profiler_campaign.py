@@ -13,9 +13,9 @@ import pytest
 
 from memplan.cli import main
 from memplan.errors import DeviceUnavailableError, ProfileError
-from memplan.profiler.campaign import Job, expand_grid, load_grid_file, run_campaign, sample_jobs
-from memplan.records import read_records
-from memplan.setup import Setup
+from memplan.measure.profiler.campaign import Job, expand_grid, load_grid_file, run_campaign, sample_jobs
+from memplan.measure.records import read_records
+from memplan.training.setup import Setup
 
 
 @pytest.fixture()
@@ -88,7 +88,7 @@ def test_nvml_that_cannot_load_is_one_line_exit_2(tiny_model: str, monkeypatch: 
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(pynvml, "nvmlInit", fail)
-    from memplan.profiler.device import check_device
+    from memplan.measure.profiler.device import check_device
 
     with pytest.raises(DeviceUnavailableError, match="NVML"):
         check_device("cuda")
@@ -107,7 +107,7 @@ def _run_cli(model: str, out: Path, *extra: str) -> int:
 def test_forced_failure_is_recorded_and_the_campaign_resumes(tiny_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("torch")
-    from memplan.profiler.run import FAIL_ENV
+    from memplan.measure.profiler.run import FAIL_ENV
 
     out = tmp_path / "runs.jsonl"
     monkeypatch.setenv(FAIL_ENV, "backward@batch_size=1")
@@ -132,8 +132,8 @@ def test_forced_failure_is_recorded_and_the_campaign_resumes(tiny_model: str, tm
 @pytest.mark.slow
 def test_crash_and_ctrl_c_keep_finished_records(tiny_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("torch")
-    from memplan.profiler.device import collect_env
-    from memplan.profiler.run import FAIL_ENV
+    from memplan.measure.profiler.device import collect_env
+    from memplan.measure.profiler.run import FAIL_ENV
 
     monkeypatch.setenv(FAIL_ENV, "load@batch_size=1!")  # the first worker dies in its load phase
     jobs = [Job(Setup(model=tiny_model, device="cpu", seq_len=16, batch_size=b), None, 1) for b in (1, 2, 3)]
@@ -171,8 +171,8 @@ def test_progress_bar_on_a_terminal() -> None:
 
 def test_cli_interrupt_exits_130_and_says_how_to_resume(tiny_model: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                         capsys: pytest.CaptureFixture[str]) -> None:
-    from memplan.profiler import campaign
-    from memplan.profiler.campaign import CampaignResult
+    from memplan.measure.profiler import campaign
+    from memplan.measure.profiler.campaign import CampaignResult
 
     monkeypatch.setattr(campaign, "run_campaign", lambda jobs, **kw: CampaignResult(interrupted=True))
     assert _run_cli(tiny_model, tmp_path / "runs.jsonl") == 130

@@ -23,10 +23,10 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory, tiny_configs: dict) -> 
 
 @pytest.mark.parametrize("quant, double_quant", [("bf16", False), ("nf4", True)])
 def test_cuda_run_records_allocator_and_nvml(tiny_model: str, quant: str, double_quant: bool) -> None:
-    from memplan.catalog import load_model
-    from memplan.profiler.run import profile_setup
-    from memplan.setup import Setup
-    from memplan.storage import weight_bytes
+    from memplan.model.catalog import load_model
+    from memplan.measure.profiler.run import profile_setup
+    from memplan.training.setup import Setup
+    from memplan.model.storage import weight_bytes
 
     setup = Setup(model=tiny_model, quant=quant, double_quant=double_quant, seq_len=64, batch_size=2, device="cuda")
     record = profile_setup(setup, steps=2)

@@ -8,7 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from memplan.profiler.ledger import CATEGORIES, StorageLedger  # noqa: E402
+from memplan.measure.profiler.ledger import CATEGORIES, StorageLedger  # noqa: E402
 
 
 def test_counts_new_storages_once_and_releases_them() -> None:

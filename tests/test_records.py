@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from memplan.errors import ProfileError
-from memplan.records import SCHEMA_VERSION, append_record, new_record, read_records, records_frame, run_key, validate_record
-from memplan.setup import Setup
+from memplan.measure.records import SCHEMA_VERSION, append_record, new_record, read_records, records_frame, run_key, validate_record
+from memplan.training.setup import Setup
 
 SETUP = Setup(model="llama2-7b", quant="nf4", double_quant=True, lora_targets=("q_proj", "v_proj"), seq_len=512)
 ENV = {"device_type": "cuda", "device_name": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "transformers": "5.23.0",
@@ -75,8 +75,8 @@ def test_append_after_a_torn_line_starts_a_new_line(tmp_path: Path) -> None:
 
 _WRITER = """
 import sys, time
-from memplan.records import append_record, new_record
-from memplan.setup import Setup
+from memplan.measure.records import append_record, new_record
+from memplan.training.setup import Setup
 path, tag, start = sys.argv[1], sys.argv[2], float(sys.argv[3])
 while time.time() < start:  # both writers start together (chunked writes without the lock do corrupt then)
     pass

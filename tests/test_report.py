@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from memplan.cli import main
-from memplan.grid import parse_grid
-from memplan.records import append_record, new_record
-from memplan.report import CHART_IDS, memplan_version, write_report
-from memplan.setup import Setup
+from memplan.planning.grid import parse_grid
+from memplan.measure.records import append_record, new_record
+from memplan.planning.report import CHART_IDS, memplan_version, write_report
+from memplan.training.setup import Setup
 from memplan.units import GIB
 
 GRID = {"model": ["llama2-7b", "gpt2"], "method": ["full", "lora"], "quant": ["bf16", "nf4"], "seq_len": [256, 512, 1024],
@@ -82,7 +82,7 @@ def test_report_without_profiles_says_so(tmp_path: Path, capsys: pytest.CaptureF
 
 
 def test_report_refuses_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(importlib.import_module("memplan.estimate"), "estimate", lambda *a, **k: pytest.fail("estimated"))
+    monkeypatch.setattr(importlib.import_module("memplan.training.estimate"), "estimate", lambda *a, **k: pytest.fail("estimated"))
     assert main(["report", "-m", "llama2-7b", "--out", str(tmp_path / "r.pdf")]) == 2
     assert "the report is an HTML file" in capsys.readouterr().err
     bad = tmp_path / "bad.jsonl"

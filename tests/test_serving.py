@@ -1,4 +1,4 @@
-"""Serving memory per replica (memplan.serving) and the throughput roofline (memplan.throughput)."""
+"""Serving memory per replica (memplan.serving.memory) and the throughput roofline (memplan.serving.throughput)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from memplan.catalog import load_model
-from memplan.gpus import gpu_catalog
-from memplan.lora import plan_lora
+from memplan.model.catalog import load_model
+from memplan.hardware.gpus import gpu_catalog
+from memplan.model.lora import plan_lora
 from memplan.paths import data_dir
-from memplan.serving import (
+from memplan.serving.memory import (
     Assumptions,
     ServingError,
     assumptions,
@@ -19,7 +19,7 @@ from memplan.serving import (
     tensor_parallel_degree,
     vllm_lora_slot_bytes,
 )
-from memplan.throughput import decode_step_seconds, prefill_seconds, replica_throughput
+from memplan.serving.throughput import decode_step_seconds, prefill_seconds, replica_throughput
 
 KIB = 1024
 

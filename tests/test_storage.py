@@ -1,4 +1,4 @@
-"""Weight storage per format (`memplan.storage.weight_bytes`).
+"""Weight storage per format (`memplan.model.storage.weight_bytes`).
 
 Reference: tiny models of several families, saved with random weights and
 loaded through `from_pretrained(..., quantization_config=BitsAndBytesConfig(...))`
@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from conftest import TINY_CONFIGS, TORCH_DTYPES, build_model, storage_bytes
-from memplan.architectures import spec_from_config
-from memplan.catalog import load_model
-from memplan.storage import linear_quantized_bytes, weight_bytes
+from memplan.model.architectures import spec_from_config
+from memplan.model.catalog import load_model
+from memplan.model.storage import linear_quantized_bytes, weight_bytes
 
 # ---- published per-weight costs (REFERENCE.md, "bitsandbytes storage"); no torch ---------------
 N = 4096 * 4096  # Llama-2-7B q_proj

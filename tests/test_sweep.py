@@ -1,4 +1,4 @@
-"""`memplan.sweep`: every row equals the single-setup estimate for the same inputs, the
+"""`memplan.planning.sweep`: every row equals the single-setup estimate for the same inputs, the
 columns and dtypes are the documented ones, exports round-trip, and `memplan sweep`
 is a thin CLI over it."""
 
@@ -15,13 +15,13 @@ import pandas as pd
 import pytest
 
 from memplan.cli import main
-from memplan.estimate import estimate
-from memplan.fit import fit_on
-from memplan.fleet import PlanInputs, plan
-from memplan.gpus import gpu_catalog
-from memplan.search import cheapest_gpu, smallest_gpu
-from memplan.setup import Setup
-from memplan.sweep import ADAPTER_DTYPES, MEMORY_FIELDS, PEAK_PARTS, column_dtypes, read_sweep, sweep, write_sweep
+from memplan.training.estimate import estimate
+from memplan.training.fit import fit_on
+from memplan.serving.fleet import PlanInputs, plan
+from memplan.hardware.gpus import gpu_catalog
+from memplan.training.search import cheapest_gpu, smallest_gpu
+from memplan.training.setup import Setup
+from memplan.planning.sweep import ADAPTER_DTYPES, MEMORY_FIELDS, PEAK_PARTS, column_dtypes, read_sweep, sweep, write_sweep
 from memplan.units import format_bytes
 
 # 3 families (gemma2: eager attention by default; gpt2: learned positions), every
@@ -238,7 +238,7 @@ def test_cli_prints_a_table(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_cli_refuses_an_unknown_extension_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(importlib.import_module("memplan.estimate"), "estimate", lambda *a, **k: pytest.fail("estimated"))
+    monkeypatch.setattr(importlib.import_module("memplan.training.estimate"), "estimate", lambda *a, **k: pytest.fail("estimated"))
     assert main(["sweep", "-m", "llama2-7b", "--out", str(tmp_path / "s.txt")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "write .csv, .parquet or .xlsx" in err

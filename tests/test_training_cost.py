@@ -1,17 +1,17 @@
-"""Training cost of one variant (memplan.training_cost)."""
+"""Training cost of one variant (memplan.serving.training_cost)."""
 
 from __future__ import annotations
 
 import pytest
 
-from memplan.catalog import load_model
-from memplan.estimate import estimate
-from memplan.gpus import gpu_catalog
-from memplan.lora import plan_lora
-from memplan.serving import Assumptions, assumptions
-from memplan.setup import Setup
-from memplan.throughput import matmul_parameters
-from memplan.training_cost import training_cost, training_flops
+from memplan.model.catalog import load_model
+from memplan.training.estimate import estimate
+from memplan.hardware.gpus import gpu_catalog
+from memplan.model.lora import plan_lora
+from memplan.serving.memory import Assumptions, assumptions
+from memplan.training.setup import Setup
+from memplan.serving.throughput import matmul_parameters
+from memplan.serving.training_cost import training_cost, training_flops
 
 LLAMA2_7B_PARAMS = 6_738_415_616  # REFERENCE.md
 LLAMA2_7B_EMBEDDING = 32_000 * 4_096  # config: vocab_size x hidden_size (untied; lm_head is a matmul)

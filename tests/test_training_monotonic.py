@@ -12,10 +12,10 @@ from dataclasses import replace
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from memplan.architectures import spec_from_config
+from memplan.model.architectures import spec_from_config
 from memplan.errors import SetupError
-from memplan.estimate import estimate
-from memplan.setup import Setup
+from memplan.training.estimate import estimate
+from memplan.training.setup import Setup
 
 FAMILIES = {
     "llama": dict(model_type="llama", hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8),

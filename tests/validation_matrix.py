@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from memplan.setup import Setup
+from memplan.training.setup import Setup
 
 TINY = Path(__file__).parent / "data" / "tiny"
 

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import plotly.graph_objects as go
 
-from memplan.appdata import BreakdownPart
+from memplan.planning.appdata import BreakdownPart
 
 # Tableau 10: distinct in colour and in lightness, readable on white.
 PART_COLORS = {

@@ -11,10 +11,10 @@ from typing import Any, Sequence
 import streamlit as st
 
 from components.guard import shown_errors
-from memplan import appdata
-from memplan.catalog import MAX_CONFIG_BYTES, load_model
-from memplan.gpus import GPU, GPUCatalog
-from memplan.spec import ModelSpec
+from memplan.planning import appdata
+from memplan.model.catalog import MAX_CONFIG_BYTES, load_model
+from memplan.hardware.gpus import GPU, GPUCatalog
+from memplan.model.spec import ModelSpec
 from memplan.units import format_bytes
 
 DEFAULT_MODEL = "llama2-7b"

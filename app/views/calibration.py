@@ -9,9 +9,9 @@ import streamlit as st
 from components.charts import calibration_chart
 from components.guard import shown_errors
 from components.inputs import init
-from memplan import appdata
-from memplan.records import read_records, record_files
-from memplan.storage import QUANTS
+from memplan.planning import appdata
+from memplan.measure.records import read_records, record_files
+from memplan.model.storage import QUANTS
 
 COMPONENT_LABELS = {
     "peak": "peak (allocated)", "device_peak": "peak on the device (NVML)", "weights": "weights", "adapters": "adapters",

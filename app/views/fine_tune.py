@@ -7,15 +7,15 @@ import streamlit as st
 from components.charts import breakdown_chart
 from components.guard import shown_errors
 from components.inputs import gpu_choice, init, model_spec
-from memplan import appdata
-from memplan.architectures import DEFAULT_LORA_TARGETS
-from memplan.estimate import estimate
-from memplan.fit import fit_on
-from memplan.gpus import gpu_catalog
-from memplan.lora import ALL_LINEAR
-from memplan.search import limits_on
-from memplan.setup import ATTENTIONS, MAX_BATCH, MAX_SEQ_LEN, METHODS, OPTIMIZERS, Setup
-from memplan.storage import FLOAT_BYTES, QUANTS, is_quantized
+from memplan.planning import appdata
+from memplan.model.architectures import DEFAULT_LORA_TARGETS
+from memplan.training.estimate import estimate
+from memplan.training.fit import fit_on
+from memplan.hardware.gpus import gpu_catalog
+from memplan.model.lora import ALL_LINEAR
+from memplan.training.search import limits_on
+from memplan.training.setup import ATTENTIONS, MAX_BATCH, MAX_SEQ_LEN, METHODS, OPTIMIZERS, Setup
+from memplan.model.storage import FLOAT_BYTES, QUANTS, is_quantized
 from memplan.units import format_bytes, format_count
 
 gpus = gpu_catalog()

@@ -9,11 +9,11 @@ import streamlit as st
 from components.charts import crossover_chart
 from components.guard import shown_errors
 from components.inputs import catalog_model, gpu_choice, init
-from memplan import appdata
-from memplan.emit import launch_settings
-from memplan.fleet import PlanInputs, plan, sweep
-from memplan.gpus import GPUCatalog, gpu_catalog
-from memplan.storage import QUANTS
+from memplan.planning import appdata
+from memplan.serving.launch import launch_settings
+from memplan.serving.fleet import PlanInputs, plan, sweep_variants
+from memplan.hardware.gpus import GPUCatalog, gpu_catalog
+from memplan.model.storage import QUANTS
 
 # N for the crossover chart: log-spaced over the range the page offers.
 VARIANT_GRID = (1, 3, 10, 30, 100, 300, 1_000, 3_000, 10_000, 30_000, 100_000)
@@ -28,7 +28,7 @@ CARD_ROWS = (
 @st.cache_data(max_entries=32, show_spinner="Sweeping N from 1 to 100,000 ...")
 def _crossovers(inp: PlanInputs, gpus: GPUCatalog) -> tuple[list[dict], list[dict]]:
     """The sweep does not depend on N: changing N alone reuses it."""
-    sw = sweep(inp, VARIANT_GRID, catalog=gpus)
+    sw = sweep_variants(inp, VARIANT_GRID, catalog=gpus)
     return appdata.crossover_rows(sw), list(sw.crossovers)
 
 

@@ -1,4 +1,4 @@
-"""Report: `memplan.sweep` over a grid of models, quants, ranks, sequences and batches, as a CSV."""
+"""Report: `memplan.planning.sweep` over a grid of models, quants, ranks, sequences and batches, as a CSV."""
 
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ import streamlit as st
 
 from components.guard import shown_errors
 from components.inputs import gpu_choice, init
-from memplan import appdata
-from memplan.grid import parse_grid
-from memplan.gpus import gpu_catalog
-from memplan.setup import METHODS, OPTIMIZERS
-from memplan.storage import QUANTS, is_quantized
-from memplan.sweep import sweep_grid
+from memplan.planning import appdata
+from memplan.planning.grid import parse_grid
+from memplan.hardware.gpus import gpu_catalog
+from memplan.training.setup import METHODS, OPTIMIZERS
+from memplan.model.storage import QUANTS, is_quantized
+from memplan.planning.sweep import sweep_grid
 
 RANKS = [4, 8, 16, 32, 64, 128, 256]
 SEQ_LENS = [128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768]

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import click
 
-from memplan.cli import app
 from memplan.errors import MemplanError
 
 __all__ = ["app_script", "streamlit_argv"]
@@ -39,7 +38,7 @@ def streamlit_argv(*, port: int | None = None, address: str = "localhost", headl
     return argv
 
 
-@app.command("app")
+@click.command("app")
 @click.option("--port", type=click.IntRange(1, 65535), default=None, help="Port to serve on [default: Streamlit's, 8501].")
 @click.option("--address", default="localhost", show_default=True, help="Address to listen on (0.0.0.0 to share it on your network).")
 @click.option("--headless/--no-headless", default=False, show_default=True, help="Do not open a browser.")
@@ -50,7 +49,7 @@ def app_command(port: int | None, address: str, headless: bool, profiles_path: P
     import os
     from importlib.util import find_spec
 
-    from memplan.appdata import PROFILES_ENV
+    from memplan.planning.appdata import PROFILES_ENV
 
     if find_spec("streamlit") is None:
         raise MemplanError("the web app needs streamlit: pip install streamlit (or pip install -e .)")

@@ -7,16 +7,15 @@ from pathlib import Path
 
 import click
 
-from memplan.cli import app
 
 
-@app.command()
+@click.command("calibrate")
 @click.option("--profiles", "profiles_path", type=click.Path(path_type=Path), default=None, help="A .jsonl file or a folder of them (default: profiles/).")
 @click.option("--write/--no-write", default=True, show_default=True, help="Store the fitted terms in data/device_terms.json.")
 @click.option("--format", "-f", "fmt", type=click.Choice(("table", "json")), default="table", show_default=True)
 def calibrate(profiles_path: Path | None, write: bool, fmt: str) -> None:
     """Fit CUDA context and allocator slack from measured runs; report error on held-out runs."""
-    from memplan.calibrate import calibrate as fit, read_records, write_device_terms
+    from memplan.measure.calibrate import calibrate as fit, read_records, write_device_terms
     from memplan.errors import ProfileError
     from memplan.paths import profiles_dir
     from memplan.units import format_bytes

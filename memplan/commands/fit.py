@@ -6,19 +6,18 @@ import json
 
 import click
 
-from memplan.cli import app
 from memplan.commands.options import output_format, setup_from_kwargs, setup_options
 from memplan.errors import SetupError
 
 
-@app.command()
+@click.command("fit")
 @setup_options
 @click.option("--gpu", default=None, help="GPU to find the limits on (default: report the smallest and cheapest that fit).")
 @output_format(("table", "json"))
 def fit(gpu: str | None, fmt: str, **kwargs: object) -> None:
     """Largest batch, longest sequence and highest rank that fit; smallest and cheapest GPU."""
-    from memplan.gpus import gpu_catalog
-    from memplan.search import cheapest_gpu, limits_on, smallest_gpu
+    from memplan.hardware.gpus import gpu_catalog
+    from memplan.training.search import cheapest_gpu, limits_on, smallest_gpu
     from memplan.units import format_bytes
 
     setup = setup_from_kwargs(kwargs)

@@ -6,15 +6,14 @@ import json
 
 import click
 
-from memplan.cli import app
 from memplan.commands.options import output_format
 
 
-@app.command()
+@click.command("models")
 @output_format(("table", "json"))
 def models(fmt: str) -> None:
     """List the catalog models with architecture and parameter counts."""
-    from memplan.catalog import catalog, load_model
+    from memplan.model.catalog import catalog, load_model
     from memplan.units import format_count
 
     rows = []

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import click
 
 from memplan.errors import SetupError
-from memplan.setup import Setup
+from memplan.training.setup import Setup
 
 __all__ = ["setup_options", "setup_from_kwargs", "SETUP_FLAGS", "output_format"]
 
@@ -58,8 +58,8 @@ def setup_from_kwargs(kwargs: dict[str, Any]) -> Setup:
              "batch_size", "grad_checkpointing", "optimizer", "attention", "device", "prepare_kbit_training", "autocast")
     values = {n: kwargs.pop(n) for n in names}
     if values["attention"] is None:
-        from memplan.architectures import default_attention
-        from memplan.catalog import load_model
+        from memplan.model.architectures import default_attention
+        from memplan.model.catalog import load_model
 
         values["attention"] = default_attention(load_model(values["model"]))
     return Setup(lora_targets=targets, **values)

@@ -9,7 +9,6 @@ from typing import Any
 
 import click
 
-from memplan.cli import app
 from memplan.units import format_gpus, format_seconds, format_usd
 from memplan.commands.options import output_format
 from memplan.errors import MemplanError, SetupError
@@ -48,7 +47,7 @@ def _parse_sets(items: tuple[str, ...]) -> dict[str, str]:
 def _load_catalog(path: str | None, prices: tuple[str, ...], storage_price: float | None) -> Any:
     from dataclasses import replace
 
-    from memplan.gpus import load_gpu_catalog, parse_price_overrides
+    from memplan.hardware.gpus import load_gpu_catalog, parse_price_overrides
 
     try:
         cat = load_gpu_catalog(path)
@@ -63,7 +62,7 @@ def _load_catalog(path: str | None, prices: tuple[str, ...], storage_price: floa
     return cat
 
 
-@app.command("plan")
+@click.command("plan")
 @click.option("--model", "-m", required=True, help="Catalog name (see `memplan models`), a config.json path, or a folder with one.")
 @click.option("--variants", "-n", type=int, default=None, help="Number of fine-tuned variants N.")
 @click.option("--gpu", "-g", required=True, help="Serving GPU from the catalog (e.g. a10g, a100-80gb, h100).")
@@ -93,8 +92,8 @@ def plan_command(fmt: str, sweep_variants: str | None, emit: str | None, engine:
                  gpu_catalog: str | None, storage_price: float | None, sets: tuple[str, ...], lora_targets: str | None,
                  **kwargs: Any) -> None:
     """GPUs, $/month, training $, storage and latency of N variants: full fine-tuning vs LoRA vs LoRAX."""
-    from memplan.fleet import PlanInputs, plan, sweep
-    from memplan.serving import assumptions
+    from memplan.serving.fleet import PlanInputs, plan, sweep_variants as plan_over_variants
+    from memplan.serving.memory import assumptions
 
     if engine is not None and emit is not None and engine != emit:
         raise SetupError(f"--engine {engine} and --emit {emit} disagree; drop --engine or make them the same")
@@ -114,11 +113,11 @@ def plan_command(fmt: str, sweep_variants: str | None, emit: str | None, engine:
     a = assumptions().override(_parse_sets(sets)) if sets else assumptions()
     inp = PlanInputs(engine=engine or emit or "lorax", lora_targets=targets, **kwargs)
     if ns is not None:
-        click.echo(render_sweep(sweep(inp, ns, catalog=cat, assumptions=a), fmt))
+        click.echo(render_sweep(plan_over_variants(inp, ns, catalog=cat, assumptions=a), fmt))
         return
     result = plan(inp, catalog=cat, assumptions=a)
     if emit is not None:
-        from memplan.emit import launch_settings
+        from memplan.serving.launch import launch_settings
 
         launch = launch_settings(result, emit)
         if fmt == "json":
@@ -130,7 +129,7 @@ def plan_command(fmt: str, sweep_variants: str | None, emit: str | None, engine:
     click.echo(render_plan(result, fmt))
 
 
-# ---- rendering (no formulas: numbers come from memplan.fleet) --------------------------------
+# ---- rendering (no formulas: numbers come from memplan.serving.fleet) --------------------------------
 
 
 _usd = format_usd
@@ -147,7 +146,7 @@ def _csv(rows: list[dict[str, Any]]) -> str:
 
 
 def render_plan(p: Any, fmt: str) -> str:
-    from memplan.fleet import frame_rows
+    from memplan.serving.fleet import frame_rows
     from memplan.units import format_bytes
 
     if fmt == "json":
@@ -201,7 +200,7 @@ def render_plan(p: Any, fmt: str) -> str:
 
 
 def render_sweep(sw: Any, fmt: str) -> str:
-    from memplan.fleet import frame_rows
+    from memplan.serving.fleet import frame_rows
     from memplan.units import format_bytes
 
     if fmt == "json":

@@ -14,7 +14,6 @@ from typing import Any
 
 import click
 
-from memplan.cli import app
 from memplan.commands.options import SETUP_FLAGS
 from memplan.errors import MemplanError, ProfileError, SetupError
 
@@ -104,7 +103,7 @@ class ProgressReporter:
             self.progress.stop()
 
 
-@app.command()
+@click.command("profile")
 @_campaign_options
 @click.option("--layers", "layers", multiple=True, type=click.IntRange(min=1), help="Keep only the first N decoder layers. Repeatable.")
 @click.option("--steps", default=3, show_default=True, type=click.IntRange(min=1), help="Training steps per run (steady state = the last).")
@@ -126,9 +125,9 @@ def profile(layers: tuple[int, ...], steps: int, grids: tuple[str, ...], out: st
     own subprocess. Records go to profiles/ as JSON Lines, one per run, whatever its outcome
     (ok, oom, error); a failed run never stops the campaign.
     """
-    from memplan.profiler.campaign import expand_grid, load_grid_file, run_campaign, sample_jobs
-    from memplan.profiler.device import check_device, collect_env, env_key
-    from memplan.records import read_records, run_key
+    from memplan.measure.profiler.campaign import expand_grid, load_grid_file, run_campaign, sample_jobs
+    from memplan.measure.profiler.device import check_device, collect_env, env_key
+    from memplan.measure.records import read_records, run_key
 
     flags = _flag_values(kwargs)
     if layers:
@@ -167,7 +166,7 @@ def profile(layers: tuple[int, ...], steps: int, grids: tuple[str, ...], out: st
         click.echo(f"skipping {len(skipped_invalid)} impossible combination(s), e.g.: {skipped_invalid[0]}", err=True)
 
     if dry_run:
-        from memplan.profiler.campaign import done_keys
+        from memplan.measure.profiler.campaign import done_keys
 
         done = done_keys(out_path, env_key(env)) if resume else set()
         for job in jobs:
@@ -205,7 +204,7 @@ def profile(layers: tuple[int, ...], steps: int, grids: tuple[str, ...], out: st
     if campaign_records:
         click.echo(render_measured(campaign_records))
     if compare:
-        from memplan.compare import compare_records
+        from memplan.measure.compare import compare_records
 
         click.echo(render_comparison(compare_records(campaign_records), "table"))
     counts = {o: sum(r["outcome"] == o for r in result.written) for o in ("ok", "oom", "error")}
@@ -213,6 +212,6 @@ def profile(layers: tuple[int, ...], steps: int, grids: tuple[str, ...], out: st
 
 
 def _setup_of(record: dict[str, Any]) -> Any:
-    from memplan.setup import Setup
+    from memplan.training.setup import Setup
 
     return Setup.from_dict(record["setup"])

@@ -7,11 +7,10 @@ from typing import Any
 
 import click
 
-from memplan.cli import app
 from memplan.commands.sweep import grid_options, grid_from_options, progress_reporter, refused_lines
 
 
-@app.command("report")
+@click.command("report")
 @grid_options
 @click.option("--out", "-o", "out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="The HTML file to write.")
 @click.option("--profiles", "profiles", type=click.Path(path_type=Path), default=None,
@@ -19,7 +18,7 @@ from memplan.commands.sweep import grid_options, grid_from_options, progress_rep
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr [default: when stderr is a terminal].")
 def report_command(grid_file: Path | None, out: Path, profiles: Path | None, progress: bool | None, **kwargs: Any) -> None:
     """Summary tables, memory and cost charts, GPU fits, accuracy and assumptions for a grid, in one HTML file."""
-    from memplan.report import write_report
+    from memplan.planning.report import write_report
     from memplan.units import format_bytes
 
     grid = grid_from_options(grid_file, kwargs)

@@ -5,7 +5,7 @@ Every grid flag takes a comma list and may be repeated (`--quant bf16,nf4`), exc
 `--lora-targets`, where each occurrence is ONE target set (`--lora-targets q_proj,v_proj
 --lora-targets all-linear`). Booleans take true/false (`--grad-checkpointing true,false`).
 Flags replace the same keys of the grid file; the other fleet inputs (popularity,
-prompt_tokens, scale_to_zero, ...) are grid-file keys (see `memplan.grid`).
+prompt_tokens, scale_to_zero, ...) are grid-file keys (see `memplan.planning.grid`).
 """
 
 from __future__ import annotations
@@ -16,11 +16,10 @@ from typing import Any, Callable
 
 import click
 
-from memplan.cli import app
 
 __all__ = ["grid_options", "grid_from_options", "progress_reporter", "render_table"]
 
-# key -> (flag declarations, help). Keys are memplan.grid.KEYS; flag names are `memplan estimate`'s.
+# key -> (flag declarations, help). Keys are memplan.planning.grid.KEYS; flag names are `memplan estimate`'s.
 _FLAGS: dict[str, tuple[tuple[str, ...], str]] = {
     "model": (("--model", "-m"), "Catalog names or config.json paths."),
     "method": (("--method",), "full, lora."),
@@ -58,7 +57,7 @@ def grid_options(fn: Callable) -> Callable:
 def grid_from_options(grid_file: Path | None, kwargs: dict[str, Any]) -> Any:
     """Pop the grid flags out of `kwargs`; read and check the grid (raises GridError before any work)."""
     from memplan.errors import MemplanError
-    from memplan.grid import load_grid, parse_grid, values_from_text
+    from memplan.planning.grid import load_grid, parse_grid, values_from_text
 
     flags = {}
     for key in _FLAGS:
@@ -108,7 +107,7 @@ def render_table(frame: Any) -> str:
     """The varying setup columns, the peak, and the smallest and cheapest GPU, as aligned text."""
     import pandas as pd
 
-    from memplan.grid import FLEET_KEYS, SETUP_KEYS
+    from memplan.planning.grid import FLEET_KEYS, SETUP_KEYS
     from memplan.units import format_bytes
 
     if frame.empty:
@@ -134,14 +133,14 @@ def render_table(frame: Any) -> str:
     return "\n".join(lines)
 
 
-@app.command("sweep")
+@click.command("sweep")
 @grid_options
 @click.option("--out", "-o", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write .csv, .parquet or .xlsx (by extension); default: print a table.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar on stderr [default: when stderr is a terminal].")
 def sweep_command(grid_file: Path | None, out: Path | None, progress: bool | None, **kwargs: Any) -> None:
     """Estimate a grid of setups: one row per setup, fits on every GPU, fleet $/month."""
-    from memplan.sweep import check_output, sweep_grid, write_sweep
+    from memplan.planning.sweep import check_output, sweep_grid, write_sweep
 
     if out is not None:
         check_output(out)

@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from memplan.cli import app
 from memplan.commands.options import output_format
 
 if TYPE_CHECKING:
@@ -21,8 +20,8 @@ __all__ = ["render_measured", "render_comparison", "run_label"]
 
 
 def run_label(record: dict[str, Any]) -> str:
-    from memplan.profiler.campaign import Job
-    from memplan.setup import Setup
+    from memplan.measure.profiler.campaign import Job
+    from memplan.training.setup import Setup
 
     return Job(Setup.from_dict(record["setup"]), record.get("layers"), record["steps"]).label()
 
@@ -87,7 +86,7 @@ def render_comparison(frame: "pd.DataFrame", fmt: str) -> str:
 
 def render_extrapolation(records: list[dict[str, Any]], fmt: str) -> str:
     """Full-depth extrapolations of truncated runs against the estimator (and a full-depth run)."""
-    from memplan.extrapolate import depth_frame
+    from memplan.measure.extrapolate import depth_frame
     from memplan.units import format_bytes
 
     frame = depth_frame(records)
@@ -107,7 +106,7 @@ def render_extrapolation(records: list[dict[str, Any]], fmt: str) -> str:
     return _table(["setup", "metric", "depths", "per layer", "extrapolated", "predicted", "pred err", "measured full (extrap. err)"], rows)
 
 
-@app.command()
+@click.command("validate")
 @click.argument("paths", nargs=-1, type=click.Path(exists=True, dir_okay=True))
 @click.option("--model", "-m", "model_filter", default=None, help="Only records of this model (setup.model).")
 @click.option("--device", "device_filter", default=None, help="Only records measured on this device (cuda | cpu).")
@@ -117,8 +116,8 @@ def render_extrapolation(records: list[dict[str, Any]], fmt: str) -> str:
 def validate(paths: tuple[str, ...], model_filter: str | None, device_filter: str | None, measured: bool, extrapolate: bool,
              fmt: str) -> None:
     """Predicted vs measured, per component and for the peak (records: PATHS or profiles/)."""
-    from memplan.compare import compare_records
-    from memplan.records import read_records
+    from memplan.measure.compare import compare_records
+    from memplan.measure.records import read_records
 
     records = read_records(list(paths) if paths else None)
     if model_filter is not None:
@@ -132,7 +131,7 @@ def validate(paths: tuple[str, ...], model_filter: str | None, device_filter: st
         if fmt == "table":
             click.echo(render_measured(records) if records else "no records")
         else:
-            from memplan.records import records_frame
+            from memplan.measure.records import records_frame
 
             frame = records_frame(records)
             click.echo(frame.to_csv(index=False).rstrip("\n") if fmt == "csv" else json.dumps(records, indent=2))

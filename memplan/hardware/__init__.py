@@ -1,0 +1,1 @@
+"""What a GPU is: the catalog of memory, bandwidth, compute and dated prices."""

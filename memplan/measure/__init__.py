@@ -1,0 +1,1 @@
+"""Measured runs: the profiler, its records, predicted-vs-measured comparison, calibration and depth extrapolation."""

@@ -1,0 +1,200 @@
+"""Profile records: one JSON object per measured run, in JSON Lines under `profiles/`.
+
+A record holds the full setup (exactly the estimator's inputs, `Setup.to_dict()`),
+the truncation (`layers`) and `steps`, the environment, the per-phase readings,
+a `measured` summary and the outcome (`ok`, `oom` with the failed request's
+size, or `error` with its message). Appends are atomic: one `write` of one whole
+line under an exclusive `flock`, then `fsync`, so concurrent campaigns never
+interleave partial lines. Reading is strict: a malformed line is reported with
+its file and line number.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable
+
+from memplan.errors import MemplanError, ProfileError
+from memplan.training.setup import Setup
+
+if TYPE_CHECKING:  # pandas is imported only where a DataFrame is returned
+    import pandas as pd
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "OUTCOMES",
+    "new_record",
+    "validate_record",
+    "run_key",
+    "append_record",
+    "read_records",
+    "record_files",
+    "records_frame",
+]
+
+SCHEMA_VERSION = 1
+OUTCOMES = ("ok", "oom", "error")
+_REQUIRED = ("schema_version", "id", "created_at", "setup", "layers", "steps", "env", "outcome", "phases", "measured")
+
+
+def new_record(
+    *,
+    setup: Setup,
+    layers: int | None,
+    steps: int,
+    env: dict[str, Any],
+    outcome: str,
+    phases: dict[str, Any] | None = None,
+    measured: dict[str, Any] | None = None,
+    model_info: dict[str, Any] | None = None,
+    error: dict[str, Any] | None = None,
+    oom: dict[str, Any] | None = None,
+    duration_s: float = 0.0,
+) -> dict[str, Any]:
+    record = {
+        "schema_version": SCHEMA_VERSION,
+        "id": uuid.uuid4().hex,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "setup": setup.to_dict(),
+        "layers": layers,
+        "steps": steps,
+        "model_info": model_info,
+        "env": env,
+        "outcome": outcome,
+        "error": error,
+        "oom": oom,
+        "phases": phases or {},
+        "measured": measured or {},
+        "duration_s": round(float(duration_s), 3),
+    }
+    validate_record(record)
+    return record
+
+
+def validate_record(record: Any) -> Setup:
+    """Check a record's shape; return its `Setup`. Raises ProfileError naming the problem."""
+    if not isinstance(record, dict):
+        raise ProfileError(f"a profile record must be a JSON object, got {type(record).__name__}")
+    missing = [k for k in _REQUIRED if k not in record]
+    if missing:
+        raise ProfileError(f"profile record lacks field(s) {', '.join(missing)}")
+    version = record["schema_version"]
+    if version != SCHEMA_VERSION:
+        raise ProfileError(f"profile record has schema_version {version!r}; this memplan reads version {SCHEMA_VERSION}")
+    if record["outcome"] not in OUTCOMES:
+        raise ProfileError(f"profile record outcome must be one of {', '.join(OUTCOMES)}, got {record['outcome']!r}")
+    layers = record["layers"]
+    if layers is not None and (isinstance(layers, bool) or not isinstance(layers, int) or layers < 1):
+        raise ProfileError(f"profile record layers must be a positive integer or null, got {layers!r}")
+    steps = record["steps"]
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ProfileError(f"profile record steps must be a positive integer, got {steps!r}")
+    for key in ("env", "phases", "measured", "setup"):
+        if not isinstance(record[key], dict):
+            raise ProfileError(f"profile record field '{key}' must be an object")
+    try:
+        return Setup.from_dict(record["setup"])
+    except MemplanError as exc:
+        raise ProfileError(f"profile record setup is invalid: {exc}") from None
+
+
+def run_key(setup: Setup, layers: int | None, steps: int, env_key: str) -> str:
+    """What identifies a measurement for resume: the setup, truncation, steps and environment."""
+    payload = json.dumps([setup.to_dict(), layers, steps, env_key], sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:24]
+
+
+def _lock(fd: int) -> Any:
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: O_APPEND single writes are still whole lines on local disks
+        return None
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fcntl
+
+
+def append_record(path: str | Path, record: dict[str, Any]) -> None:
+    """Append one record as one line, atomically with respect to other writers."""
+    validate_record(record)
+    data = (json.dumps(record, separators=(",", ":"), allow_nan=False) + "\n").encode("utf-8")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fcntl = _lock(fd)
+        try:
+            size = os.fstat(fd).st_size
+            if size:  # a writer killed mid-line (disk full, power loss) must not glue two records
+                with open(path, "rb") as fh:
+                    fh.seek(size - 1)
+                    if fh.read(1) != b"\n":
+                        data = b"\n" + data
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def record_files(paths: Iterable[str | Path] | None = None) -> list[Path]:
+    """JSONL files named in `paths` (files or folders); default: every `profiles/*.jsonl`."""
+    from memplan.paths import profiles_dir
+
+    out: list[Path] = []
+    for p in [profiles_dir()] if paths is None else [Path(x) for x in paths]:
+        if p.is_dir():
+            out += sorted(p.glob("*.jsonl"))
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise ProfileError(f"no profile records at {p}: not a file or folder")
+    return out
+
+
+def read_records(paths: Iterable[str | Path] | str | Path | None = None) -> list[dict[str, Any]]:
+    """Every record in the given JSONL files/folders (default `profiles/`), validated."""
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    records: list[dict[str, Any]] = []
+    for path in record_files(paths):
+        with open(path, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                    validate_record(record)
+                except (json.JSONDecodeError, ProfileError) as exc:
+                    reason = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+                    raise ProfileError(f"{path} line {lineno} is not a valid profile record ({reason}); fix or delete that line") from None
+                records.append(record)
+    return records
+
+
+def records_frame(records: Iterable[dict[str, Any]] | None = None) -> "pd.DataFrame":
+    """Records as a flat DataFrame: setup fields as plain columns (`quant`, `seq_len`),
+    everything else dotted (`env.device_name`, `measured.steady_peak_bytes`,
+    `phases.load.ledger_bytes`). `lora_targets` becomes a comma string."""
+    import pandas as pd
+
+    rows = []
+    for r in read_records() if records is None else records:
+        flat = {k: v for k, v in r.items() if k not in ("model_info",)}
+        setup = dict(flat.pop("setup"))
+        targets = setup.get("lora_targets")
+        setup["lora_targets"] = ",".join(targets) if targets else None
+        flat = {**setup, **flat}
+        flat["model_name"] = (r.get("model_info") or {}).get("name")
+        rows.append(flat)
+    if not rows:
+        return pd.DataFrame()
+    return pd.json_normalize(rows, sep=".")

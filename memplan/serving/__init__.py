@@ -1,0 +1,1 @@
+"""Serving N fine-tuned variants: serving memory, throughput, training cost, the fleet planner and launch settings."""

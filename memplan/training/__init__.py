@@ -1,0 +1,1 @@
+"""The memory of one training step: setup, optimizers, activations, device terms, the estimate and the fit search."""

@@ -1,0 +1,290 @@
+"""Activation memory of one training step, from what the modeling code saves.
+
+Every term below was checked tensor by tensor against the CPU ledger
+(`torch.autograd.graph.saved_tensors_hooks` over a real step, transformers 5.23,
+peft 0.21, torch 2.13). What autograd keeps for backward:
+- RMSNorm (`LlamaRMSNorm.forward`): the fp32 copy of the input (`pow` saves it) and
+  the per-token fp32 `rsqrt`; with a trainable weight also the normalised bf16 tensor.
+  Gemma2's norm multiplies in fp32, so that last tensor is fp32 there.
+- `nn.Linear` saves its input only when its weight needs a gradient (autograd's
+  `addmm` saves `mat1` only for `mat2`'s grad): a frozen base linear, quantized or
+  not, saves nothing (bnb `MatMul4Bit`/`MatMul8bitLt` keep only the packed weight).
+- PEFT `lora.Linear.forward` casts the input to the fp32 adapter dtype once per
+  adapted module (q and v each keep their own copy) and `lora_A` saves it; `lora_B`
+  saves A's (tokens x r) output. Dropout p > 0 also keeps its mask (bool on CUDA,
+  input dtype on the CPU) where the input requires grad.
+- Attention: rotary builds new q and k; SDPA/flash save q, k, v, the output (which is
+  also `o_proj`'s input: same storage) and an fp32 logsumexp per head and token. SDPA
+  uses native GQA when there is no mask (`integrations/sdpa_attention.py::use_gqa_in_sdpa`),
+  so k and v are not expanded. Eager attention (`eager_attention_forward`) saves q, the
+  `repeat_kv`-expanded k and v, the fp32 softmax and its compute-dtype copy (b x heads x s x s).
+- SwiGLU MLP: gate output, activation output and up output (3 x tokens x intermediate).
+  Phi-3's fused `gate_up_proj` output is kept whole by the two views saved on it.
+- Layer 0 under LoRA without checkpointing: its input (the frozen embedding's output)
+  does not require grad, so its first norm saves nothing.
+- Loss (`loss/loss_utils.py::ForCausalLMLoss`): `logits.float()` then `cross_entropy`,
+  whose `log_softmax` saves its fp32 output; the backward holds that output, its fp32
+  gradient and the fp32 gradient of the logits at once (12 bytes per logit).
+- Gradient checkpointing (non-reentrant, `GradientCheckpointingLayer`): each layer keeps
+  only its input; backward rebuilds one layer at a time.
+Ignores: embedding/attention/residual dropout (0.0 in every llama-family config; GPT-2
+and BERT default to 0.1 and are modelled with their masks), allocator rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from memplan.training.activations_autocast import autocast_head_bytes, autocast_layer_bytes, low_bytes
+from memplan.model.lora import LoraPlan
+from memplan.training.setup import Setup
+from memplan.model.spec import ModelSpec
+from memplan.model.storage import FLOAT_BYTES
+
+__all__ = ["ActivationBytes", "activation_bytes", "compute_bytes", "residual_bytes"]
+
+FP32 = 4
+INT64 = 8
+_GATED = ("llama", "mistral", "mixtral", "qwen2", "gemma2", "phi3")
+
+
+@dataclass(frozen=True)
+class ActivationBytes:
+    """Saved-for-backward bytes of one step, and the transient peaks around them."""
+
+    first_layer: int  # saved by layer 0 (differs under LoRA: its input needs no grad)
+    per_layer: int  # saved by every other layer
+    recompute_layer: int  # one layer rebuilt during a checkpointed backward
+    layers: int  # saved by all layers as configured
+    head: int  # rotary tables, final norm, lm_head input, token ids (not logits)
+    logits_saved: int  # fp32 log_softmax (+ softcap) kept for backward
+    logits_forward_extra: int  # compute-dtype logits + fp32 upcast alive at the loss
+    logits_backward_extra: int  # fp32 gradients alive during the loss backward
+    layer_backward_extra: int  # gradients alive inside one layer's backward
+    rotary: int  # cos/sin tables, alive until layer 0's backward
+    graph_residue: int  # a tokens x intermediate tensor alive from backward until the loss is freed
+
+    @property
+    def saved(self) -> int:
+        return self.layers + self.head + self.logits_saved
+
+
+def compute_bytes(setup: Setup) -> int:
+    """Element size of the activations. `prepare_model_for_kbit_training` casts the
+    embeddings, norms and lm_head to fp32, so the whole residual stream (and every
+    non-quantized op on it) runs in fp32 (peft/utils/other.py). Under autocast the
+    matmul outputs (attention, MLP, logits) are low precision."""
+    if setup.autocast != "none":
+        return low_bytes(setup)
+    return FP32 if setup.prepare_kbit_training else FLOAT_BYTES[setup.param_dtype]
+
+
+def residual_bytes(setup: Setup) -> int:
+    """Element size of the residual stream (layer inputs, norm inputs): fp32 under autocast."""
+    return FP32 if setup.autocast != "none" else compute_bytes(setup)
+
+
+def _mask_bytes(setup: Setup, e: int) -> int:
+    # torch native_dropout keeps a bool mask on CUDA; on the CPU the mask has the input dtype.
+    return 1 if setup.device == "cuda" else e
+
+
+def _lora_bytes(spec: ModelSpec, plan: LoraPlan | None, setup: Setup, t: int, *, input_grad: bool, masks_only: bool = False) -> int:
+    """Per-layer bytes the LoRA branches save (fp32 input copy, A's output, dropout mask)."""
+    if plan is None:
+        return 0
+    key = (id(plan), spec.num_layers, setup.prepare_kbit_training, setup.lora_dropout > 0, _mask_bytes(setup, FP32), input_grad, masks_only)
+    hit = _LORA_PER_TOKEN.get(key)
+    if hit is None or hit[0] is not plan:
+        if len(_LORA_PER_TOKEN) >= 4096:
+            _LORA_PER_TOKEN.clear()
+        hit = (plan, _lora_per_token(spec, plan, setup, input_grad=input_grad, masks_only=masks_only))
+        _LORA_PER_TOKEN[key] = hit
+    return t * hit[1]
+
+
+# Memo of the per-token LoRA bytes (the loop over targets is the sweep's hot spot), keyed by the
+# plan's identity and the setup fields it reads; the entry keeps the plan alive so its id stays its own.
+_LORA_PER_TOKEN: dict[tuple, tuple[LoraPlan, int]] = {}
+
+
+def _lora_per_token(spec: ModelSpec, plan: LoraPlan, setup: Setup, *, input_grad: bool, masks_only: bool) -> int:
+    total = 0
+    shared_inputs: set[str] = set()
+    for lin in plan.targets:
+        if lin.count != spec.num_layers:  # lm_head / MLM head: counted in the head
+            continue
+        if not masks_only:
+            total += FP32 * plan.rank  # A's output, saved by lora_B
+            if not setup.prepare_kbit_training:
+                total += FP32 * lin.in_features  # the fp32 cast of the input, saved by lora_A
+            else:
+                # The input is already fp32: no cast copy; lora_A saves the module input itself,
+                # which q/k/v (and gate/up) share, and which SDPA already keeps for o_proj.
+                group = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}.get(lin.name, lin.name)
+                if group not in shared_inputs and lin.name != "o_proj":
+                    shared_inputs.add(group)
+                    total += FP32 * lin.in_features
+        if setup.lora_dropout > 0 and (input_grad or lin.name not in ("q_proj", "k_proj", "v_proj", "qkv_proj", "c_attn", "query", "key", "value")):
+            total += _mask_bytes(setup, FP32) * lin.in_features
+    return total
+
+
+def _int8_kept_bytes(spec: ModelSpec, setup: Setup, t: int, *, input_grad: bool, inter: int) -> int:
+    """bnb `MatMul8bitLt.forward` keeps its input `A` in `ctx.tensors` (a plain attribute,
+    not `save_for_backward`) whenever A needs grad: the attention norm output (unless the
+    layer input needs no grad), the MLP norm output and down_proj's input; o_proj's input
+    is SDPA's saved output, except under checkpointing, which frees saved tensors but
+    cannot see ctx attributes."""
+    if setup.quant != "int8" or spec.model_type not in _GATED:
+        return 0
+    e = compute_bytes(setup)
+    h, a = spec.hidden_size, spec.num_heads * spec.head_dim
+    kept = e * t * h * (2 if input_grad else 1) + e * t * inter
+    if setup.grad_checkpointing:
+        kept += e * t * a
+    return kept
+
+
+def _first_layer_input_grad(setup: Setup) -> bool:
+    """Does layer 0's input require grad? For full fine-tuning yes; under LoRA only when
+    PEFT calls `enable_input_require_grads`: with checkpointing on a non-quantized base
+    (peft_model.py::_prepare_model_for_gradient_checkpointing) or with
+    `prepare_model_for_kbit_training`."""
+    if setup.method == "full":
+        return True
+    if setup.prepare_kbit_training:
+        return True
+    return setup.grad_checkpointing and setup.quant not in ("int8", "nf4", "fp4")
+
+
+def _layer_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan | None, *, input_grad: bool) -> int:
+    e = compute_bytes(setup)
+    b, s = setup.batch_size, setup.seq_len
+    t = b * s
+    if setup.autocast != "none":
+        masks = _lora_bytes(spec, plan, setup, t, input_grad=input_grad, masks_only=True)
+        return autocast_layer_bytes(spec, setup, plan, input_grad=input_grad, lora_bytes=masks)
+    h, a = spec.hidden_size, spec.num_heads * spec.head_dim
+    kv = spec.num_kv_heads * spec.head_dim
+    full = setup.method == "full"
+    inter = spec.intermediate_size
+    total = _lora_bytes(spec, plan, setup, t, input_grad=input_grad)
+
+    if spec.model_type in _GATED:
+        # Norms: fp32 input copy + rsqrt; trainable weight also keeps the normalised tensor.
+        n_norms = 4 if spec.model_type == "gemma2" else 2
+        normed = FP32 if spec.model_type == "gemma2" else e
+        per_norm = FP32 * t * h + FP32 * t + (normed * t * h if full else 0)
+        if spec.model_type == "gemma2":
+            per_norm += FP32 * h  # Gemma2RMSNorm saves `1 + weight.float()` for the multiply
+        total += per_norm * (n_norms - (0 if input_grad else 1))
+        # Attention.
+        if setup.attention == "eager":
+            # q, expanded k and v, fp32 softmax and its compute-dtype copy. `q @ k.T` saves q
+            # only for k's gradient: not in layer 0 when k comes from a frozen input.
+            k_grad = input_grad or (plan is not None and any(lin.name in ("k_proj", "qkv_proj") for lin in plan.targets))
+            total += (3 if k_grad else 2) * e * t * a + (FP32 + e) * b * spec.num_heads * s * s
+            if spec.config.get("attn_logit_softcapping"):
+                total += e * b * spec.num_heads * s * s  # Gemma2: tanh(scores / cap) output
+            total += e * t * a if full else 0  # o_proj input (a fresh contiguous copy)
+        else:
+            total += e * t * (a + kv) + e * t * kv + e * t * a + FP32 * b * spec.num_heads * s
+            if spec.model_type == "phi3" and full:
+                # v is a strided view of the fused qkv output; with a trainable qkv_proj one
+                # more kv-sized tensor is kept (measured on the CPU ledger).
+                total += e * t * kv
+        if full:
+            total += e * t * h  # q/k/v input (the norm output), shared by the three
+        total += _int8_kept_bytes(spec, setup, t, input_grad=input_grad, inter=inter)
+        # MLP.
+        if spec.num_experts:
+            # MixtralExperts: per routed token, gate_up output (2I), act output (I), down output (h).
+            k = spec.experts_per_token
+            total += e * t * k * (3 * inter + h) + FP32 * t * spec.num_experts
+            if full:
+                total += e * t * k * (h + inter)
+        else:
+            total += 3 * e * t * inter
+            if full:
+                total += e * t * h + e * t * inter  # gate/up input, down input
+        return total
+
+    # GPT-2 / BERT: LayerNorm saves input + fp32 mean/rstd; dropout masks (p = 0.1 defaults).
+    cfg = spec.config
+    p_res = float(cfg.get("resid_pdrop", cfg.get("hidden_dropout_prob", 0.0)) or 0.0)
+    m = _mask_bytes(setup, e)
+    total += 2 * (e * t * h + 2 * FP32 * t)
+    total += e * t * 3 * h + e * t * h + FP32 * b * spec.num_heads * s  # qkv (one storage), out, lse
+    if p_res > 0:
+        total += 2 * m * t * h
+    gelu_saved = 4 if spec.hidden_act in ("gelu_new", "gelu_fast") else 1  # NewGELUActivation's tanh chain
+    total += gelu_saved * e * t * inter
+    if full:
+        total += e * t * (h + h + h + inter)  # inputs of qkv, attn out-proj, fc, mlp out-proj
+    return total
+
+
+def activation_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan | None) -> ActivationBytes:
+    e = compute_bytes(setup)
+    b, s = setup.batch_size, setup.seq_len
+    t = b * s
+    h = spec.hidden_size
+    full = setup.method == "full"
+    r = residual_bytes(setup)
+    first_grad = _first_layer_input_grad(setup)
+    per = _layer_bytes(spec, setup, plan, input_grad=True)
+    first = per if first_grad else _layer_bytes(spec, setup, plan, input_grad=False)
+    if setup.grad_checkpointing:
+        # Each layer keeps its input, plus what bnb int8 keeps outside autograd's view (in
+        # every layer, measured); the rebuilt layer's int8 inputs replace the kept ones.
+        layers = spec.num_layers * (r * t * h + _int8_kept_bytes(spec, setup, t, input_grad=True, inter=spec.intermediate_size))
+        recompute = per - _int8_kept_bytes(spec, setup, t, input_grad=True, inter=spec.intermediate_size)
+        if r == FP32 and spec.model_type in _GATED:
+            # An fp32 residual stream makes `.to(torch.float32)` a no-op: the rebuilt layer's
+            # first norm saves the layer input itself, already kept by the checkpoint.
+            recompute -= FP32 * t * h
+    else:
+        layers = first + (spec.num_layers - 1) * per
+        recompute = 0
+
+    # Head: rotary cos/sin (shared by all layers, batch-broadcast), final norm, lm_head input,
+    # shifted labels (int64), token ids for the embedding's weight gradient.
+    head = INT64 * t + FP32  # shifted labels, the 0-d loss
+    rotary = 0
+    if setup.autocast != "none":
+        head, rotary = autocast_head_bytes(spec, setup)
+    elif spec.model_type in _GATED:
+        # cos/sin are saved by the rotary multiplies, or kept as checkpointed layers' inputs.
+        rotary = 2 * e * s * spec.head_dim
+        head += rotary + FP32 * t * h + FP32 * t
+        if full:
+            head += 2 * e * t * h + INT64 * t
+    else:
+        head += e * t * h + 2 * FP32 * t + (e * t * h + INT64 * t if full else 0)
+
+    logits = t * spec.vocab_size
+    softcap = spec.config.get("final_logit_softcapping") if spec.model_type == "gemma2" else None
+    logits_saved = FP32 * logits + (e * logits if softcap else 0)  # tanh output under softcapping
+    logits_fwd = e * logits + (FP32 * logits if e != FP32 else 0)  # no upcast copy of fp32 logits
+    logits_bwd = 2 * FP32 * logits
+    inter = spec.intermediate_size * (spec.experts_per_token if spec.num_experts else 1)
+    # Inside the last layer's MLP backward: the gradient of the down-proj input and both
+    # SwiGLU branch gradients (MulBackward0), plus the hidden-size gradient flowing down
+    # the residual stream.
+    layer_bwd = 3 * e * t * inter + r * t * h
+    return ActivationBytes(
+        first_layer=first,
+        per_layer=per,
+        recompute_layer=recompute,
+        layers=layers,
+        head=head,
+        logits_saved=logits_saved,
+        logits_forward_extra=logits_fwd,
+        logits_backward_extra=logits_bwd,
+        layer_backward_extra=layer_bwd,
+        rotary=rotary,
+        # Observed on the CPU ledger (torch 2.13): one compute-dtype tokens x intermediate
+        # tensor outlives the backward until the loss tensor is released.
+        graph_residue=e * t * inter,
+    )

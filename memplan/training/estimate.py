@@ -1,0 +1,316 @@
+"""`estimate(setup)`: the whole memory picture of one training step.
+
+Pure functions over specs. Persistent memory (weights, adapters, optimizer
+states) is exact; activations follow `activations.py`; the peak is the maximum
+over the phases of a steady-state step (step >= 2: optimizer state exists and
+`zero_grad(set_to_none=True)` has freed last step's gradients), not a sum of maxima.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from memplan.training.activations import activation_bytes, compute_bytes, residual_bytes
+from memplan.training.activations_autocast import AUTOCAST_FAMILIES, layer_weight_copies
+from memplan.model.catalog import load_model
+from memplan.training.device_terms import DeviceTerms, device_terms
+from memplan.errors import SetupError
+from memplan.model.lora import LoraPlan, adapter_file_bytes, plan_lora
+from memplan.training.optim import OptimizerBytes, gradient_bytes, optimizer_bytes
+from memplan.training.setup import Setup
+from memplan.model.spec import ModelSpec
+from memplan.model.storage import FLOAT_BYTES, WeightBytes, is_quantized, weight_bytes
+
+__all__ = ["Memory", "Estimate", "estimate", "trainable_numels"]
+
+FP32 = 4
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Bytes on the training device. `peak` is the steady-state step's maximum."""
+
+    weights: int  # base model storage incl. quant state and buffers
+    adapters: int  # LoRA A/B weights
+    gradients: int
+    optimizer_states: int  # resident + paged
+    optimizer_paged: int  # part of optimizer_states in unified memory (evictable)
+    activations: int  # saved for backward by layers, embeddings and head
+    logits: int  # logits and fp32 log_softmax saved for backward
+    transients: int  # the largest short-lived buffer at the peak (loss backward, dequant, optimizer temps)
+    overhead: int  # device terms: CUDA context, workspaces, allocator slack (0 on CPU)
+    allocated_peak: int  # what torch.cuda.max_memory_allocated would show (ledger peak on CPU)
+    peak: int  # device total at the peak, as NVML would show it
+    peak_phase: str
+
+
+@dataclass(frozen=True)
+class Estimate:
+    setup: Setup
+    model: ModelSpec
+    total_parameters: int
+    trainable_parameters: int
+    active_parameters: int
+    weight_storage: WeightBytes
+    adapter_dtype: str | None
+    adapter_file_bytes: dict[str, int]
+    memory: Memory
+    peak_parts: dict[str, int]
+    device_terms: DeviceTerms
+
+    def to_dict(self) -> dict:
+        m = self.memory
+        return {
+            "model": self.model.name,
+            "architecture": self.model.architecture,
+            "setup": self.setup.to_dict(),
+            "parameters": {
+                "total": self.total_parameters,
+                "trainable": self.trainable_parameters,
+                "active_per_token": self.active_parameters,
+                "by_component": self.model.parameters().by_component,
+            },
+            "lora": None
+            if self.adapter_dtype is None
+            else {"adapter_dtype": self.adapter_dtype, "adapter_file_bytes": self.adapter_file_bytes},
+            "memory_bytes": {
+                "weights": m.weights + m.adapters,
+                "base_weights": m.weights,
+                "adapters": m.adapters,
+                "quant_state": self.weight_storage.quant_state,
+                "gradients": m.gradients,
+                "optimizer_states": m.optimizer_states,
+                "optimizer_paged": m.optimizer_paged,
+                "activations": m.activations + m.logits,
+                "logits": m.logits,
+                "transients": m.transients,
+                "overhead": m.overhead,
+                "allocated_peak": m.allocated_peak,
+                "peak": m.peak,
+            },
+            "peak_phase": m.peak_phase,
+            "peak_breakdown_bytes": self.peak_parts,
+            "device_terms": asdict(self.device_terms),
+        }
+
+
+def trainable_numels(spec: ModelSpec, plan: LoraPlan | None) -> list[int]:
+    """Numel of every trainable tensor: all parameters (full) or the adapters (LoRA)."""
+    if plan is not None:
+        return plan.tensor_numels()
+    out: list[int] = []
+    for lin in spec.linears:
+        per = ([] if lin.tied else [lin.weight_numel]) + ([lin.out_features] if lin.bias else [])
+        out += per * lin.count
+    for t in spec.tensors:
+        out += [t.numel] * t.count
+    return out
+
+
+def _largest_trainable(spec: ModelSpec, plan: LoraPlan | None) -> tuple[int, int]:
+    """(largest trainable layer linear or adapter matrix, largest other trainable tensor)."""
+    if plan is not None:
+        return max(plan.tensor_numels(), default=0), 0
+    linear = max((lin.weight_numel for lin in spec.linears if not (lin.tied or lin.is_output)), default=0)
+    head = max((lin.weight_numel for lin in spec.linears if lin.is_output and not lin.tied), default=0)
+    other = max([t.numel for t in spec.tensors] + [head])
+    return linear, other
+
+
+def _largest_dequantized(spec: ModelSpec, setup: Setup) -> int:
+    """bnb dequantizes a 4-bit/int8 weight into a compute-dtype temporary (forward for
+    batch > 1 and backward; `bitsandbytes/autograd/_functions.py::MatMul4Bit`, and the
+    fp16 copy in `MatMul8bitLt.backward`): one matrix of the largest quantized linear."""
+    if not is_quantized(setup.quant):
+        return 0
+    sizes = [lin.weight_numel for lin in spec.linears if not (lin.is_output or lin.tied)]
+    return max(sizes, default=0) * FLOAT_BYTES[setup.compute_dtype]
+
+
+@dataclass(frozen=True)
+class _Fixed:
+    """The parts of an estimate that depend on the model and the method, format, rank, targets,
+    optimizer and device, but not on seq_len, batch_size, checkpointing, attention or dropout."""
+
+    plan: LoraPlan | None
+    weights: WeightBytes
+    numels: tuple[int, ...]
+    trainable_parameters: int
+    train_itemsize: int
+    adapters: int
+    gradients: int
+    optimizer: OptimizerBytes
+    dequant: int
+    opt_temp: int
+    head_grad: int
+    first_layer_grads: int
+    adapter_file_bytes: tuple[tuple[str, int], ...]
+    total_parameters: int
+    active_parameters: int
+
+
+def _fixed_parts(spec: ModelSpec, setup: Setup) -> _Fixed:
+    plan = plan_lora(spec, setup.lora_rank, setup.lora_targets) if setup.method == "lora" else None
+    # prepare_model_for_kbit_training casts every non-quantized fp16/bf16 parameter to fp32.
+    load_dtype = "fp32" if setup.prepare_kbit_training else setup.compute_dtype
+    wb = weight_bytes(spec, setup.quant, double_quant=setup.double_quant, compute_dtype=load_dtype)
+    numels = trainable_numels(spec, plan)
+    # PEFT autocast_adapter_dtype=True: adapters are fp32 on fp16/bf16/quantized bases.
+    train_itemsize = FP32 if plan is not None else FLOAT_BYTES[setup.param_dtype]
+    adapters = sum(numels) * FP32 if plan is not None else 0
+    grads = gradient_bytes(numels, train_itemsize)
+    opt = optimizer_bytes(setup.optimizer, numels, train_itemsize, device=setup.device)
+
+    dequant = _largest_dequantized(spec, setup)
+    # Optimizer-step temporaries (torch/optim/adamw.py): the foreach path (CUDA default)
+    # builds one `_foreach_sqrt(exp_avg_sq)` list, the size of one state. The single-tensor
+    # path (CPU) builds `exp_avg_sq.sqrt()` and its quotient per tensor, plus a contiguous
+    # copy of a layer linear's (transposed) gradient: measured on the CPU ledger, torch 2.13,
+    # as 3x the largest layer linear and 2x the largest embedding, lm_head or norm.
+    if setup.optimizer == "adamw":
+        if setup.device == "cuda":
+            opt_temp = sum(numels) * train_itemsize
+        else:
+            linear_max, other_max = _largest_trainable(spec, plan)
+            opt_temp = max(3 * linear_max, 2 * other_max) * train_itemsize
+    else:
+        opt_temp = 0
+    head_grad = 0
+    if plan is None:
+        head_grad = sum(lin.weight_numel for lin in spec.linears if lin.is_output and not lin.tied) * train_itemsize
+    embed_grad = sum(t.numel * t.count for t in spec.tensors if t.component == "embeddings") * train_itemsize
+    if plan is None:
+        # Every later layer's gradients exist, and of layer 0's own only the down-proj's
+        # (its weight gradient is computed before the SwiGLU backward peaks).
+        per_layer_params = sum(lin.numel for lin in spec.linears if lin.count == spec.num_layers)
+        per_layer_params += sum(t.numel * t.count for t in spec.tensors if t.count % spec.num_layers == 0 and t.component != "embeddings") // spec.num_layers
+        last_linear = max((lin.weight_numel for lin in spec.linears if lin.component == "mlp"), default=0)
+        first_layer_grads = max(grads - embed_grad - (per_layer_params - last_linear) * train_itemsize, 0)
+    else:
+        first_layer_grads = grads
+    files = tuple((d, adapter_file_bytes(plan, d, base_dtype=setup.param_dtype)) for d in ("fp32", "fp16", "bf16")) if plan is not None else ()
+    return _Fixed(plan, wb, tuple(numels), sum(numels), train_itemsize, adapters, grads, opt, dequant, opt_temp, head_grad,
+                  first_layer_grads, files, spec.total_parameters, spec.active_parameters)
+
+
+# Memo of `_fixed_parts`, keyed by the spec's identity (hashing a ModelSpec costs more than
+# the lookup saves) and the setup fields the fixed parts read; the entry keeps the spec alive
+# so its id cannot be reused while cached.
+_FIXED_CACHE: dict[tuple, tuple[ModelSpec, _Fixed]] = {}
+_FIXED_CACHE_SIZE = 4096
+
+
+def _fixed(spec: ModelSpec, setup: Setup) -> _Fixed:
+    key = (id(spec), setup.method, setup.quant, setup.double_quant, setup.compute_dtype, setup.lora_rank,
+           setup.lora_targets, setup.optimizer, setup.device, setup.prepare_kbit_training)
+    hit = _FIXED_CACHE.get(key)
+    if hit is not None and hit[0] is spec:
+        return hit[1]
+    if len(_FIXED_CACHE) >= _FIXED_CACHE_SIZE:
+        _FIXED_CACHE.clear()
+    fixed = _fixed_parts(spec, setup)
+    _FIXED_CACHE[key] = (spec, fixed)
+    return fixed
+
+
+def estimate(setup: Setup, *, model: ModelSpec | None = None, terms: DeviceTerms | None = None) -> Estimate:
+    spec = model if model is not None else load_model(setup.model)
+    if spec.model_type == "gemma2" and setup.attention == "sdpa":
+        # transformers 5.x: Gemma2ForCausalLM._supports_sdpa is False (its attention softcapping).
+        raise SetupError("gemma2 has no SDPA attention in transformers 5.x; use --attention eager (its default) or flash")
+    if spec.model_type in ("gpt2", "bert") and setup.seq_len > spec.max_position_embeddings:
+        # Learned absolute positions: the embedding table has no row past the last position.
+        raise SetupError(
+            f"--seq-len {setup.seq_len} exceeds {spec.name}'s {spec.max_position_embeddings} learned positions; "
+            f"use --seq-len <= {spec.max_position_embeddings}"
+        )
+    if setup.autocast != "none" and spec.model_type not in AUTOCAST_FAMILIES:
+        raise SetupError(
+            f"--autocast is modelled for {', '.join(AUTOCAST_FAMILIES)} (checked on the CPU ledger), not {spec.model_type}; "
+            f"load {spec.name} in bf16 instead (--quant bf16, no --autocast)"
+        )
+    f = _fixed(spec, setup)
+    plan, wb, numels, train_itemsize, adapters, grads, opt = f.plan, f.weights, f.numels, f.train_itemsize, f.adapters, f.gradients, f.optimizer
+    dequant, opt_temp = f.dequant, f.opt_temp
+    act = activation_bytes(spec, setup, plan)
+    terms = terms if terms is not None else device_terms(setup.device)
+    persistent = wb.total + adapters + opt.total
+    # Phases of a steady-state step (the training loop drops the model outputs before
+    # backward, as transformers' Trainer.compute_loss does, so the compute-dtype logits
+    # are gone once the loss exists).
+    acts = act.layers + act.head
+    e_tokens_inter = compute_bytes(setup) * setup.batch_size * setup.seq_len * spec.intermediate_size
+    # Under autocast with checkpointing, the autocast cache still holds the low-precision copy
+    # of every trainable weight until the forward ends (freed with the cache on exit).
+    weight_cache = layer_weight_copies(spec, setup) * spec.num_layers if setup.grad_checkpointing else 0
+    head_grad = f.head_grad
+    # Full fine-tuning: by layer 0's backward every gradient but the embedding's exists,
+    # while layer 0's activations (or its rebuilt copy) and the layer transients are alive.
+    first_layer_acts = (
+        residual_bytes(setup) * setup.batch_size * setup.seq_len * spec.hidden_size + act.recompute_layer
+        if setup.grad_checkpointing
+        else act.first_layer
+    )
+    first_layer_grads = f.first_layer_grads
+    # (phase, gradients, activations, logits, transients) alive on top of the persistent bytes.
+    layer_transients = max(act.layer_backward_extra, dequant + e_tokens_inter)
+    phases: tuple[tuple[str, int, int, int, int], ...] = (
+        ("forward", 0, acts, act.logits_saved, max(act.logits_forward_extra, dequant) + weight_cache),
+        ("backward_loss", 0, acts, act.logits_saved, max(act.logits_backward_extra, dequant)),
+        # The final norm and the loss have been through backward: only the layers' saved
+        # tensors (and the rotary tables) remain, plus one rebuilt layer.
+        ("backward_layers", head_grad, act.layers + act.rotary + act.recompute_layer, 0, layer_transients),
+        ("backward_first_layer", first_layer_grads, first_layer_acts + act.rotary, 0, layer_transients),
+        ("backward_end", grads, 0, 0, act.graph_residue),
+        # The training loop has released the loss (and with it the graph) before the step.
+        ("optimizer_step", grads, 0, 0, opt_temp),
+    )
+    best, best_alive = phases[0], -1
+    for phase in phases:  # the first phase wins a tie
+        alive = phase[1] + phase[2] + phase[3] + phase[4]
+        if alive > best_alive:
+            best, best_alive = phase, alive
+    best_phase, best_grads, best_acts, best_logits, best_transients = best
+    best_total = persistent + best_alive
+    overhead = terms.overhead_bytes(best_total)
+    peak = best_total + overhead
+    peak_parts = {
+        "weights": wb.total,
+        "adapters": adapters,
+        "optimizer_states": opt.total,
+        "gradients": best_grads,
+        "activations": best_acts,
+        "logits": best_logits,
+        "transients": best_transients,
+        "overhead": overhead,
+    }
+    assert sum(peak_parts.values()) == peak  # internal invariant, not input validation
+    memory = Memory(
+        weights=wb.total,
+        adapters=adapters,
+        gradients=grads,
+        optimizer_states=opt.total,
+        optimizer_paged=opt.paged,
+        activations=acts,
+        logits=act.logits_saved,
+        transients=best_transients,
+        overhead=overhead,
+        # Paged optimizer state lives in CUDA unified memory, outside torch's allocator.
+        allocated_peak=best_total - (opt.paged if setup.device == "cuda" else 0) + terms.allocated_extra_bytes(),
+        peak=peak,
+        peak_phase=best_phase,
+    )
+    adapter_sizes = dict(f.adapter_file_bytes)
+    return Estimate(
+        setup=setup,
+        model=spec,
+        total_parameters=f.total_parameters,
+        trainable_parameters=f.trainable_parameters,
+        active_parameters=f.active_parameters,
+        weight_storage=wb,
+        adapter_dtype="fp32" if plan is not None else None,
+        adapter_file_bytes=adapter_sizes,
+        memory=memory,
+        peak_parts=peak_parts,
+        device_terms=terms,
+    )
