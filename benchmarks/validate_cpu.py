@@ -1,10 +1,10 @@
-"""Run the CPU validation matrix (tests/validation_matrix.py) through the real profiler
+"""Run the CPU validation matrix (tests/measure/validation_matrix.py) through the real profiler
 and print predicted vs measured per component, with relative errors.
 
     python benchmarks/validate_cpu.py [--out reports/validation_cpu.csv] [--records profiles/cpu-validation.jsonl]
 
 The ledger (every live tensor storage, counted by the profiler) is the ground truth.
-tests/test_validation_cpu.py runs the same function and asserts the thresholds.
+tests/measure/test_validation_cpu.py runs the same function and asserts the thresholds.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "measure"))
 
 
 def run_matrix(records_path: Path) -> list[dict[str, Any]]:

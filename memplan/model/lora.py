@@ -195,7 +195,7 @@ def adapter_file_bytes(plan: LoraPlan, save_dtype: str, *, base_dtype: str | Non
     PEFT saves keys as `base_model.model.<path>.lora_A.weight` (peft/utils/save_and_load.py).
     When `lm_head` is a target, PEFT 0.21 `get_peft_model_state_dict` also saves the
     full `lm_head.base_layer.weight`, in the base model's dtype (`base_dtype`,
-    default `save_dtype`); measured in tests/test_lora.py.
+    default `save_dtype`); measured in tests/model/test_lora.py.
     """
     code, itemsize = SAFETENSORS_DTYPE[save_dtype]
     base_code, base_itemsize = SAFETENSORS_DTYPE[base_dtype or save_dtype]

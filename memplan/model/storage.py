@@ -39,7 +39,7 @@ NESTED_BLOCKSIZE = 256
 FOUR_BIT_CODE_BYTES = 16 * 4
 # functional.py::quantize_blockwise: the nested state's code is name2qmap["dynamic"] (256 fp32
 # values) copied per tensor (`code.to(A.device, copy=True)`), so every double-quantized
-# linear holds its own 1 KiB copy (measured: tests/test_storage.py).
+# linear holds its own 1 KiB copy (measured: tests/model/test_storage.py).
 DYNAMIC_CODE_BYTES = 256 * 4
 
 

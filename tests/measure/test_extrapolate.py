@@ -12,7 +12,7 @@ from memplan.cli import main
 from memplan.measure.extrapolate import depth_fits, depth_frame
 from memplan.measure.records import read_records
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 H100 = ROOT / "profiles" / "cuda-h100.jsonl"
 
 

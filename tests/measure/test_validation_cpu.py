@@ -21,9 +21,9 @@ pytest.importorskip("torch")
 pytest.importorskip("bitsandbytes")
 pytest.importorskip("peft")
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "measure"))
 
 pytestmark = pytest.mark.slow
 

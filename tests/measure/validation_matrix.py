@@ -15,7 +15,7 @@ from pathlib import Path
 
 from memplan.training.setup import Setup
 
-TINY = Path(__file__).parent / "data" / "tiny"
+TINY = Path(__file__).resolve().parent.parent / "data" / "tiny"
 
 
 def _m(name: str) -> str:

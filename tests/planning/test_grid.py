@@ -198,5 +198,5 @@ def test_python_api_refuses_with_the_same_errors(no_estimates: list[object]) -> 
 
 
 def test_example_grid_is_valid() -> None:
-    g = load_grid(Path(__file__).resolve().parent.parent / "examples" / "grid.yaml")
+    g = load_grid(Path(__file__).resolve().parents[2] / "examples" / "grid.yaml")
     assert g.fleet and len(g.setup["model"]) >= 2 and len(g.gpus) >= 2

@@ -21,7 +21,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 pytest.importorskip("accelerate")
 
-TINY = Path(__file__).parent / "data" / "tiny"
+TINY = Path(__file__).resolve().parent.parent / "data" / "tiny"
 
 
 def saved_bytes(setup: Setup) -> int:

@@ -21,7 +21,7 @@ from memplan.training.search import limits_on
 from memplan.training.setup import Setup
 from memplan.units import format_bytes, format_count
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 ENTRY = str(ROOT / "app" / "memplan_app.py")
 TINY_LLAMA = ROOT / "tests" / "data" / "tiny" / "tiny-llama" / "config.json"
 GIB = 2**30  # units.py's binary GiB, restated: the chart's axis must be in 2**30-byte units
