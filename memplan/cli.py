@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Outside standalone mode click returns a command's `Exit(n)` code instead of raising it.
         rv = app.main(args=argv, prog_name="memplan", standalone_mode=False)
+        sys.stdout.flush()  # a full disk or a closed pipe shows here, not in the interpreter's exit
         if isinstance(rv, int):
             return rv
     except MemplanError as exc:
@@ -81,7 +82,30 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except click.exceptions.Exit as exc:
         return exc.exit_code
+    except OSError as exc:  # the output could not be written (disk full, closed pipe, read-only file)
+        import errno
+
+        _silence_stdout()
+        reason = exc.strerror or type(exc).__name__
+        hint = {errno.ENOSPC: "free some space or write somewhere else",
+                errno.EPIPE: "the program reading memplan's output closed it early"}.get(exc.errno or 0, "check the path and its permissions")
+        what = f"cannot use {exc.filename}" if getattr(exc, "filename", None) else "cannot write the output"
+        click.echo(f"memplan: error: {what}: {reason}; {hint}", err=True)
+        return 2
     return 0
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot fail a second time
+    (the Python docs' advice for SIGPIPE: https://docs.python.org/3/library/signal.html#note-on-sigpipe)."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # stdout is not a real file (tests capture it)
+        pass
 
 
 def entrypoint() -> None:

@@ -5,7 +5,7 @@ GiB = 2**30 bytes and GB = 10**9 bytes; every label says which it is.
 
 from __future__ import annotations
 
-__all__ = ["GIB", "MIB", "GB", "MB", "format_bytes", "format_count", "format_usd", "format_seconds", "format_gpus"]
+__all__ = ["GIB", "MIB", "GB", "MB", "to_gib", "format_bytes", "format_count", "format_usd", "format_seconds", "format_gpus", "log_ticks"]
 
 KIB = 2**10
 MIB = 2**20
@@ -15,6 +15,12 @@ GB = 10**9
 
 _BINARY = ((2**40, "TiB"), (GIB, "GiB"), (MIB, "MiB"), (KIB, "KiB"))
 _DECIMAL = ((10**15, "PB"), (10**12, "TB"), (GB, "GB"), (MB, "MB"), (10**3, "kB"))
+
+
+
+def to_gib(n: int | float) -> float:
+    """Bytes as GiB (2**30), a number for a table column or a chart axis; text goes through `format_bytes`."""
+    return n / GIB
 
 
 def format_bytes(n: int | float, *, decimal: bool = False, digits: int = 2) -> str:
@@ -53,3 +59,32 @@ def format_seconds(x: float | None) -> str:
 def format_gpus(x: float) -> str:
     """A GPU count; a fractional one (scale-to-zero averages) is marked as such."""
     return f"{x:,.0f}" if abs(x - round(x)) < 1e-9 else f"{x:,.2f} avg"
+
+
+def log_ticks(lo: float, hi: float) -> list[float]:
+    """Tick values for a log axis spanning [lo, hi] (both > 0): the powers of ten in it, or the
+    1-2-5 steps where fewer than three powers fall inside, so no axis is left with one label
+    and none is crowded with plotly's minor labels (2, 3, ..., 9 of every decade)."""
+    import math
+
+    if not (0 < lo <= hi < math.inf):
+        return []
+    first, last = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
+    decades = [10.0**k for k in range(first, last + 1) if lo <= 10.0**k <= hi]
+    if len(decades) >= 3:
+        return decades
+    steps = [m * 10.0**k for k in range(first, last + 1) for m in (1, 2, 5)]
+    return [v for v in steps if lo <= v <= hi] or [lo, hi]
+
+
+def with_article(word: str) -> str:
+    """`an int8`, `an nf4`, `an fp16`, `a bf16`, `a full`: the article as the word is spoken
+    (an initialism such as nf4 is read letter by letter: "en-ef-four")."""
+    w = word.lower()
+    spelled = len(w) > 1 and w[0] in "fhlmnrsx" and w[1] not in "aeiouy"
+    return f"{'an' if w[:1] in ('a', 'e', 'i', 'o') or spelled else 'a'} {word}"
+
+
+def plural(n: int, word: str, words: str | None = None) -> str:
+    """`1 combination`, `2 combinations`: a count with its noun agreeing."""
+    return f"{n:,} {word if n == 1 else (words or word + 's')}"

@@ -38,6 +38,12 @@ TORCH_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 REPORTS: pytest.StashKey[dict[str, str]] = pytest.StashKey()
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    # Here, not in tests/measure/conftest.py: pytest reads options from initial conftests only.
+    parser.addoption("--validation-seed", type=int, default=None,
+                     help="seed of the random CPU validation draw (tests/measure/conftest.py); default: a fresh one, printed")
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.stash[REPORTS] = {}
 

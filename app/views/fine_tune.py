@@ -8,14 +8,16 @@ from components.charts import breakdown_chart
 from components.guard import shown_errors
 from components.inputs import gpu_choice, init, model_spec
 from memplan.planning import appdata
+from memplan.planning.labels import fit_verdict
 from memplan.model.architectures import DEFAULT_LORA_TARGETS
 from memplan.training.estimate import estimate
 from memplan.training.fit import fit_on
 from memplan.hardware.gpus import gpu_catalog
 from memplan.model.lora import ALL_LINEAR
 from memplan.training.search import limits_on
-from memplan.training.setup import ATTENTIONS, MAX_BATCH, MAX_SEQ_LEN, METHODS, OPTIMIZERS, Setup
-from memplan.model.storage import FLOAT_BYTES, QUANTS, is_quantized
+from memplan.training.setup import (ATTENTIONS, AUTOCASTS, MAX_BATCH, MAX_SEQ_LEN, METHODS, OPTIMIZERS, Setup, autocast_applies,
+                                    double_quant_applies, prepare_kbit_applies, quants_for_method)
+from memplan.model.storage import FLOAT_BYTES
 from memplan.units import format_bytes, format_count
 
 gpus = gpu_catalog()
@@ -27,11 +29,11 @@ with st.sidebar:
     init("ft_method", "lora")
     method = st.radio("Method", METHODS, key="ft_method", horizontal=True,
                       format_func={"lora": "LoRA / QLoRA", "full": "full fine-tuning"}.get)
-    quants = list(QUANTS) if method == "lora" else [q for q in QUANTS if not is_quantized(q)]
+    quants = list(quants_for_method(method))
     init("ft_quant", "nf4" if method == "lora" else "bf16", quants)
     quant = st.selectbox("Base weights", quants, key="ft_quant", help="bf16/fp16/fp32, or a bitsandbytes format (int8, nf4, fp4).")
     double_quant = False
-    if quant in ("nf4", "fp4"):
+    if double_quant_applies(quant):
         init("ft_double_quant", True)
         double_quant = st.checkbox("Double quantization", key="ft_double_quant", help="bnb_4bit_use_double_quant")
     targets: tuple[str, ...] | None = None
@@ -63,14 +65,14 @@ with st.sidebar:
         init("ft_compute_dtype", "bf16", list(FLOAT_BYTES))
         compute_dtype = st.selectbox("Compute dtype (quantized bases)", list(FLOAT_BYTES), key="ft_compute_dtype")
         prepare_kbit = False
-        if is_quantized(quant):
+        if prepare_kbit_applies(quant):
             init("ft_prepare_kbit", False)
             prepare_kbit = st.checkbox("prepare_model_for_kbit_training", key="ft_prepare_kbit",
                                        help="PEFT's preparation of a quantized base (casts the rest to fp32, turns on checkpointing).")
         autocast = "none"
-        if quant == "fp32":
-            init("ft_autocast", "none", ["none", "bf16", "fp16"])
-            autocast = st.selectbox("Autocast (mixed precision)", ["none", "bf16", "fp16"], key="ft_autocast",
+        if autocast_applies(quant):
+            init("ft_autocast", "none", AUTOCASTS)
+            autocast = st.selectbox("Autocast (mixed precision)", AUTOCASTS, key="ft_autocast",
                                     help="fp32 master weights with the forward under torch.autocast (Trainer's bf16=True / fp16=True).")
         dropout = 0.0
         if method == "lora":
@@ -100,7 +102,7 @@ st.caption(f"{spec.architecture} ({spec.model_type}), {spec.num_layers} layers, 
 cols = st.columns(6)
 cols[0].metric("Peak memory", format_bytes(est.memory.peak), help=f"{est.memory.peak:,} bytes; peak phase: {est.memory.peak_phase}")
 cols[1].metric(f"{gpu.key} usable", format_bytes(fit.usable_bytes), help=f"{fit.usable_bytes:,} bytes (nvidia-smi total)")
-cols[2].metric("Headroom", format_bytes(fit.headroom_bytes), delta="fits" if fit.fits else "does not fit",
+cols[2].metric("Headroom", format_bytes(fit.headroom_bytes), delta=fit_verdict(fit.fits),
                delta_color="normal" if fit.fits else "inverse", delta_arrow="off", help=f"{fit.headroom_bytes:,} bytes")
 cols[3].metric("Parameters", format_count(est.total_parameters), help=f"{est.total_parameters:,}")
 cols[4].metric("Trainable", format_count(est.trainable_parameters), help=f"{est.trainable_parameters:,}")

@@ -10,7 +10,9 @@ from components.charts import crossover_chart
 from components.guard import shown_errors
 from components.inputs import catalog_model, gpu_choice, init
 from memplan.planning import appdata
-from memplan.serving.launch import launch_settings
+from memplan.planning.labels import PLAN_DEFAULTS
+from memplan.planning.render_plan import launch_script
+from memplan.serving.launch import ENGINES, launch_settings
 from memplan.serving.fleet import PlanInputs, plan, sweep_variants
 from memplan.hardware.gpus import GPUCatalog, gpu_catalog
 from memplan.model.storage import QUANTS
@@ -40,37 +42,37 @@ with st.sidebar:
                                    help=f"1 to {MAX_VARIANTS:,}"))
     init("fleet_rps", 5.0)
     rps = float(st.number_input("Requests per second (all variants)", min_value=0.001, max_value=1e6, step=1.0, key="fleet_rps"))
-    init("fleet_popularity", "uniform")
+    init("fleet_popularity", PLAN_DEFAULTS["popularity"])
     popularity = st.radio("Popularity", ["uniform", "zipf"], key="fleet_popularity", horizontal=True,
                           help="How traffic spreads over the variants.")
     zipf = 1.0
     if popularity == "zipf":
-        init("fleet_zipf", 1.0)
+        init("fleet_zipf", PLAN_DEFAULTS["zipf_exponent"])
         zipf = float(st.number_input("Zipf exponent s", min_value=0.01, max_value=10.0, step=0.1, key="fleet_zipf"))
-    init("fleet_prompt_tokens", 1024)
+    init("fleet_prompt_tokens", PLAN_DEFAULTS["prompt_tokens"])
     prompt_tokens = int(st.number_input("Prompt tokens", min_value=1, max_value=10**6, step=128, key="fleet_prompt_tokens"))
-    init("fleet_output_tokens", 128)
+    init("fleet_output_tokens", PLAN_DEFAULTS["output_tokens"])
     output_tokens = int(st.number_input("Output tokens", min_value=1, max_value=10**6, step=32, key="fleet_output_tokens"))
     st.header("Serving")
     gpus = gpu_catalog()
     gpu_key = gpu_choice("fleet_gpu", gpus).key
-    init("fleet_quant", "bf16", QUANTS)
+    init("fleet_quant", PLAN_DEFAULTS["quant"], QUANTS)
     quant = st.selectbox("Weights", QUANTS, key="fleet_quant")
-    init("fleet_engine", "lorax")
-    engine = st.radio("Shared-base engine", ["lorax", "vllm"], key="fleet_engine", horizontal=True)
+    init("fleet_engine", PLAN_DEFAULTS["engine"], ENGINES)
+    engine = st.radio("Shared-base engine", ENGINES, key="fleet_engine", horizontal=True)
     init("fleet_lora_rank", 16)
     rank = int(st.number_input("LoRA rank r", min_value=1, max_value=4096, step=1, key="fleet_lora_rank"))
-    init("fleet_utilization", 0.7)
+    init("fleet_utilization", PLAN_DEFAULTS["utilization"])
     utilization = float(st.slider("Target utilisation", min_value=0.1, max_value=1.0, step=0.05, key="fleet_utilization"))
-    init("fleet_scale_to_zero", False)
+    init("fleet_scale_to_zero", PLAN_DEFAULTS["scale_to_zero"])
     scale_to_zero = st.toggle("Scale idle deployments to zero", key="fleet_scale_to_zero")
     st.header("Training (one-time)")
-    init("fleet_train_quant", "bf16", ["bf16", "nf4"])
+    init("fleet_train_quant", PLAN_DEFAULTS["train_quant"], ["bf16", "nf4"])
     train_quant = st.radio("LoRA base", ["bf16", "nf4"], key="fleet_train_quant", horizontal=True,
                            format_func={"bf16": "bf16 (LoRA)", "nf4": "nf4 (QLoRA)"}.get)
-    init("fleet_dataset_tokens", 10_000_000)
+    init("fleet_dataset_tokens", PLAN_DEFAULTS["dataset_tokens"])
     dataset_tokens = int(st.number_input("Dataset tokens", min_value=1, max_value=10**12, step=1_000_000, key="fleet_dataset_tokens"))
-    init("fleet_epochs", 3.0)
+    init("fleet_epochs", PLAN_DEFAULTS["epochs"])
     epochs = float(st.number_input("Epochs", min_value=0.1, max_value=100.0, step=1.0, key="fleet_epochs"))
 
 st.title("Fleet and cost")
@@ -112,6 +114,6 @@ with shown_errors():
     st.caption(appdata.crossover_text(crossovers, variants=VARIANT_GRID))
 
     st.subheader(f"Launch settings (memplan plan --emit {engine})")
-    st.code(f"# {launch.replicas} replica(s) of {launch.tp} x {p.gpu.key}, each:\n{launch.command()}", language="bash")
+    st.code(launch_script(launch, p.gpu.key), language="bash")
     with st.expander("Every assumption behind these numbers"):
         st.dataframe(appdata.assumption_rows(p), hide_index=True, key="fleet_assumptions")

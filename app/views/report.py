@@ -9,8 +9,7 @@ from components.inputs import gpu_choice, init
 from memplan.planning import appdata
 from memplan.planning.grid import parse_grid
 from memplan.hardware.gpus import gpu_catalog
-from memplan.training.setup import METHODS, OPTIMIZERS
-from memplan.model.storage import QUANTS, is_quantized
+from memplan.training.setup import METHODS, OPTIMIZERS, quants_for_method
 from memplan.planning.sweep import sweep_grid
 
 RANKS = [4, 8, 16, 32, 64, 128, 256]
@@ -25,7 +24,7 @@ with st.sidebar:
     models = st.multiselect("Models", appdata.catalog_names(), key="rep_models")
     init("rep_method", "lora")
     method = st.radio("Method", METHODS, key="rep_method", horizontal=True)
-    quant_options = list(QUANTS) if method == "lora" else [q for q in QUANTS if not is_quantized(q)]
+    quant_options = list(quants_for_method(method))
     init("rep_quants", ["bf16", "nf4"])
     st.session_state["rep_quants"] = [q for q in st.session_state["rep_quants"] if q in quant_options] or ["bf16"]
     quants = st.multiselect("Base weights", quant_options, key="rep_quants")

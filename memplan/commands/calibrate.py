@@ -1,45 +1,43 @@
-"""`memplan calibrate`: fit the CUDA device terms from profiles/ and show held-out error."""
+"""`memplan calibrate`: fit the CUDA device terms from profile records and show held-out error.
+
+The fitted terms go to the user's terms file (`memplan.paths.user_terms_file`, or `--terms`),
+which the estimator then reads instead of the shipped `data/device_terms.json`.
+"""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
 
 
-
 @click.command("calibrate")
-@click.option("--profiles", "profiles_path", type=click.Path(path_type=Path), default=None, help="A .jsonl file or a folder of them (default: profiles/).")
-@click.option("--write/--no-write", default=True, show_default=True, help="Store the fitted terms in data/device_terms.json.")
+@click.option("--profiles", "profiles_path", type=click.Path(path_type=Path), default=None,
+              help="A .jsonl file or a folder of them [default: the shipped records plus ./profiles/].")
+@click.option("--write/--no-write", default=True, show_default=True,
+              help="Store the fitted terms in your terms file (--terms); the shipped defaults are never changed.")
+@click.option("--terms", "terms_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="The terms file to write [default: device_terms.json in your user config folder].")
 @click.option("--format", "-f", "fmt", type=click.Choice(("table", "json")), default="table", show_default=True)
-def calibrate(profiles_path: Path | None, write: bool, fmt: str) -> None:
+def calibrate(profiles_path: Path | None, write: bool, terms_path: Path | None, fmt: str) -> None:
     """Fit CUDA context and allocator slack from measured runs; report error on held-out runs."""
-    from memplan.measure.calibrate import calibrate as fit, read_records, write_device_terms
     from memplan.errors import ProfileError
-    from memplan.paths import profiles_dir
-    from memplan.units import format_bytes
+    from memplan.measure.calibrate import calibrate as fit, write_device_terms
+    from memplan.measure.records import records_note, require_records
+    from memplan.files import check_writable
+    from memplan.paths import user_terms_file
+    from memplan.planning.render_validate import render_calibration
 
-    root = profiles_path or profiles_dir()
-    files = sorted(root.glob("*.jsonl")) if root.is_dir() else [root]
-    if not files or not all(f.is_file() for f in files):
-        raise ProfileError(f"no profile records at {root}; run `memplan profile` first")
-    cal = fit(read_records(files))
+    target = terms_path or user_terms_file()
+    if write:  # before the fit: a terms file that cannot be written is refused first
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ProfileError(f"--terms {target}: cannot create folder {target.parent} ({exc.strerror or exc})") from None
+        check_writable(target, flag="--terms")
+    records = require_records(profiles_path)
+    click.echo(records_note(profiles_path), err=True)
+    cal = fit(records)
     if write:
-        write_device_terms(cal)
-    summary = cal.summary()
-    if fmt == "json":
-        click.echo(json.dumps({"summary": summary, "rows": [r.__dict__ | {"allocated_error": r.allocated_error, "nvml_error": r.nvml_error} for r in cal.rows]}, indent=2))
-        return
-    t = cal.terms
-    click.echo(f"CUDA context: {format_bytes(t.cuda_context_bytes)}; allocator slack: {100 * t.allocator_fraction:.2f}% of the allocated peak")
-    click.echo(f"fitted on {summary['fit_records']} records; errors below are on the {summary['held_out_records']} held-out records")
-    click.echo(f"{'setup':<62} {'pred GiB':>9} {'meas GiB':>9} {'err':>7} {'NVML err':>9}")
-    for r in sorted(cal.held_out(), key=lambda r: -abs(r.allocated_error)):
-        nv = f"{100 * r.nvml_error:+.1f}%" if r.nvml_error is not None else "-"
-        click.echo(f"{r.label[:62]:<62} {r.predicted_allocated / 2**30:>9.2f} {r.measured_allocated / 2**30:>9.2f} {100 * r.allocated_error:>+6.1f}% {nv:>9}")
-    if summary["allocated_median_abs_error"] is not None:
-        click.echo(
-            f"allocated peak: median |error| {100 * summary['allocated_median_abs_error']:.2f}%, max {100 * summary['allocated_max_abs_error']:.2f}%"
-            + (f"; NVML total: median {100 * summary['nvml_median_abs_error']:.2f}%, max {100 * summary['nvml_max_abs_error']:.2f}%" if summary["nvml_median_abs_error"] is not None else "")
-        )
+        click.echo(f"wrote the fitted device terms to {write_device_terms(cal, target)}", err=True)
+    click.echo(render_calibration(cal, fmt))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from memplan.commands.options import output_format, setup_from_kwargs, setup_options
+from memplan.commands.options import note_terms, output_format, setup_from_kwargs, setup_options
 from memplan.errors import SetupError
 
 
@@ -26,3 +26,5 @@ def estimate(gpu: str | None, fmt: str, **kwargs: object) -> None:
             raise SetupError("--gpu checks the fit on a CUDA GPU, which needs --device cuda; drop --gpu or --device cpu")
         gpu_spec = gpu_catalog().get(gpu)
     click.echo(render_estimate(run(setup), fmt, gpu=gpu_spec))
+    if setup.device == "cuda":
+        note_terms()

@@ -1,25 +1,32 @@
-"""Setup flags shared by `estimate`, `fit`, `profile` and `sweep`.
+"""Flags shared by the commands (the only module one command may import from another).
 
-`setup_options` adds every estimator input as a flag; `setup_from_kwargs`
-turns the parsed values into a validated `Setup`.
+`setup_options` adds every estimator input as a flag (`estimate`, `fit`, `profile`);
+`setup_from_kwargs` turns the parsed values into a validated `Setup`. `grid_options`
+adds the grid flags of `sweep` and `report`; `grid_from_options` reads them into a `Grid`.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable
 
 import click
 
-from memplan.errors import SetupError
-from memplan.training.setup import Setup
+from memplan.model.storage import QUANTS
+from memplan.planning.labels import choices_text
+from memplan.serving.launch import ENGINES
+from memplan.training.setup import ATTENTIONS, AUTOCASTS, DEVICES, METHODS, OPTIMIZERS, Setup
 
-__all__ = ["setup_options", "setup_from_kwargs", "SETUP_FLAGS", "output_format"]
+__all__ = ["MODEL_HELP", "setup_options", "setup_from_kwargs", "SETUP_FLAGS", "output_format", "GRID_FLAGS", "grid_options", "grid_from_options",
+           "note_terms"]
+
+MODEL_HELP = "Catalog name (see `memplan models`), a config.json path, or a folder with one."
 
 # (flag declaration, keyword, click kwargs)
 SETUP_FLAGS: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = (
-    (("--model", "-m"), dict(required=True, help="Catalog name (see `memplan models`), a config.json path, or a folder with one.")),
-    (("--method",), dict(default="lora", show_default=True, help="full | lora")),
-    (("--quant", "-q"), dict(default="bf16", show_default=True, help="bf16 | fp16 | fp32 | int8 | nf4 | fp4")),
+    (("--model", "-m"), dict(required=True, help=MODEL_HELP)),
+    (("--method",), dict(default="lora", show_default=True, help=choices_text(METHODS))),
+    (("--quant", "-q"), dict(default="bf16", show_default=True, help=choices_text(QUANTS))),
     (("--double-quant/--no-double-quant",), dict(default=False, show_default=True, help="bnb_4bit_use_double_quant (nf4/fp4).")),
     (("--compute-dtype",), dict(default="bf16", show_default=True, help="Load/compute dtype of a quantized base (bnb_4bit_compute_dtype).")),
     (("--lora-rank", "-r"), dict(default=8, type=int, show_default=True, help="LoRA rank r.")),
@@ -28,11 +35,11 @@ SETUP_FLAGS: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = (
     (("--seq-len", "-s"), dict(default=512, type=int, show_default=True, help="Tokens per sequence.")),
     (("--batch-size", "-b"), dict(default=1, type=int, show_default=True, help="Sequences per step (micro-batch).")),
     (("--grad-checkpointing/--no-grad-checkpointing",), dict(default=False, show_default=True, help="Gradient checkpointing.")),
-    (("--optimizer",), dict(default="adamw", show_default=True, help="adamw | adamw_8bit | paged_adamw_32bit | paged_adamw_8bit | sgd | sgd_momentum")),
-    (("--attention",), dict(default=None, help="sdpa | eager | flash  [default: transformers' own choice: sdpa, or eager for gemma2]")),
-    (("--device",), dict(default="cuda", show_default=True, help="cuda | cpu")),
+    (("--optimizer",), dict(default="adamw", show_default=True, help=choices_text(OPTIMIZERS))),
+    (("--attention",), dict(default=None, help=choices_text(ATTENTIONS) + "  [default: transformers' own choice: sdpa, or eager for gemma2]")),
+    (("--device",), dict(default="cuda", show_default=True, help=choices_text(DEVICES))),
     (("--prepare-kbit-training/--no-prepare-kbit-training",), dict(default=False, show_default=True, help="PEFT prepare_model_for_kbit_training.")),
-    (("--autocast",), dict(default="none", show_default=True, help="none | bf16 | fp16: fp32 master weights (--quant fp32) with the forward under torch.autocast (Trainer's bf16=True / fp16=True).")),
+    (("--autocast",), dict(default="none", show_default=True, help=choices_text(AUTOCASTS) + ": fp32 master weights (--quant fp32) with the forward under torch.autocast (Trainer's bf16=True / fp16=True).")),
 )
 
 
@@ -46,14 +53,21 @@ def output_format(choices: tuple[str, ...] = ("table", "json", "csv")) -> Callab
     return click.option("--format", "-f", "fmt", default=choices[0], show_default=True, type=click.Choice(choices), help="Output format.")
 
 
+def note_terms(*, always: bool = False) -> None:
+    """Say on stderr which CUDA device terms the estimates use: always (`validate`, `report`),
+    or only when they are the user's calibration rather than the shipped defaults (`estimate`,
+    `fit`, `sweep`, whose stderr stays empty otherwise)."""
+    from memplan.training.device_terms import terms_file, terms_note
+
+    if always or terms_file()[1]:
+        click.echo(terms_note(), err=True)
+
+
 def setup_from_kwargs(kwargs: dict[str, Any]) -> Setup:
     """Pop the setup flags out of a command's kwargs and build the `Setup`."""
-    targets_raw = kwargs.pop("lora_targets")
-    targets = None
-    if targets_raw is not None:
-        targets = tuple(t.strip() for t in targets_raw.split(",") if t.strip())
-        if not targets:
-            raise SetupError("--lora-targets is empty; give module names (e.g. q_proj,v_proj) or all-linear")
+    from memplan.model.lora import parse_lora_targets
+
+    targets = parse_lora_targets(kwargs.pop("lora_targets"))
     names = ("model", "method", "quant", "double_quant", "compute_dtype", "lora_rank", "lora_dropout", "seq_len",
              "batch_size", "grad_checkpointing", "optimizer", "attention", "device", "prepare_kbit_training", "autocast")
     values = {n: kwargs.pop(n) for n in names}
@@ -63,3 +77,58 @@ def setup_from_kwargs(kwargs: dict[str, Any]) -> Setup:
 
         values["attention"] = default_attention(load_model(values["model"]))
     return Setup(lora_targets=targets, **values)
+
+
+# ---- grid flags (`memplan sweep`, `memplan report`) ----------------------------------------------
+
+# key -> (flag declarations, help). Keys are memplan.planning.grid.KEYS; flag names are `memplan estimate`'s.
+GRID_FLAGS: dict[str, tuple[tuple[str, ...], str]] = {
+    "model": (("--model", "-m"), "Catalog names or config.json paths."),
+    "method": (("--method",), choices_text(METHODS, ", ") + "."),
+    "quant": (("--quant", "-q"), choices_text(QUANTS, ", ") + "."),
+    "double_quant": (("--double-quant",), "true, false (nf4/fp4 only)."),
+    "compute_dtype": (("--compute-dtype",), "Compute dtype of a quantized base."),
+    "lora_rank": (("--lora-rank", "-r"), "LoRA ranks."),
+    "lora_targets": (("--lora-targets",), "ONE target set per flag: q_proj,v_proj | all-linear | default."),
+    "lora_dropout": (("--lora-dropout",), "LoRA dropout values."),
+    "seq_len": (("--seq-len", "-s"), "Sequence lengths."),
+    "batch_size": (("--batch-size", "-b"), "Batch sizes."),
+    "grad_checkpointing": (("--grad-checkpointing",), "true, false."),
+    "optimizer": (("--optimizer",), choices_text(OPTIMIZERS, ", ") + "."),
+    "attention": (("--attention",), choices_text(ATTENTIONS, ", ") + ", default (transformers' choice per model)."),
+    "device": (("--device",), choices_text(DEVICES, ", ") + "."),
+    "prepare_kbit_training": (("--prepare-kbit-training",), "true, false."),
+    "autocast": (("--autocast",), choices_text(AUTOCASTS, ", ") + " (fp32 bases only: mixed precision)."),
+    "gpu": (("--gpu", "-g"), "GPUs to check every setup against [default: the whole catalog]."),
+    "variants": (("--variants", "-n"), "Fleet: numbers of fine-tuned variants N."),
+    "rps": (("--rps",), "Fleet: requests per second over all variants."),
+    "serve_gpu": (("--serve-gpu",), "Fleet: serving GPU."),
+    "serve_quant": (("--serve-quant",), "Fleet: serving format of the weights."),
+    "engine": (("--engine",), "Fleet: " + choices_text(ENGINES, ", ") + "."),
+}
+
+
+def grid_options(fn: Callable) -> Callable:
+    """Every grid flag, plus --grid FILE."""
+    for key, (decls, help_text) in reversed(GRID_FLAGS.items()):
+        fn = click.option(*decls, key, multiple=True, default=(), metavar="LIST", help=help_text)(fn)
+    return click.option("--grid", "grid_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                        help="YAML or JSON grid file (keys: the flag names in snake_case).")(fn)
+
+
+def grid_from_options(grid_file: Path | None, kwargs: dict[str, Any]) -> Any:
+    """Pop the grid flags out of `kwargs`; read and check the grid (raises GridError before any work)."""
+    from memplan.errors import MemplanError
+    from memplan.planning.grid import load_grid, parse_grid, values_from_text
+
+    flags = {}
+    for key in GRID_FLAGS:
+        texts = kwargs.pop(key)
+        if texts:
+            values = values_from_text(key, texts)
+            flags[key] = values if len(values) > 1 else values[0]
+    if grid_file is not None:
+        return load_grid(grid_file, overrides=flags)
+    if not flags:
+        raise MemplanError("give a grid: --grid grid.yaml, or flags such as --model llama2-7b --quant bf16,nf4")
+    return parse_grid(flags, source="flags")

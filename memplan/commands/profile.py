@@ -16,6 +16,7 @@ import click
 
 from memplan.commands.options import SETUP_FLAGS
 from memplan.errors import MemplanError, ProfileError, SetupError
+from memplan.planning.render_validate import outcome_line
 
 _INT_FIELDS = {"lora_rank", "seq_len", "batch_size"}
 
@@ -37,36 +38,46 @@ def _flag_values(kwargs: dict[str, Any]) -> dict[str, list[Any]]:
         given = kwargs.pop(name)
         if not given:
             continue
-        if name == "lora_targets":
+        if name == "lora_targets":  # each flag is one target set; refuse an empty one before any run
+            from memplan.model.lora import parse_lora_targets
+
             for v in given:
-                if not [t for t in v.split(",") if t.strip()]:
-                    raise SetupError("--lora-targets is empty; give module names (e.g. q_proj,v_proj) or all-linear")
+                parse_lora_targets(v)
         values[name] = list(dict.fromkeys(given))
     return values
 
 
 def _default_out(device: str, env: dict[str, Any]) -> Path:
-    from memplan.paths import profiles_dir
+    """`./profiles/<device>.jsonl` in the working directory: the user's records, never the
+    shipped ones inside an installed package."""
+    from memplan.paths import user_profiles_dir
 
     if device == "cpu":
-        return profiles_dir() / "cpu.jsonl"
+        return user_profiles_dir() / "cpu.jsonl"
     # "NVIDIA H100 80GB HBM3" -> cuda-h100.jsonl (the record's env keeps the full name)
     words = [w for w in re.split(r"[^a-z0-9]+", str(env.get("device_name", "gpu")).lower()) if w and w != "nvidia"]
-    return profiles_dir() / f"cuda-{words[0] if words else 'gpu'}.jsonl"
+    return user_profiles_dir() / f"cuda-{words[0] if words else 'gpu'}.jsonl"
 
 
-def _outcome_line(record: dict[str, Any]) -> str:
-    from memplan.units import format_bytes
+def _relative(path: Path) -> str:
+    """`profiles/cpu.jsonl` for a path under the working directory, else the absolute path."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
-    m = record.get("measured") or {}
-    if record["outcome"] == "error":
-        detail = (record.get("error") or {}).get("message", "")[:160]
-    elif record["outcome"] == "oom":
-        detail = f"in phase {(record.get('oom') or {}).get('phase')}"
-    else:
-        peak = m.get("steady_peak_bytes")
-        detail = f"steady peak {format_bytes(peak)}" if peak is not None else ""
-    return f"{record['outcome']:<5} {detail} ({record['duration_s']:.0f} s)"
+
+def _check_out(path: Path) -> None:
+    """Refuse a records file that cannot be appended to, before any run."""
+    from memplan.files import check_writable
+
+    if path.is_dir():
+        raise ProfileError(f"--out {path} is a folder; give a .jsonl file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ProfileError(f"--out {path}: cannot create folder {path.parent} ({exc.strerror or exc})") from None
+    check_writable(path)
 
 
 class ProgressReporter:
@@ -93,10 +104,10 @@ class ProgressReporter:
 
     def done(self, i: int, n: int, job: Any, record: dict[str, Any]) -> None:
         if self.progress is not None:
-            self.progress.console.print(f"{job.label()}: {_outcome_line(record)}", highlight=False, markup=False)
+            self.progress.console.print(f"{job.label()}: {outcome_line(record)}", highlight=False, markup=False)
             self.progress.advance(self.task)
         else:
-            click.echo(f"[{i}/{n}] {_outcome_line(record)}", err=True)
+            click.echo(f"[{i}/{n}] {outcome_line(record)}", err=True)
 
     def close(self) -> None:
         if self.progress is not None:
@@ -108,21 +119,24 @@ class ProgressReporter:
 @click.option("--layers", "layers", multiple=True, type=click.IntRange(min=1), help="Keep only the first N decoder layers. Repeatable.")
 @click.option("--steps", default=3, show_default=True, type=click.IntRange(min=1), help="Training steps per run (steady state = the last).")
 @click.option("--grid", "grids", multiple=True, type=click.Path(exists=True, dir_okay=False), help="YAML/JSON grid file(s) of setups.")
-@click.option("--out", "-o", type=click.Path(dir_okay=False), default=None, help="JSONL file to append records to [default: profiles/<device>.jsonl].")
+@click.option("--out", "-o", type=click.Path(dir_okay=False), default=None, help="JSONL file to append records to [default: ./profiles/<device>.jsonl in the working directory].")
 @click.option("--resume/--no-resume", default=True, show_default=True, help="Skip setups already recorded (ok or oom) in this environment.")
 @click.option("--sample", type=click.IntRange(min=1), default=None, help="Run a random subset of N setups.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of --sample.")
 @click.option("--run-timeout", type=click.FloatRange(min=1), default=None, help="Seconds before one run is stopped and recorded as error.")
 @click.option("--checkpoint-dir", type=click.Path(file_okay=False), default=None, help="Cache of random checkpoints [default: a temp folder].")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Runs side by side, one subprocess each (--device cpu: the ledger counts bytes, not time).")
 @click.option("--compare", is_flag=True, help="Also print predicted vs measured for the runs.")
 @click.option("--dry-run", is_flag=True, help="List the setups and which would be skipped; run nothing.")
 def profile(layers: tuple[int, ...], steps: int, grids: tuple[str, ...], out: str | None, resume: bool, sample: int | None,
-            seed: int, run_timeout: float | None, checkpoint_dir: str | None, compare: bool, dry_run: bool, **kwargs: Any) -> None:
+            seed: int, run_timeout: float | None, checkpoint_dir: str | None, workers: int, compare: bool, dry_run: bool,
+            **kwargs: Any) -> None:
     """Measure real fine-tuning steps (CUDA allocator + NVML, or the CPU storage ledger).
 
     Each run loads a random-weight checkpoint through from_pretrained (bitsandbytes for
     int8/nf4/fp4), applies PEFT LoRA and runs forward, backward and optimizer steps in its
-    own subprocess. Records go to profiles/ as JSON Lines, one per run, whatever its outcome
+    own subprocess. Records go to ./profiles/ as JSON Lines, one per run, whatever its outcome
     (ok, oom, error); a failed run never stops the campaign.
     """
     from memplan.measure.profiler.campaign import expand_grid, load_grid_file, run_campaign, sample_jobs
@@ -150,6 +164,9 @@ def profile(layers: tuple[int, ...], steps: int, grids: tuple[str, ...], out: st
     if len(devices) > 1:
         raise SetupError(f"one --device per campaign, got {', '.join(devices)}; run one campaign per device")
     device = devices[0]
+    if workers > 1 and device != "cpu":
+        # NVML's device-wide peak and an OOM would mix two runs on one GPU.
+        raise SetupError(f"--workers {workers} needs --device cpu; a {device} campaign runs one setup at a time")
     try:
         check_device(device)
     except MemplanError as exc:
@@ -158,10 +175,13 @@ def profile(layers: tuple[int, ...], steps: int, grids: tuple[str, ...], out: st
         # Planning a campaign for another machine: list it; resume is decided where it runs.
         for job in jobs:
             click.echo(f"plan  {job.label()}")
-        click.echo(f"{len(jobs)} setup(s); not checked against recorded runs ({exc})")
+        target = Path(out) if out else _default_out(device, {})
+        click.echo(f"{len(jobs)} setup(s); records -> {_relative(target)}; not checked against recorded runs ({exc})")
         return
     env = collect_env(device)
     out_path = Path(out) if out else _default_out(device, env)
+    if out is not None and Path(out).is_dir():
+        raise ProfileError(f"--out {out} is a folder; give a .jsonl file")
     if skipped_invalid:
         click.echo(f"skipping {len(skipped_invalid)} impossible combination(s), e.g.: {skipped_invalid[0]}", err=True)
 
@@ -175,6 +195,7 @@ def profile(layers: tuple[int, ...], steps: int, grids: tuple[str, ...], out: st
         click.echo(f"{len(jobs)} setup(s); records -> {out_path}")
         return
 
+    _check_out(out_path)
     reporter = ProgressReporter(len(jobs))
     try:
         result = run_campaign(
@@ -184,6 +205,7 @@ def profile(layers: tuple[int, ...], steps: int, grids: tuple[str, ...], out: st
             resume=resume,
             timeout_s=run_timeout,
             checkpoint_dir=Path(checkpoint_dir) if checkpoint_dir else None,
+            workers=workers,
             on_start=reporter.start,
             on_record=reporter.done,
         )
@@ -196,7 +218,7 @@ def profile(layers: tuple[int, ...], steps: int, grids: tuple[str, ...], out: st
                    "run the same command again to resume", err=True)
         raise KeyboardInterrupt  # the CLI reports it and exits with status 130
 
-    from memplan.commands.validate import render_comparison, render_measured
+    from memplan.planning.render_validate import render_comparison, render_measured
 
     keys = {run_key(j.setup, j.layers, j.steps, env_key(env)) for j in jobs}
     campaign_records = [r for r in read_records([out_path]) if env_key(r["env"]) == env_key(env)

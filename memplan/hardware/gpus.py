@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -15,7 +16,8 @@ from typing import Iterable
 from memplan.errors import MemplanError, UnknownGPUError
 from memplan.paths import data_dir
 
-__all__ = ["GPU", "GPUCatalog", "gpu_catalog", "load_gpu_catalog", "parse_price_overrides"]
+__all__ = ["GPU", "GPUCatalog", "gpu_catalog", "load_gpu_catalog", "parse_price_overrides", "check_gpu_price", "check_storage_price",
+           "MAX_GPU_USD_PER_HOUR", "MAX_STORAGE_USD_PER_GB_MONTH"]
 
 
 @dataclass(frozen=True)
@@ -50,9 +52,15 @@ class GPUCatalog:
     def with_prices(self, prices: dict[str, float]) -> "GPUCatalog":
         gpus = list(self.gpus)
         for key, price in prices.items():
+            price = check_gpu_price(price, what=f"price of {key}")
             g = self.get(key)
             gpus[gpus.index(g)] = replace(g, usd_per_hour=price, price_provider="user override", price_date="")
         return replace(self, gpus=tuple(gpus))
+
+
+    def with_storage_price(self, price: float) -> "GPUCatalog":
+        """A copy with the storage price replaced (checked: see `check_storage_price`)."""
+        return replace(self, storage_usd_per_gb_month=check_storage_price(price))
 
 
 def _parse(raw: object, where: str) -> GPUCatalog:
@@ -81,6 +89,8 @@ def _parse(raw: object, where: str) -> GPUCatalog:
             if isinstance(vals[k], bool) or not isinstance(vals[k], (int, float)) or vals[k] < 0 or (k == "bf16_tflops" and vals[k] == 0):
                 raise MemplanError(f"{where}: gpus[{i}].{k} must be a {'positive' if k == 'bf16_tflops' else 'non-negative'} number")
         gpus.append(GPU(**vals))
+    # A user catalog without a storage price gets the built-in one: AWS S3 Standard, first 50 TB,
+    # us-east-1, USD per GB-month with GB = 10^9 bytes (https://aws.amazon.com/s3/pricing/).
     storage = raw.get("storage_usd_per_gb_month", 0.023)
     if isinstance(storage, bool) or not isinstance(storage, (int, float)) or storage < 0:
         raise MemplanError(f"{where}: storage_usd_per_gb_month must be a non-negative number")
@@ -110,16 +120,42 @@ def load_gpu_catalog(path: str | Path | None = None) -> GPUCatalog:
     return _parse(raw, str(p))
 
 
+# Ceilings: the dearest on-demand GPU-hour in any cloud list is ~$15 (H200/B200), an
+# 8-GPU node ~$100/h; storage lists at ~$0.02-0.2 per GB-month. Anything far above is a typo.
+MAX_GPU_USD_PER_HOUR = 1000.0
+MAX_STORAGE_USD_PER_GB_MONTH = 100.0
+
+
+def check_gpu_price(price: object, *, what: str) -> float:
+    """A GPU-hour price: a positive, finite number of USD up to MAX_GPU_USD_PER_HOUR (a free
+    GPU would make every plan's cost, and the cheapest GPU, meaningless)."""
+    if isinstance(price, bool) or not isinstance(price, (int, float)) or not math.isfinite(price) \
+            or not 0 < price <= MAX_GPU_USD_PER_HOUR:
+        raise MemplanError(f"{what}: a GPU-hour price must be a positive number of USD up to "
+                           f"{MAX_GPU_USD_PER_HOUR:,.0f}, got {price!r}")
+    return float(price)
+
+
+def check_storage_price(price: object, *, what: str = "--storage-price") -> float:
+    """Storage USD per GB-month (GB = 10**9 bytes): finite, from 0 up to MAX_STORAGE_USD_PER_GB_MONTH."""
+    if isinstance(price, bool) or not isinstance(price, (int, float)) or not math.isfinite(price) \
+            or not 0 <= price <= MAX_STORAGE_USD_PER_GB_MONTH:
+        raise MemplanError(f"{what} must be a number of USD per GB-month from 0 up to "
+                           f"{MAX_STORAGE_USD_PER_GB_MONTH:,.0f}, got {price!r}")
+    return float(price)
+
+
 def parse_price_overrides(items: Iterable[str]) -> dict[str, float]:
     """`["a100-80gb=1.89", ...]` -> {"a100-80gb": 1.89}."""
     out: dict[str, float] = {}
     for item in items:
         key, sep, value = item.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise MemplanError(f"--price '{item}' must look like GPU=USD_PER_HOUR, e.g. a100-80gb=1.89")
         try:
             price = float(value)
         except ValueError:
-            price = -1.0
-        if not sep or not key.strip() or price < 0:
-            raise MemplanError(f"--price '{item}' must look like GPU=USD_PER_HOUR, e.g. a100-80gb=1.89")
-        out[key.strip()] = price
+            raise MemplanError(f"--price '{item}' must look like GPU=USD_PER_HOUR, e.g. a100-80gb=1.89 "
+                               f"('{value.strip()}' is not a number)") from None
+        out[key.strip()] = check_gpu_price(price, what=f"--price '{item}'")
     return out

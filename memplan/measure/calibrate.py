@@ -17,21 +17,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import statistics
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
-from memplan.model.catalog import load_model, with_layers
+from memplan.measure.records import record_spec
+from memplan.measure.stats import error_stats
 from memplan.training.device_terms import DeviceTerms
 from memplan.errors import ProfileError
 from memplan.training.estimate import estimate
-from memplan.paths import data_dir
+from memplan.files import atomic_write_bytes, check_writable
+from memplan.paths import user_terms_file
 from memplan.training.setup import Setup
 
-__all__ = ["CalibrationRow", "Calibration", "calibrate", "write_device_terms", "read_records"]
+__all__ = ["CalibrationRow", "Calibration", "calibrate", "write_device_terms"]
 
 
 @dataclass(frozen=True)
@@ -65,31 +65,18 @@ class Calibration:
 
     def summary(self) -> dict[str, Any]:
         test = self.held_out()
-        alloc = [abs(r.allocated_error) for r in test]
-        nvml = [abs(e) for r in test if (e := r.nvml_error) is not None]
+        alloc = error_stats(r.allocated_error for r in test)
+        nvml = error_stats(r.nvml_error for r in test)
         return {
             "records": len(self.rows),
             "fit_records": len(self.rows) - len(test),
             "held_out_records": len(test),
-            "allocated_median_abs_error": statistics.median(alloc) if alloc else None,
-            "allocated_max_abs_error": max(alloc) if alloc else None,
-            "nvml_median_abs_error": statistics.median(nvml) if nvml else None,
-            "nvml_max_abs_error": max(nvml) if nvml else None,
+            "allocated_median_abs_error": alloc.median_abs if alloc else None,
+            "allocated_max_abs_error": alloc.max_abs if alloc else None,
+            "nvml_median_abs_error": nvml.median_abs if nvml else None,
+            "nvml_max_abs_error": nvml.max_abs if nvml else None,
             "terms": asdict(self.terms),
         }
-
-
-def read_records(paths: Iterable[Path]) -> list[dict[str, Any]]:
-    out: list[dict[str, Any]] = []
-    for path in paths:
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise ProfileError(f"{path}:{n}: not a JSON record ({exc.msg}); fix or remove that line") from None
-    return out
 
 
 def _in_fit_half(record_id: str) -> bool:
@@ -109,12 +96,11 @@ def calibrate(records: list[dict[str, Any]]) -> Calibration:
     prepared = []
     for rec in cuda:
         setup = Setup.from_dict(rec["setup"])
-        spec = with_layers(load_model(setup.model), rec.get("layers"))
-        est = estimate(setup, model=spec, terms=zero)
-        prepared.append((rec, est.memory.peak))
-    fit = [(r, p) for r, p in prepared if _in_fit_half(str(r.get("id")))]
+        est = estimate(setup, model=record_spec(rec), terms=zero)
+        prepared.append((rec, setup, est.memory.peak))
+    fit = [(r, p) for r, _, p in prepared if _in_fit_half(str(r.get("id")))]
     if not fit:
-        fit = prepared[: len(prepared) // 2 or 1]
+        fit = [(r, p) for r, _, p in prepared[: len(prepared) // 2 or 1]]
     fit_ids = {id(r) for r, _ in fit}
     contexts = [int(r["measured"]["cuda_context_bytes"]) for r, _ in fit if r["measured"].get("cuda_context_bytes")]
     context = int(statistics.median(contexts)) if contexts else 0
@@ -133,16 +119,12 @@ def calibrate(records: list[dict[str, Any]]) -> Calibration:
         source=f"memplan calibrate: {len(fit)} of {len(prepared)} CUDA records fitted, the rest held out",
     )
     rows = []
-    for rec, alloc_pred in prepared:
+    for rec, setup, alloc_pred in prepared:
         m = rec["measured"]
-        s = rec["setup"]
-        lora = f" r{s['lora_rank']}:{','.join(s['lora_targets']) if s.get('lora_targets') else 'default'}" if s["method"] == "lora" else ""
-        label = (f"{s['model']}{'/L' + str(rec['layers']) if rec.get('layers') else ''} {s['method']} {s['quant']}{'+dq' if s.get('double_quant') else ''}"
-                 f"{lora} s{s['seq_len']} b{s['batch_size']}{' ckpt' if s['grad_checkpointing'] else ''} {s['optimizer']}")
         rows.append(
             CalibrationRow(
                 record_id=str(rec.get("id")),
-                label=label,
+                label=setup.label(layers=rec.get("layers")),
                 used_for_fit=id(rec) in fit_ids,
                 predicted_allocated=alloc_pred + terms.allocated_extra_bytes(),
                 measured_allocated=int(m["steady_peak_bytes"]),
@@ -154,18 +136,20 @@ def calibrate(records: list[dict[str, Any]]) -> Calibration:
 
 
 def write_device_terms(cal: Calibration, path: Path | None = None) -> Path:
-    """Atomically merge the fitted CUDA terms into data/device_terms.json."""
-    path = path or data_dir() / "device_terms.json"
-    current = json.loads(path.read_text()) if path.is_file() else {}
+    """Atomically merge the fitted CUDA terms into the user's terms file (default:
+    `memplan.paths.user_terms_file()`); the shipped data/device_terms.json is never written."""
+    path = Path(path) if path is not None else user_terms_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    check_writable(path, flag="--terms")
+    try:
+        current = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except ValueError:
+        raise ProfileError(f"--terms {path} is not a JSON device terms file; give another path or delete it") from None
+    if not isinstance(current, dict):
+        raise ProfileError(f"--terms {path} is not a JSON device terms file; give another path or delete it")
     entry = asdict(cal.terms)
     entry.pop("device")
     entry["held_out"] = {k: v for k, v in cal.summary().items() if k != "terms"}
     current["cuda"] = entry
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".device_terms.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(current, fh, indent=2)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, (json.dumps(current, indent=2) + "\n").encode("utf-8"))
     return path

@@ -6,11 +6,11 @@ its measurement:
 
 | component        | predicted (`Estimate.to_dict()["memory_bytes"]`) | measured (`record["measured"]`) |
 |------------------|--------------------------------------------------|---------------------------------|
-| weights          | base_weights                                     | weights_bytes (ledger, after load) |
+| weights          | weights (base model only)                        | weights_bytes (ledger, after load) |
 | adapters         | adapters (LoRA only)                             | trainable_bytes                 |
 | gradients        | gradients                                        | gradients_bytes (last backward) |
 | optimizer_states | optimizer_states                                 | optimizer_state_bytes           |
-| activations      | activations (incl. logits)                       | activations_bytes (end of last forward) |
+| activations      | activations_and_logits                           | activations_bytes (end of last forward) |
 | peak             | allocated_peak                                   | steady_peak_bytes (CUDA max allocated / CPU ledger) |
 | device_peak      | peak (CUDA only)                                 | nvml_peak_bytes                 |
 
@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Iterable
 
 from memplan.errors import MemplanError, ProfileError
+from memplan.measure.records import record_spec
 from memplan.training.setup import Setup
 
 if TYPE_CHECKING:
@@ -34,17 +35,6 @@ __all__ = ["COMPONENTS", "compare_record", "compare_records", "record_spec"]
 COMPONENTS = ("weights", "adapters", "gradients", "optimizer_states", "activations", "peak", "device_peak")
 _SETUP_COLUMNS = ("model", "method", "quant", "double_quant", "lora_rank", "lora_targets", "seq_len", "batch_size",
                   "grad_checkpointing", "optimizer", "attention", "device", "autocast")
-
-
-def record_spec(record: dict[str, Any]) -> Any:
-    """The ModelSpec a record was measured on: its embedded config, else the catalog's, truncated."""
-    from memplan.model.architectures import spec_from_config
-    from memplan.model.catalog import load_model, with_layers
-
-    info = record.get("model_info") or {}
-    if info.get("config"):
-        return spec_from_config(info["config"], name=info.get("name") or record["setup"]["model"])
-    return with_layers(load_model(record["setup"]["model"]), record.get("layers"))
 
 
 def compare_record(record: dict[str, Any]) -> list[dict[str, Any]]:
@@ -65,13 +55,13 @@ def compare_record(record: dict[str, Any]) -> list[dict[str, Any]]:
     if setup.prepare_kbit_training and m.get("parameters_bytes") is not None:
         # prepare_model_for_kbit_training upcasts after loading: compare what training holds.
         measured_weights = m["parameters_bytes"] - (m.get("trainable_bytes") or 0)
-    pairs: list[tuple[str, int, Any]] = [("weights", mem["base_weights"], measured_weights)]
+    pairs: list[tuple[str, int, Any]] = [("weights", mem["weights"], measured_weights)]
     if setup.method == "lora":
         pairs.append(("adapters", mem["adapters"], m.get("trainable_bytes")))
     pairs += [
         ("gradients", mem["gradients"], m.get("gradients_bytes")),
         ("optimizer_states", mem["optimizer_states"], m.get("optimizer_state_bytes")),
-        ("activations", mem["activations"], m.get("activations_bytes")),
+        ("activations", mem["activations_and_logits"], m.get("activations_bytes")),
         ("peak", mem["allocated_peak"], m.get("steady_peak_bytes")),
     ]
     if setup.device == "cuda":

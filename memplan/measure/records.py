@@ -25,6 +25,8 @@ from memplan.training.setup import Setup
 if TYPE_CHECKING:  # pandas is imported only where a DataFrame is returned
     import pandas as pd
 
+    from memplan.model.spec import ModelSpec
+
 __all__ = [
     "SCHEMA_VERSION",
     "OUTCOMES",
@@ -34,7 +36,11 @@ __all__ = [
     "append_record",
     "read_records",
     "record_files",
+    "default_record_folders",
+    "records_note",
+    "require_records",
     "records_frame",
+    "record_spec",
 ]
 
 SCHEMA_VERSION = 1
@@ -145,12 +151,41 @@ def append_record(path: str | Path, record: dict[str, Any]) -> None:
         os.close(fd)
 
 
-def record_files(paths: Iterable[str | Path] | None = None) -> list[Path]:
-    """JSONL files named in `paths` (files or folders); default: every `profiles/*.jsonl`."""
+def default_record_folders() -> list[Path]:
+    """What a reader takes without paths: the shipped records plus `./profiles/` (see `memplan.paths`)."""
+    from memplan.paths import profile_folders
+
+    return profile_folders()
+
+
+def records_note(paths: Iterable[str | Path] | str | Path | None = None) -> str:
+    """One line saying which records a command read (the commands print it on stderr)."""
     from memplan.paths import profiles_dir
 
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    if paths is None:
+        names = [f"{p} (shipped)" if p == profiles_dir() else str(p) for p in default_record_folders()]
+        return "profiles: " + (" + ".join(names) or "none (no shipped records and no ./profiles/)")
+    return "profiles: " + ", ".join(str(p) for p in paths)
+
+
+def require_records(paths: Iterable[str | Path] | str | Path | None = None) -> list[dict[str, Any]]:
+    """`read_records`, refusing an empty result with one line naming where it looked."""
+    records = read_records(paths)
+    if not records:
+        if isinstance(paths, (str, Path)):
+            paths = [paths]
+        where = ", ".join(str(p) for p in (default_record_folders() if paths is None else paths)) or "./profiles/"
+        raise ProfileError(f"no profile records in {where}; run `memplan profile` first, or name a .jsonl file or folder")
+    return records
+
+
+def record_files(paths: Iterable[str | Path] | None = None) -> list[Path]:
+    """JSONL files named in `paths` (files or folders); default: the shipped `profiles/*.jsonl`
+    plus `./profiles/*.jsonl` (`default_record_folders`)."""
     out: list[Path] = []
-    for p in [profiles_dir()] if paths is None else [Path(x) for x in paths]:
+    for p in default_record_folders() if paths is None else [Path(x) for x in paths]:
         if p.is_dir():
             out += sorted(p.glob("*.jsonl"))
         elif p.is_file():
@@ -166,18 +201,36 @@ def read_records(paths: Iterable[str | Path] | str | Path | None = None) -> list
         paths = [paths]
     records: list[dict[str, Any]] = []
     for path in record_files(paths):
-        with open(path, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                    validate_record(record)
-                except (json.JSONDecodeError, ProfileError) as exc:
-                    reason = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
-                    raise ProfileError(f"{path} line {lineno} is not a valid profile record ({reason}); fix or delete that line") from None
-                records.append(record)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ProfileError(f"cannot read profile records {path}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise ProfileError(f"{path} is not a JSON Lines file of profile records (not UTF-8 text)") from None
+        for lineno, line in enumerate(text.split("\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                validate_record(record)
+            except (json.JSONDecodeError, ProfileError) as exc:
+                reason = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc)
+                raise ProfileError(f"{path} line {lineno} is not a valid profile record ({reason}); fix or delete that line") from None
+            records.append(record)
     return records
+
+
+def record_spec(record: dict[str, Any]) -> "ModelSpec":
+    """The ModelSpec a record was measured on: the config embedded in `model_info` (what
+    the profiler loaded), else the catalog's, truncated to the record's `layers` (what
+    `memplan profile --layers N` builds). Every re-estimate of a record goes through here."""
+    from memplan.model.architectures import spec_from_config
+    from memplan.model.catalog import load_model, with_layers
+
+    info = record.get("model_info") or {}
+    model = record["setup"]["model"]
+    spec = spec_from_config(info["config"], name=info.get("name") or model) if info.get("config") else load_model(model)
+    return with_layers(spec, record.get("layers"))
 
 
 def records_frame(records: Iterable[dict[str, Any]] | None = None) -> "pd.DataFrame":

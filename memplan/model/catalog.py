@@ -79,7 +79,8 @@ def _spec_from_catalog_file(path: Path) -> ModelSpec:
 def _spec_from_local(path: Path) -> ModelSpec:
     cfg_path = path / "config.json" if path.is_dir() else path
     if not cfg_path.is_file():
-        raise ConfigError(f"{path} is a folder without a config.json; point --model at a config.json or a catalog name")
+        what = "a folder without a config.json" if path.is_dir() else "not a regular file (a device, pipe or socket)"
+        raise ConfigError(f"{path} is {what}; point --model at a config.json or a catalog name")
     raw = _read_json(cfg_path, "config")
     if isinstance(raw, dict) and "config" in raw and "name" in raw:  # a catalog-style file
         return spec_from_config(raw["config"], name=raw["name"], source=raw.get("source", str(cfg_path)))

@@ -27,6 +27,9 @@ from memplan.model.spec import Component, Linear, ModelSpec
 
 __all__ = [
     "ALL_LINEAR",
+    "DEFAULT_TARGETS_WORDS",
+    "parse_lora_targets",
+    "lora_targets_text",
     "LoraPlan",
     "ParamTarget",
     "resolve_targets",
@@ -37,6 +40,9 @@ __all__ = [
 ]
 
 ALL_LINEAR = "all-linear"
+# Words that mean "PEFT's per-family default" (`target_modules=None`) wherever targets are typed.
+DEFAULT_TARGETS_WORDS = ("default", "peft-default")
+_EMPTY_TARGETS = "--lora-targets is empty; give module names (e.g. q_proj,v_proj) or all-linear"
 SAFETENSORS_DTYPE = {"fp32": ("F32", 4), "fp16": ("F16", 2), "bf16": ("BF16", 2)}
 
 # peft/utils/transformers_weight_conversion.py: _MOE_TARGET_MODULE_MAPPING["mixtral"] and
@@ -91,18 +97,37 @@ class LoraPlan:
         return out
 
 
+def parse_lora_targets(targets: str | Sequence[str] | None) -> tuple[str, ...] | None:
+    """ONE target set as typed anywhere (flag, grid, app, record) -> names, or None for PEFT's default.
+
+    A comma string (`"q_proj,v_proj"`), a list of names, `all-linear`, or None /
+    `default` (PEFT's per-family default, peft/utils/constants.py
+    TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING). Names are stripped and blanks
+    dropped; nothing left raises SetupError. Whether a name exists is `resolve_targets`' job.
+    """
+    if targets is None:
+        return None
+    if isinstance(targets, str):
+        if targets.strip().lower() in DEFAULT_TARGETS_WORDS:
+            return None
+        names = tuple(t.strip() for t in targets.split(",") if t.strip())
+    else:
+        names = tuple(str(t).strip() for t in targets if str(t).strip())
+    if not names:
+        raise SetupError(_EMPTY_TARGETS)
+    return names
+
+
+def lora_targets_text(targets: Sequence[str] | None) -> str:
+    """A target set as one word for labels and tables: the comma list, or `default`."""
+    return ",".join(targets) if targets else DEFAULT_TARGETS_WORDS[0]
+
+
 def _target_names(spec: ModelSpec, targets: str | Sequence[str] | None) -> list[str]:
     from memplan.model.architectures import DEFAULT_LORA_TARGETS
 
-    if targets is None:
-        names: list[str] = list(DEFAULT_LORA_TARGETS[spec.model_type])
-    elif isinstance(targets, str):
-        names = [t.strip() for t in targets.split(",") if t.strip()]
-    else:
-        names = [str(t).strip() for t in targets if str(t).strip()]
-    if not names:
-        raise SetupError("--lora-targets is empty; give module names (e.g. q_proj,v_proj) or all-linear")
-    return names
+    names = parse_lora_targets(targets)
+    return list(DEFAULT_LORA_TARGETS[spec.model_type] if names is None else names)
 
 
 def _moe_names(spec: ModelSpec) -> tuple[str, ...]:

@@ -153,5 +153,6 @@ class ModelSpec:
     @property
     def kv_bytes_per_token_per_byte(self) -> int:
         """K and V elements per token across layers (multiply by the element size)."""
-        # KV cache = 2 (K and V) * layers * kv_heads * head_dim  (REFERENCE.md, serving formulas)
+        # KV cache = 2 (K and V) * layers * kv_heads * head_dim elements per token
+        # (vllm/v1/kv_cache_interface.py::AttentionSpec.page_size_bytes, per layer and block)
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim

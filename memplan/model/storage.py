@@ -19,6 +19,7 @@ __all__ = [
     "QUANTS",
     "FLOAT_BYTES",
     "is_quantized",
+    "is_four_bit",
     "WeightBytes",
     "weight_bytes",
     "linear_quantized_bytes",
@@ -44,7 +45,13 @@ DYNAMIC_CODE_BYTES = 256 * 4
 
 
 def is_quantized(quant: str) -> bool:
+    """A bitsandbytes base (int8 `Linear8bitLt`, nf4/fp4 `Linear4bit`) rather than a float dtype."""
     return quant in ("int8", "nf4", "fp4")
+
+
+def is_four_bit(quant: str) -> bool:
+    """A `quantize_4bit` format (bitsandbytes/functional.py): nf4 or fp4."""
+    return quant in ("nf4", "fp4")
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -72,7 +79,7 @@ def linear_quantized_bytes(lin: Linear, quant: Quant, *, double_quant: bool) -> 
     n = lin.weight_numel
     if quant == "int8":
         return n, 4 * lin.out_features
-    if quant in ("nf4", "fp4"):
+    if is_four_bit(quant):
         packed = _ceil_div(n, 2)
         blocks = _ceil_div(n, NF4_BLOCKSIZE)
         if double_quant:

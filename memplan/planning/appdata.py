@@ -8,7 +8,6 @@ text only through `memplan.units`. The app's pages call these helpers and draw.
 from __future__ import annotations
 
 import json
-import statistics
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
@@ -20,7 +19,8 @@ from memplan.training.estimate import Estimate
 from memplan.training.fit import fits_on_catalog
 from memplan.hardware.gpus import GPU, GPUCatalog
 from memplan.model.spec import ModelSpec
-from memplan.units import GIB, format_bytes
+from memplan.planning.labels import PART_LABELS  # noqa: F401  (re-exported for the app)
+from memplan.units import format_bytes, to_gib
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -68,18 +68,6 @@ __all__ = [
 # config with millions of layers would stall the server for minutes: the app refuses it.
 MAX_UPLOAD_LAYERS = 1024
 
-# The stacked bar's segments: `Estimate.peak_parts` keys, in the order they stack.
-PART_LABELS: dict[str, str] = {
-    "weights": "weights",
-    "adapters": "LoRA adapters",
-    "gradients": "gradients",
-    "optimizer_states": "optimizer states",
-    "activations": "activations",
-    "logits": "logits + loss",
-    "transients": "transients",
-    "overhead": "device overhead",
-}
-
 
 @dataclass(frozen=True)
 class BreakdownPart:
@@ -88,11 +76,6 @@ class BreakdownPart:
     bytes: int
     gib: float  # the same bytes in GiB (2**30), for the chart's axis
     text: str  # format_bytes(bytes)
-
-
-def to_gib(n: int) -> float:
-    """Bytes as GiB (2**30) for a chart axis; text goes through `format_bytes`."""
-    return n / GIB
 
 
 def catalog_names() -> list[str]:
@@ -294,17 +277,16 @@ def profiles_folder() -> Path:
 def comparison_rows(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """`memplan.measure.compare.compare_record` for every record, each row with a device kind and a label."""
     from memplan.measure.compare import compare_record
+    from memplan.training.setup import Setup
 
     out = []
     for rec in records:
-        for row in compare_record(rec):
+        rows = compare_record(rec)
+        label = Setup.from_dict(rec["setup"]).label(layers=rec.get("layers")) if rows else ""
+        for row in rows:
             if row["measured_bytes"] is None or row["rel_error"] is None:
                 continue
             kind = f"{row['device']}: {row['device_name']}" if row.get("device_name") else str(row["device"])
-            layers = f"/L{row['layers']}" if row.get("layers") else ""
-            label = (f"{row['model']}{layers} {row['method']} {row['quant']}{'+dq' if row['double_quant'] else ''}"
-                     f"{' r' + str(row['lora_rank']) if row['method'] == 'lora' else ''} s{row['seq_len']} b{row['batch_size']}"
-                     f"{' ckpt' if row['grad_checkpointing'] else ''} {row['optimizer']}")
             out.append({**row, "kind": kind, "label": label})
     return out
 
@@ -318,11 +300,13 @@ def calibration_points(rows: Iterable[dict[str, Any]], *, kind: str, component: 
 
 def error_stats(points: Sequence[dict[str, Any]]) -> dict[str, str]:
     """Records, median and largest |relative error|, and the mean signed error (bias), as text."""
-    errs = [p["rel_error"] for p in points]
-    if not errs:
+    from memplan.measure.stats import error_stats as summarize
+
+    s = summarize(p["rel_error"] for p in points)
+    if s is None:
         return {"records": "0", "median |error|": "-", "max |error|": "-", "mean error (bias)": "-"}
-    return {"records": f"{len(errs):,}", "median |error|": f"{statistics.median(abs(e) for e in errs):.1%}",
-            "max |error|": f"{max(abs(e) for e in errs):.1%}", "mean error (bias)": f"{statistics.fmean(errs):+.1%}"}
+    return {"records": f"{s.count:,}", "median |error|": f"{s.median_abs:.1%}",
+            "max |error|": f"{s.max_abs:.1%}", "mean error (bias)": f"{s.mean:+.1%}"}
 
 
 def worst_rows(points: Sequence[dict[str, Any]], *, n: int = 10) -> list[dict[str, Any]]:

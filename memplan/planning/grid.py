@@ -27,6 +27,7 @@ from typing import Any, Callable, Mapping
 
 from memplan.errors import MemplanError
 from memplan.training.setup import ATTENTIONS, AUTOCASTS, DEVICES, METHODS, OPTIMIZERS, Setup
+from memplan.model.lora import parse_lora_targets
 from memplan.model.spec import ModelSpec
 from memplan.model.storage import FLOAT_BYTES, QUANTS
 
@@ -166,13 +167,10 @@ def _setup_value(source: str, key: str, value: Any, where: str) -> Any:
     kind, choices = _SETUP_KINDS[key]
     _check_type(source, key, kind, value, where)
     if kind == "targets":
-        if value is None or (isinstance(value, str) and value.strip().lower() in _DEFAULT_WORDS):
-            return None
-        names = value.split(",") if isinstance(value, str) else value
-        targets = tuple(t.strip() for t in names if t.strip())
-        if not targets:
-            raise _fail(source, f"{where} is an empty target set; give module names (q_proj,v_proj), all-linear or default")
-        return targets
+        try:
+            return parse_lora_targets(value)
+        except MemplanError:
+            raise _fail(source, f"{where} is an empty target set; give module names (q_proj,v_proj), all-linear or default") from None
     if kind == "attention" and (value is None or value.strip().lower() in _DEFAULT_WORDS):
         return None
     if kind in ("choice", "attention") and value not in choices:

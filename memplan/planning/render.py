@@ -9,20 +9,13 @@ import json
 from memplan.training.estimate import Estimate
 from memplan.training.fit import fit_on, fits_on_catalog
 from memplan.hardware.gpus import GPU, gpu_catalog
-from memplan.units import format_bytes, format_count
+from memplan.planning.labels import PART_LABELS
+from memplan.units import format_bytes, format_count, to_gib
 
 __all__ = ["render_estimate", "estimate_payload"]
 
-_ROWS = (
-    ("weights", "weights (base)"),
-    ("adapters", "LoRA adapters"),
-    ("gradients", "gradients"),
-    ("optimizer_states", "optimizer states"),
-    ("activations", "activations"),
-    ("logits", "logits + loss"),
-    ("transients", "transients"),
-    ("overhead", "device overhead"),
-)
+# The table's rows: the app's part labels, in the same order; the table says whose weights they are.
+_ROWS = tuple({**PART_LABELS, "weights": "weights (base)"}.items())
 
 
 def estimate_payload(est: Estimate, gpu: GPU | None = None) -> dict:
@@ -81,8 +74,8 @@ def _table(est: Estimate, payload: dict, gpu: GPU | None) -> str:
         if v == 0 and key in ("adapters", "overhead", "transients"):
             continue
         share = 100.0 * v / m.peak if m.peak else 0.0
-        lines.append(f"  {label:<26}{v / 2**30:>10.2f}{share:>7.0f}%")
-    lines.append(f"  {'peak':<26}{m.peak / 2**30:>10.2f}")
+        lines.append(f"  {label:<26}{to_gib(v):>10.2f}{share:>7.0f}%")
+    lines.append(f"  {'peak':<26}{to_gib(m.peak):>10.2f}")
     if m.optimizer_paged:
         lines.append(f"  (of the optimizer states, {format_bytes(m.optimizer_paged)} are paged and evictable)")
     if gpu is not None:

@@ -1,5 +1,5 @@
-"""`memplan report`: one self-contained HTML file for a grid (plotly.js inlined once;
-nothing is fetched when the file is opened).
+"""`memplan report`: one self-contained HTML file for a grid (plotly.js inlined once, gzipped;
+nothing is fetched when the file is opened; each chart is a JSON block that one script draws).
 
 Sections: a summary table per model; peak memory against sequence length, one line
 per base format; a heatmap of the share of setups that fit on each GPU; $/month
@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import html
 import math
-import statistics
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 from memplan.errors import MemplanError
 from memplan.planning.grid import Grid
-from memplan.units import GIB, format_bytes, format_count
+from memplan.units import GIB, format_bytes, format_count, format_usd, log_ticks
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -49,13 +48,10 @@ def memplan_version() -> str:
 
 
 def load_profile_records(profiles: str | Path | None = None) -> list[dict[str, Any]]:
-    """Validated records of `profiles` (a .jsonl file or a folder; default `profiles/`, empty if absent)."""
-    from memplan.paths import profiles_dir
+    """Validated records of `profiles` (a .jsonl file or a folder; default: the shipped records
+    plus ./profiles/, empty if there are none)."""
     from memplan.measure.records import read_records
 
-    if profiles is None:
-        root = profiles_dir()
-        return read_records(root) if root.is_dir() else []
     return read_records(profiles)
 
 
@@ -76,8 +72,46 @@ def _table(header: Sequence[str], rows: Iterable[Sequence[Any]], *, align: str) 
 
 
 def _figure_html(fig: "go.Figure", div_id: str) -> str:
-    return fig.to_html(full_html=False, include_plotlyjs=False, div_id=div_id,
-                       config={"displaylogo": False, "responsive": True})
+    """An empty chart div and the figure as JSON beside it; `_PLOTLY_LOADER` draws it once plotly.js
+    is unpacked. `<\\/` keeps a `</script>` inside a model name from ending the JSON block."""
+    height = fig.layout.height or 450
+    data = fig.to_json(validate=False, pretty=False, remove_uids=True).replace("</", "<\\/")
+    return (f'<div id="{_e(div_id)}" class="plotly-graph-div" style="height:{int(height)}px;width:100%"></div>'
+            f'<script type="application/json" class="memplan-figure" data-div="{_e(div_id)}">{data}</script>')
+
+
+def _plotlyjs_gzip_base64() -> str:
+    """plotly.js (4.8 MB minified) gzipped and base64-encoded: about 2 MB, unpacked by the browser."""
+    import base64
+    import gzip
+
+    from plotly.offline import get_plotlyjs
+
+    return base64.b64encode(gzip.compress(get_plotlyjs().encode("utf-8"), compresslevel=9, mtime=0)).decode("ascii")
+
+
+# Unpacks plotly.js once (DecompressionStream: Chrome 80, Firefox 113, Safari 16.4 and later), runs it,
+# then draws every chart from its JSON block. It sits at the end of the body, so the tables show first.
+_PLOTLY_LOADER = """(async () => {
+  const figs = Array.from(document.querySelectorAll('script.memplan-figure'));
+  try {
+    const b64 = document.getElementById('memplan-plotlyjs').textContent;
+    const bin = atob(b64), bytes = new Uint8Array(bin.length);
+    for (let i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
+    const js = await new Response(new Blob([bytes]).stream().pipeThrough(new DecompressionStream('gzip'))).text();
+    const lib = document.createElement('script');
+    lib.textContent = js;
+    document.head.appendChild(lib);
+  } catch (err) {
+    for (const f of figs) document.getElementById(f.dataset.div).textContent =
+      'This browser cannot unpack the charts (it needs DecompressionStream: Chrome 80, Firefox 113, Safari 16.4 or later): ' + err;
+    return;
+  }
+  for (const f of figs) {
+    const fig = JSON.parse(f.textContent);
+    Plotly.newPlot(f.dataset.div, fig.data, fig.layout, {displaylogo: false, responsive: true});
+  }
+})();"""
 
 
 def _na(x: Any) -> bool:
@@ -134,7 +168,7 @@ def _facets(n: int, titles: Sequence[str], *, height: int = 320) -> "go.Figure":
 
     cols = min(_FACETS_PER_ROW, max(n, 1))
     rows = -(-max(n, 1) // cols)
-    fig = make_subplots(rows=rows, cols=cols, subplot_titles=list(titles), horizontal_spacing=0.07, vertical_spacing=0.16 / rows * 2)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=list(titles), horizontal_spacing=0.09, vertical_spacing=0.16 / rows * 2)
     fig.update_layout(height=height * rows + 80, template="plotly_white", margin=dict(l=60, r=20, t=60, b=50))
     return fig
 
@@ -194,7 +228,8 @@ def _memory_chart(frame: "pd.DataFrame") -> tuple[str, str]:
         notes.append(f"<li>{_e(model)}: {_e(_fixed_text(fixed))}</li>")
     seq = sorted(frame["seq_len"].unique().tolist())
     fig.update_xaxes(title_text="sequence length (tokens)", type="log", tickvals=seq, ticktext=[f"{v:,}" for v in seq])
-    fig.update_yaxes(title_text="peak (GiB)", rangemode="tozero")
+    fig.update_yaxes(rangemode="tozero")
+    fig.update_yaxes(title_text="peak (GiB)", col=1)
     note = f'<p class="note">Other inputs held at one value per model (the value that keeps the most lines):</p><ul class="note">{"".join(notes)}</ul>'
     return _figure_html(fig, CHART_IDS["memory"]), note
 
@@ -229,9 +264,15 @@ def _cost_chart(frame: "pd.DataFrame") -> tuple[str, str]:
     ok = frame[frame["fleet_error"].isna()]
     models = [m for m in frame["model"].cat.categories if (ok["model"] == m).any()]
     fig = _facets(len(models), models)
-    # full_finetune and lora often cost the same (both one deployment per variant): dash one to see both.
-    lines = {"full_finetune": dict(color="#d62728", dash="dash"), "lora": dict(color="#ff7f0e"), "lorax": dict(color="#2ca02c")}
-    notes = []
+    # full_finetune and lora often cost the same (both one deployment per variant): the first is a wide pale
+    # line with round markers, the second a narrow dashed line with open diamonds drawn on top, so both show.
+    lines = {"full_finetune": dict(color="rgba(214,39,40,0.45)", width=7), "lora": dict(color="#ff7f0e", width=2.5, dash="dash"),
+             "lorax": dict(color="#2ca02c", width=2.5)}
+    markers = {"full_finetune": dict(symbol="circle", size=11, color="rgba(214,39,40,0.6)"),
+               "lora": dict(symbol="diamond-open", size=9, color="#ff7f0e", line=dict(width=2)),
+               "lorax": dict(symbol="square", size=7, color="#2ca02c")}
+    notes: list[str] = []
+    costs: list[float] = []
     dims = ["method", "quant", "lora_rank", "lora_targets", *[c for c in ("rps", "serve_gpu", "serve_quant", "popularity",
             "zipf_exponent", "prompt_tokens", "output_tokens", "utilization", "scale_to_zero", "dataset_tokens", "epochs",
             "train_gpu", "engine") if c in frame.columns]]
@@ -244,17 +285,23 @@ def _cost_chart(frame: "pd.DataFrame") -> tuple[str, str]:
             y = rows[f"usd_per_month.{s}"]
             if y.isna().all():
                 continue
+            costs.extend(v for v in y.dropna().tolist() if v > 0)
             fig.add_trace(go.Scatter(
                 x=rows["variants"], y=y, mode="lines+markers", name=s, legendgroup=s, showlegend=i == 0,
-                line=lines[s], customdata=rows[f"gpus.{s}"],
+                line=lines.get(s, {}), marker=markers.get(s, {}), customdata=rows[f"gpus.{s}"],
                 hovertemplate="N=%{x}: $%{y:,.0f}/month on %{customdata:,.1f} GPUs<extra>" + s + "</extra>",
             ), row=i // _FACETS_PER_ROW + 1, col=i % _FACETS_PER_ROW + 1)
         notes.append(f"<li>{_e(model)}: {_e(_fixed_text(fixed))}</li>")
     ns = sorted(frame["variants"].unique().tolist())
     fig.update_xaxes(title_text="variants N", type="log", tickvals=ns, ticktext=[f"{v:,}" for v in ns])
-    fig.update_yaxes(title_text="USD per month", type="log")
+    # Labels at the decades only (1-2-5 steps on a short range), not plotly's minor 2..9 of every decade.
+    ticks = log_ticks(min(costs), max(costs)) if costs else []
+    fig.update_yaxes(type="log", tickvals=ticks, ticktext=[format_usd(v) for v in ticks])
+    fig.update_yaxes(title_text="USD per month", col=1)  # one title per row: beside the tick labels of the next panel it would collide
     refused = frame["fleet_error"].dropna().unique().tolist()
     extra = "".join(f"<li>refused by the fleet planner: {_e(r)}</li>" for r in refused)
+    extra += ("<li>full_finetune (wide pale line, round markers) and lora (dashed line, open diamonds, drawn on top) "
+              "often cost the same, one deployment per variant either way: where their lines coincide, both are drawn.</li>")
     note = f'<p class="note">Other inputs held at one value per model (the value that keeps the most lines):</p><ul class="note">{"".join(notes)}{extra}</ul>'
     return _figure_html(fig, CHART_IDS["cost"]), note
 
@@ -264,6 +311,7 @@ def _calibration(records: list[dict[str, Any]]) -> str:
 
     from memplan.measure.calibrate import calibrate
     from memplan.measure.compare import compare_records
+    from memplan.measure.stats import error_stats
     from memplan.errors import ProfileError
 
     if not records:
@@ -275,9 +323,10 @@ def _calibration(records: list[dict[str, Any]]) -> str:
     out = [f"<p>{len(records):,} records in profiles ({ok:,} ran to completion); error = (predicted - measured) / measured.</p>"]
     body = []
     for (device, component), g in rows.groupby(["device", "component"], sort=False):
-        errs = g["rel_error"].astype(float).tolist()
-        body.append([device, component, f"{len(errs):,}", _pct(statistics.median(abs(e) for e in errs)),
-                     _pct(max(abs(e) for e in errs)), f"{statistics.fmean(errs):+.1%}"])
+        st = error_stats(g["rel_error"].astype(float).tolist())
+        if st is None:
+            continue
+        body.append([device, component, f"{st.count:,}", _pct(st.median_abs), _pct(st.max_abs), f"{st.mean:+.1%}"])
     out.append(_table(["device", "component", "records", "median |error|", "max |error|", "mean error"], body, align="llrrrr"))
     try:
         s = calibrate(records).summary()
@@ -339,8 +388,6 @@ def _assumptions(frame: "pd.DataFrame", grid: Grid) -> str:
 
 def build_report(frame: "pd.DataFrame", grid: Grid, *, records: list[dict[str, Any]]) -> str:
     """The whole HTML page for a sweep of `grid` and the profile `records`."""
-    from plotly.offline import get_plotlyjs
-
     version = memplan_version()
     when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     refused = sum((frame.attrs.get("refused") or {}).values())
@@ -361,8 +408,9 @@ def build_report(frame: "pd.DataFrame", grid: Grid, *, records: list[dict[str, A
         f'<p class="muted">Made by memplan {_e(version)} (<code>memplan report</code>).</p>',
     ]
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>memplan capacity report</title>"
-            f"<style>{_CSS}</style><script type=\"text/javascript\">{get_plotlyjs()}</script></head><body>"
-            + "".join(body) + "</body></html>")
+            f"<style>{_CSS}</style></head><body>" + "".join(body)
+            + f'<script type="application/octet-stream" id="memplan-plotlyjs">{_plotlyjs_gzip_base64()}</script>'
+            + f"<script>{_PLOTLY_LOADER}</script></body></html>")
 
 
 def write_report(grid: Grid, path: str | Path, *, profiles: str | Path | None = None,
@@ -374,11 +422,15 @@ def write_report(grid: Grid, path: str | Path, *, profiles: str | Path | None = 
     out = Path(path)
     if out.suffix.lower() not in (".html", ".htm"):
         raise MemplanError(f"--out {path}: the report is an HTML file; name it .html")
-    if not out.expanduser().resolve().parent.is_dir():
-        raise MemplanError(f"--out {path}: folder {out.expanduser().resolve().parent} does not exist")
+    from memplan.files import atomic_write_bytes, check_writable
+    from memplan.planning.render_sweep import no_rows_message
+
+    check_writable(out)  # a folder, a missing or read-only folder: refused before the sweep
     records = load_profile_records(profiles)
     frame = sweep_grid(grid, progress=progress)
+    if frame.empty:  # a page with no rows would look like an answer
+        raise MemplanError(no_rows_message(frame))
     text = build_report(frame, grid, records=records)
     data = text.encode("utf-8")
-    out.write_bytes(data)
+    atomic_write_bytes(out, data)
     return len(data), frame

@@ -48,7 +48,10 @@ from operator import itemgetter
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 from memplan.errors import MemplanError
-from memplan.serving.fleet import STRATEGIES
+from memplan.model.lora import lora_targets_text
+from memplan.model.storage import is_quantized
+from memplan.training.setup import autocast_applies, double_quant_applies, prepare_kbit_applies
+from memplan.serving.fleet import STRATEGIES, PlanContext
 from memplan.planning.grid import FLEET_KEYS, SETUP_KEYS, Grid, GridError, parse_grid
 
 if TYPE_CHECKING:
@@ -73,7 +76,6 @@ _INT_NAMES = ("total_parameters", "trainable_parameters", *(f"{f}_bytes" for f i
 _INT = ("seq_len", "batch_size", "variants", "prompt_tokens", "output_tokens", "dataset_tokens", *_INT_NAMES)
 _FLOAT = ("lora_dropout", "rps", "zipf_exponent", "utilization", "epochs", "cheapest_usd_per_hour")
 _FLEET_FIELD = {"serve_gpu": "gpu", "serve_quant": "quant"}  # grid key -> memplan.serving.fleet.PlanInputs field
-_DEFAULT_TARGETS = "default"
 _PROGRESS_EVERY = 1024
 
 
@@ -150,8 +152,6 @@ def sweep(
     return sweep_grid(parse_grid(raw, source="memplan.sweep()"), progress=progress)
 
 
-_FOUR_BIT = ("nf4", "fp4")
-_QUANTIZED = ("int8", "nf4", "fp4")
 _LORA_ONLY = ("lora_rank", "lora_targets", "lora_dropout")
 _QUANTIZED_ONLY = ("compute_dtype",)  # bnb_4bit_compute_dtype: a bf16/fp16/fp32 base computes in its own dtype
 
@@ -174,11 +174,11 @@ def _points(grid: Grid, default_attention: Mapping[str, str]) -> Iterator[tuple[
         values["attention"] = tuple(dict.fromkeys(default_attention[model] if a is None else a for a in g["attention"]))
         if method != "lora":
             values.update({k: (defaults[k],) for k in _LORA_ONLY})
-        if quant not in _FOUR_BIT:
+        if not double_quant_applies(quant):
             values["double_quant"] = (False,)
-        if quant != "fp32":
+        if not autocast_applies(quant):
             values["autocast"] = (defaults["autocast"],)
-        if quant not in _QUANTIZED:
+        if not prepare_kbit_applies(quant):  # also where compute_dtype applies: a quantized base
             values.update({k: (defaults[k],) for k in _QUANTIZED_ONLY}, prepare_kbit_training=(False,))
         for kbit in values["prepare_kbit_training"]:
             inner = dict(values, prepare_kbit_training=(kbit,))
@@ -203,6 +203,7 @@ def sweep_grid(grid: Grid, *, progress: Callable[[int, int], None] | None = None
     other_rows: list[tuple[Any, ...]] = []
     refused: Counter[str] = Counter()
     fleet_cache: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+    fleet_contexts: dict[tuple[Any, ...], PlanContext | str] = {}  # plan_context (or its error) per fleet input without N
     specs = grid.specs
     attention = {name: default_attention(spec) for name, spec in specs.items()}
     at_rank, at_targets, at_dropout = (keys.index(k) for k in _LORA_ONLY)
@@ -221,10 +222,10 @@ def sweep_grid(grid: Grid, *, progress: Callable[[int, int], None] | None = None
         m = est.memory
         values = list(point)
         if setup.method == "lora":
-            values[at_targets] = _DEFAULT_TARGETS if setup.lora_targets is None else ",".join(setup.lora_targets)
+            values[at_targets] = lora_targets_text(setup.lora_targets)
         else:
             values[at_rank], values[at_targets], values[at_dropout] = None, None, None
-        if setup.quant not in _QUANTIZED:
+        if not is_quantized(setup.quant):
             values[at_compute] = None
         head = tuple(values)
         ints = (est.total_parameters, est.trainable_parameters, m.weights, est.weight_storage.quant_state, m.adapters,
@@ -234,7 +235,7 @@ def sweep_grid(grid: Grid, *, progress: Callable[[int, int], None] | None = None
         for fc in fleet_combos:
             setup_rows.append(head)
             int_rows.append(ints)
-            fleet = _fleet_columns(setup, dict(zip(fleet_keys, fc)), fleet_cache) if fleet_keys else ()
+            fleet = _fleet_columns(setup, dict(zip(fleet_keys, fc)), fleet_cache, fleet_contexts) if fleet_keys else ()
             other_rows.append(other + fc + fleet)
     if progress is not None:
         progress(total, total)
@@ -243,20 +244,33 @@ def sweep_grid(grid: Grid, *, progress: Callable[[int, int], None] | None = None
     return frame
 
 
-def _fleet_columns(setup: Any, values: dict[str, Any], cache: dict[tuple[Any, ...], tuple[Any, ...]]) -> tuple[Any, ...]:
-    """(GPUs per strategy, $/month per strategy, error) of `memplan.serving.fleet.plan`, cached per distinct input."""
+def _fleet_columns(setup: Any, values: dict[str, Any], cache: dict[tuple[Any, ...], tuple[Any, ...]],
+                   contexts: dict[tuple[Any, ...], PlanContext | str]) -> tuple[Any, ...]:
+    """(GPUs per strategy, $/month per strategy, error) of `memplan.serving.fleet.plan`, cached per distinct input;
+    the N-independent part (`plan_context`, or the error it raised) is cached per input without `variants`."""
     lora = setup.method == "lora"
-    key = (setup.model, setup.quant, setup.lora_rank if lora else None, setup.lora_targets if lora else None, *values.items())
+    head = (setup.model, setup.quant, setup.lora_rank if lora else None, setup.lora_targets if lora else None)
+    key = (*head, *values.items())
     if key not in cache:
-        from memplan.serving.fleet import PlanInputs, plan
+        from memplan.serving.fleet import PlanInputs, plan_at, plan_context
 
         opts = {_FLEET_FIELD.get(k, k): v for k, v in values.items()}
         if lora:
             opts.update(lora_rank=setup.lora_rank, lora_targets=setup.lora_targets)
         try:
-            p = plan(PlanInputs(model=setup.model, train_quant=setup.quant, **opts))
+            inputs = PlanInputs(model=setup.model, train_quant=setup.quant, **opts)
+            ctx_key = (*head, *((k, v) for k, v in values.items() if k != "variants"))
+            if ctx_key not in contexts:
+                try:
+                    contexts[ctx_key] = plan_context(inputs)
+                except MemplanError as exc:
+                    contexts[ctx_key] = str(exc)
+            ctx = contexts[ctx_key]
+            error, p = (ctx, None) if isinstance(ctx, str) else (None, plan_at(ctx, inputs.variants))
         except MemplanError as exc:
-            cache[key] = (None,) * (2 * len(STRATEGIES)) + (str(exc),)
+            error, p = str(exc), None
+        if p is None:
+            cache[key] = (None,) * (2 * len(STRATEGIES)) + (error,)
         else:
             # A full fine-tuning row has no rank: only the full_finetune strategy applies to it.
             shown = [p.strategies[s] if lora or s == "full_finetune" else None for s in STRATEGIES]
@@ -371,10 +385,15 @@ def write_sweep(frame: "pd.DataFrame", path: Any) -> None:
     elif suffix == ".parquet":
         frame.to_parquet(path, index=False)
     else:
+        # xlsxwriter streams the sheet out (about 8x faster than openpyxl on a 10,000-row sweep,
+        # benchmarks/bench_report.py); openpyxl, which `read_sweep` needs anyway, is the fallback.
+        from importlib.util import find_spec
+
+        engine = "xlsxwriter" if find_spec("xlsxwriter") is not None else "openpyxl"
         try:
-            frame.to_excel(path, index=False, sheet_name="sweep", engine="openpyxl")
+            frame.to_excel(path, index=False, sheet_name="sweep", engine=engine)
         except ImportError:
-            raise MemplanError("writing .xlsx needs openpyxl: pip install openpyxl") from None
+            raise MemplanError("writing .xlsx needs xlsxwriter (or openpyxl): pip install xlsxwriter") from None
 
 
 def read_sweep(path: Any) -> "pd.DataFrame":

@@ -18,17 +18,18 @@ replica is assumed to see the whole popularity profile (no adapter-aware routing
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Sequence
 
 from memplan.model.catalog import load_model
 from memplan.errors import SetupError
 from memplan.hardware.gpus import GPU, GPUCatalog, gpu_catalog
-from memplan.model.lora import LoraPlan, adapter_file_bytes, plan_lora
-from memplan.serving.memory import Assumptions, ServingMemory, check_catalog, tensor_parallel_degree, vllm_lora_slot_bytes, vllm_max_lora_rank
+from memplan.model.lora import LoraPlan, adapter_file_bytes, parse_lora_targets, plan_lora
+from memplan.serving.memory import Assumptions, ServingMemory, check_catalog, smallest_tensor_parallel_fit, vllm_lora_slot_bytes, vllm_max_lora_rank
 from memplan.serving.memory import assumptions as default_assumptions, assumptions_payload
 from memplan.model.spec import ModelSpec
 from memplan.model.storage import FLOAT_BYTES, QUANTS
+from memplan.serving.popularity import expected_distinct, lru_hit_rate, popularity_weights
 from memplan.serving.throughput import ReplicaThroughput, replica_throughput
 from memplan.serving.training_cost import TrainingCost, training_cost
 
@@ -36,8 +37,9 @@ if TYPE_CHECKING:
     import numpy as np
     import pandas as pd
 
-__all__ = ["PlanInputs", "AdapterTiers", "StrategyResult", "Plan", "plan", "sweep_variants", "VariantSweep", "plan_frame", "frame_rows", "popularity_weights",
-           "lru_hit_rate", "expected_distinct", "STRATEGIES", "MAX_VARIANTS"]
+__all__ = ["PlanInputs", "AdapterTiers", "StrategyResult", "Plan", "PlanContext", "plan", "plan_context", "plan_at", "sweep_variants",
+           "VariantSweep", "plan_frame", "frame_rows", "popularity_weights", "lru_hit_rate", "expected_distinct", "STRATEGIES",
+           "MAX_VARIANTS"]
 
 STRATEGIES = ("full_finetune", "lora", "lorax")
 MAX_VARIANTS = 10_000_000
@@ -67,16 +69,21 @@ class PlanInputs:
     engine: str = "lorax"  # engine of the shared-base strategy: lorax | vllm
 
     def __post_init__(self) -> None:
-        if isinstance(self.lora_targets, str):
-            object.__setattr__(self, "lora_targets", tuple(t.strip() for t in self.lora_targets.split(",") if t.strip()))
+        object.__setattr__(self, "lora_targets", parse_lora_targets(self.lora_targets))
         for name, top in (("variants", MAX_VARIANTS), ("prompt_tokens", 10**7), ("output_tokens", 10**7), ("dataset_tokens", 10**15)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= top:
                 raise SetupError(f"--{name.replace('_', '-')} must be a positive integer up to {top:,}, got {v!r}")
-        for name in ("rps", "epochs", "zipf_exponent"):
+        # Ceilings: 10**6 req/s is beyond any single deployment; a Zipf exponent above 10 puts all
+        # traffic on one variant; 1,000 epochs is no fine-tuning schedule anyone runs.
+        for name, top in (("rps", 10**6), ("epochs", 1000), ("zipf_exponent", 10)):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-                raise SetupError(f"--{name.replace('_', '-')} must be a positive number, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 < v <= top:
+                raise SetupError(f"--{name.replace('_', '-')} must be a positive number up to {top:,}, got {v!r}")
+        from memplan.training.setup import MAX_LORA_RANK
+
+        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or not 1 <= self.lora_rank <= MAX_LORA_RANK:
+            raise SetupError(f"--lora-rank must be a positive integer up to {MAX_LORA_RANK:,}, got {self.lora_rank!r}")
         if isinstance(self.utilization, bool) or not isinstance(self.utilization, (int, float)) or not 0 < self.utilization <= 1:
             raise SetupError(f"--utilization must be in (0, 1], got {self.utilization!r}")
         for name, allowed in (("popularity", ("uniform", "zipf")), ("engine", ("lorax", "vllm")), ("quant", QUANTS),
@@ -91,54 +98,6 @@ class PlanInputs:
     @property
     def train_tokens(self) -> int:
         return int(self.dataset_tokens * self.epochs)
-
-
-# ---- popularity and caches ------------------------------------------------------------
-
-
-def popularity_weights(n: int, kind: str, exponent: float = 1.0) -> "np.ndarray":
-    """Share of traffic per variant, most popular first: uniform 1/n, or Zipf i^-s / H(n, s)."""
-    import numpy as np
-
-    if kind == "uniform":
-        return np.full(n, 1.0 / n)
-    w = np.arange(1, n + 1, dtype=float) ** -float(exponent)
-    return w / w.sum()
-
-
-def lru_hit_rate(p: "np.ndarray", slots: int) -> float:
-    """Hit rate of an LRU cache of `slots` items (Che's approximation): find the
-    characteristic time T with sum(1 - exp(-p_i T)) = slots; hit = sum p_i (1 - exp(-p_i T))."""
-    import numpy as np
-
-    n = len(p)
-    if slots >= n:
-        return 1.0
-    if slots <= 0:
-        return 0.0
-    if float(np.ptp(p)) == 0.0:
-        return slots / n  # uniform popularity: Che's fixed point gives exactly slots / n
-    lo, hi = 0.0, 1.0
-    while np.sum(-np.expm1(-p * hi)) < slots:
-        hi *= 2.0
-    # Bisection to a relative width of 1e-9 on T (~30 steps instead of 100): the hit
-    # rate moves by far less than that, and each step is a pass over n values.
-    for _ in range(100):
-        if hi - lo <= 1e-9 * hi:
-            break
-        mid = (lo + hi) / 2
-        if np.sum(-np.expm1(-p * mid)) < slots:
-            lo = mid
-        else:
-            hi = mid
-    return float(np.sum(p * -np.expm1(-p * hi)))
-
-
-def expected_distinct(p: "np.ndarray", batch: int) -> float:
-    """Expected distinct variants among `batch` independent requests: sum 1 - (1 - p_i)^batch."""
-    import numpy as np
-
-    return float(np.sum(-np.expm1(batch * np.log1p(-np.minimum(p, 1.0 - 1e-16)))))
 
 
 # ---- results -----------------------------------------------------------------------------
@@ -234,7 +193,10 @@ class Plan:
 
 
 @dataclass(frozen=True)
-class _Context:
+class PlanContext:
+    """Everything a plan needs that does not depend on the number of variants N, built once
+    by `plan_context` and shared by every N of a sweep (`plan_at`)."""
+
     inp: PlanInputs
     spec: ModelSpec
     gpu: GPU
@@ -243,25 +205,37 @@ class _Context:
     lora: LoraPlan
     adapter_file: int
     checkpoint: int
-    p: "np.ndarray"
+    training: dict[str, TrainingCost]  # per variant: "full" and "lora"
+    dedicated_memory: ServingMemory  # one merged model on vLLM: full_finetune and lora alike
+    dedicated_throughput: ReplicaThroughput
+    shared_memory: ServingMemory  # lorax: the replica; vllm: with one LoRA slot (sizes batch and slot budget)
+    vllm_batch: int  # vllm engine: sequences per step with one slot; 0 for lorax
+    vllm_max_loras: int  # vllm engine: min(batch, slots the adapter budget holds); 0 for lorax
+    swap_from_cpu_s: float
+    swap_from_disk_s: float
+    assumptions: dict[str, dict[str, Any]]
 
 
 def _replicas(rates: "np.ndarray", capacity: float, inp: PlanInputs, a: Assumptions) -> float:
     import numpy as np
 
+    # Busy replicas = arrival rate x service time (the utilisation law U = X S: Denning and Buzen
+    # 1978, "The operational analysis of queueing network models", ACM Computing Surveys 10(3)),
+    # over the target utilisation; at least one replica per variant.
     need = rates / (capacity * inp.utilization)
     if not inp.scale_to_zero:
         return float(math.ceil(float(np.sum(np.maximum(1.0, need))) - 1e-9))
+    # Poisson arrivals: P(at least one request in the idle window t) = 1 - exp(-rate x t).
     up = -np.expm1(-rates * a.scale_to_zero_idle_s)
     return float(np.sum(up * np.maximum(1.0, need)))
 
 
-def _result(c: _Context, name: str, mem: ServingMemory, thr: ReplicaThroughput, replicas: float, *, storage: int,
+def _result(c: PlanContext, n: int, name: str, mem: ServingMemory, thr: ReplicaThroughput, replicas: float, *, storage: int,
             load_bytes: int, training: TrainingCost, adapters: AdapterTiers | None = None, note: str = "") -> StrategyResult:
     gpus = replicas * mem.tp
     per_hour = gpus * c.gpu.usd_per_hour
+    # Object storage bills per GB-month with GB = 10^9 bytes (the catalog's storage_source).
     storage_month = storage / 1e9 * c.catalog.storage_usd_per_gb_month
-    n = c.inp.variants
     return StrategyResult(
         name=name, engine=mem.engine, gpus=gpus, replicas=replicas, usd_per_hour=per_hour, storage_bytes=storage,
         storage_usd_per_month=storage_month, usd_per_month=per_hour * c.a.hours_per_month + storage_month,
@@ -271,54 +245,42 @@ def _result(c: _Context, name: str, mem: ServingMemory, thr: ReplicaThroughput, 
     )
 
 
-def _dedicated(c: _Context, name: str, *, storage: int, load_bytes: int, training: TrainingCost) -> StrategyResult:
+def _dedicated(c: PlanContext, inp: PlanInputs, p: "np.ndarray", name: str, *, storage: int, load_bytes: int,
+               training: TrainingCost) -> StrategyResult:
     """One vLLM deployment per variant (a LoRA variant merged into its base)."""
-    inp = c.inp
-    mem = tensor_parallel_degree(c.spec, c.gpu, c.a, engine="vllm", context_tokens=inp.context_tokens, quant=inp.quant)
-    thr = replica_throughput(c.spec, c.gpu, c.a, mem, prompt_tokens=inp.prompt_tokens, output_tokens=inp.output_tokens)
+    mem, thr = c.dedicated_memory, c.dedicated_throughput
     note = "one vLLM deployment per variant" + (", adapter merged at load" if name == "lora" else "")
-    return _result(c, name, mem, thr, _replicas(inp.rps * c.p, thr.requests_per_s, inp, c.a),
+    return _result(c, inp.variants, name, mem, thr, _replicas(inp.rps * p, thr.requests_per_s, inp, c.a),
                    storage=storage, load_bytes=load_bytes, training=training, note=note)
 
 
-def _shared(c: _Context, training: TrainingCost) -> StrategyResult:
+def _shared(c: PlanContext, inp: PlanInputs, p: "np.ndarray") -> StrategyResult:
     """One base, pooled traffic, adapters tiered GPU -> host RAM -> disk."""
     import numpy as np
 
-    inp, a, spec, gpu, n = c.inp, c.a, c.spec, c.gpu, c.inp.variants
-    kw: dict[str, Any] = dict(engine=inp.engine, context_tokens=inp.context_tokens, quant=inp.quant, lora=c.lora)
+    a, spec, gpu, n = c.a, c.spec, c.gpu, inp.variants
+    mem = c.shared_memory
     if inp.engine == "lorax":
-        mem = tensor_parallel_degree(spec, gpu, a, **kw)
         # LoRAX charges each adapter its file size against the reservation (server.py download_adapter).
         on_gpu = min(n, a.lorax_max_active_adapters, mem.adapter_bytes // c.adapter_file)
-        if on_gpu < 1:
-            raise SetupError(
-                f"one {c.adapter_file:,}-byte adapter does not fit the {mem.adapter_bytes:,}-byte adapter reservation; "
-                "raise adapter_memory_fraction with --set or lower --lora-rank"
-            )
     else:
         # vLLM: size --max-loras to the distinct adapters of a full batch, within the same adapter budget.
-        mem = tensor_parallel_degree(spec, gpu, a, max_loras=1, **kw)
-        batch = max(1, min(mem.max_sequences(inp.context_tokens), a.max_batch_sequences))
-        slot = vllm_lora_slot_bytes(spec, max_lora_rank=vllm_max_lora_rank(c.lora.rank), dtype_bytes=FLOAT_BYTES["bf16"])
-        budget = int(a.adapter_memory_fraction * mem.gpu_bytes) // slot
-        want = min(n, batch, math.ceil(expected_distinct(c.p, batch)), max(1, budget))
-        mem = tensor_parallel_degree(spec, gpu, a, max_loras=want, **kw)
+        want = min(n, math.ceil(expected_distinct(p, c.vllm_batch)), c.vllm_max_loras)
+        mem = smallest_tensor_parallel_fit(spec, gpu, a, engine="vllm", context_tokens=inp.context_tokens, quant=inp.quant,
+                                           lora=c.lora, max_loras=want)
         on_gpu = mem.max_loras
     in_ram = min(n - on_gpu, a.host_adapter_cache_bytes // c.adapter_file)
     batch = max(1, min(mem.max_sequences(inp.context_tokens), a.max_batch_sequences))
     thr = replica_throughput(
         spec, gpu, a, mem, prompt_tokens=inp.prompt_tokens, output_tokens=inp.output_tokens,
-        distinct_adapters=expected_distinct(c.p, batch),
+        distinct_adapters=expected_distinct(p, batch),
         adapter_bytes=c.lora.trainable_parameters * FLOAT_BYTES["bf16"],  # on the GPU in the model dtype
         adapter_overhead=a.lorax_adapter_batch_overhead,
     )
-    pcie = a.pcie_bytes_per_s(gpu.pcie_gen)
     tiers = AdapterTiers(
         on_gpu=int(on_gpu), in_cpu_ram=int(in_ram), on_disk=n,
-        gpu_miss_rate=1.0 - lru_hit_rate(c.p, on_gpu), disk_miss_rate=1.0 - lru_hit_rate(c.p, on_gpu + in_ram),
-        swap_from_cpu_s=c.adapter_file / pcie + a.adapter_swap_overhead_s,
-        swap_from_disk_s=c.adapter_file / min(pcie, a.storage_bytes_per_s) + a.adapter_swap_overhead_s,
+        gpu_miss_rate=1.0 - lru_hit_rate(p, on_gpu), disk_miss_rate=1.0 - lru_hit_rate(p, on_gpu + in_ram),
+        swap_from_cpu_s=c.swap_from_cpu_s, swap_from_disk_s=c.swap_from_disk_s,
     )
     # A replica loads one adapter at a time (we assume loads do not overlap), beside its GPU work:
     # its request rate is also capped by 1 / mean swap time per request.
@@ -326,18 +288,20 @@ def _shared(c: _Context, training: TrainingCost) -> StrategyResult:
     if tiers.mean_added_latency_s > 0:
         capacity = min(capacity, 1.0 / tiers.mean_added_latency_s)
     bound = "adapter loading" if capacity < thr.requests_per_s else "GPU"
-    return _result(c, "lorax", mem, thr, _replicas(np.array([inp.rps]), capacity, inp, a),
-                   storage=c.checkpoint + n * c.adapter_file, load_bytes=c.checkpoint, training=training, adapters=tiers,
+    return _result(c, n, "lorax", mem, thr, _replicas(np.array([inp.rps]), capacity, inp, a),
+                   storage=c.checkpoint + n * c.adapter_file, load_bytes=c.checkpoint, training=c.training["lora"],
+                   adapters=tiers,
                    note=f"one shared base on {inp.engine}; adapters tiered GPU -> host RAM -> disk; replicas bound by {bound}")
 
 
-def plan(inp: PlanInputs, *, catalog: GPUCatalog | None = None, assumptions: Assumptions | None = None) -> Plan:
-    """The three strategies for `inp`, with every assumption that drove them."""
+def plan_context(inp: PlanInputs, *, catalog: GPUCatalog | None = None, assumptions: Assumptions | None = None) -> PlanContext:
+    """The N-independent part of `plan(inp)`: checks, model, training costs, replica memory.
+    Raises what `plan` raises for these inputs at any N (except the vLLM engine's N-sized slots)."""
     catalog = catalog if catalog is not None else gpu_catalog()
     a = assumptions if assumptions is not None else default_assumptions()
     check_catalog(catalog.gpus)
     gpu = catalog.get(inp.gpu)
-    a.pcie_bytes_per_s(gpu.pcie_gen)
+    pcie = a.pcie_bytes_per_s(gpu.pcie_gen)
     spec = load_model(inp.model)
     if not spec.is_causal_lm:
         raise SetupError(f"{spec.name} is not a causal LM; memplan plan sizes text-generation serving")
@@ -347,26 +311,61 @@ def plan(inp: PlanInputs, *, catalog: GPUCatalog | None = None, assumptions: Ass
             f"{spec.max_position_embeddings:,} positions; shorten them"
         )
     lora = plan_lora(spec, inp.lora_rank, inp.lora_targets)
-    c = _Context(
-        inp=inp, spec=spec, gpu=gpu, catalog=catalog, a=a, lora=lora, adapter_file=adapter_file_bytes(lora, a.adapter_save_dtype),
-        checkpoint=spec.total_parameters * FLOAT_BYTES[a.checkpoint_dtype],
-        p=popularity_weights(inp.variants, inp.popularity, inp.zipf_exponent),
-    )
+    adapter_file = adapter_file_bytes(lora, a.adapter_save_dtype)
     train = {
         "full": training_cost(spec, catalog, a, method="full", tokens=inp.train_tokens, train_gpu=inp.train_gpu),
         "lora": training_cost(spec, catalog, a, method="lora", tokens=inp.train_tokens, lora=lora,
                               quant=inp.train_quant, train_gpu=inp.train_gpu),
     }
+    # full_finetune and lora serve the same merged model: one replica shape for both.
+    dedicated = smallest_tensor_parallel_fit(spec, gpu, a, engine="vllm", context_tokens=inp.context_tokens, quant=inp.quant)
+    dedicated_thr = replica_throughput(spec, gpu, a, dedicated, prompt_tokens=inp.prompt_tokens, output_tokens=inp.output_tokens)
+    shared = smallest_tensor_parallel_fit(spec, gpu, a, engine=inp.engine, context_tokens=inp.context_tokens, quant=inp.quant,
+                                          lora=lora, max_loras=1 if inp.engine == "vllm" else 0)
+    vllm_batch = vllm_max_loras = 0
+    if inp.engine == "lorax":
+        if shared.adapter_bytes // adapter_file < 1:
+            raise SetupError(
+                f"one {adapter_file:,}-byte adapter does not fit the {shared.adapter_bytes:,}-byte adapter reservation; "
+                "raise adapter_memory_fraction with --set or lower --lora-rank"
+            )
+    else:
+        vllm_batch = max(1, min(shared.max_sequences(inp.context_tokens), a.max_batch_sequences))
+        slot = vllm_lora_slot_bytes(spec, max_lora_rank=vllm_max_lora_rank(lora.rank), dtype_bytes=FLOAT_BYTES["bf16"])
+        vllm_max_loras = min(vllm_batch, max(1, int(a.adapter_memory_fraction * shared.gpu_bytes) // slot))
+    return PlanContext(
+        inp=inp, spec=spec, gpu=gpu, catalog=catalog, a=a, lora=lora, adapter_file=adapter_file,
+        checkpoint=spec.total_parameters * FLOAT_BYTES[a.checkpoint_dtype], training=train,
+        dedicated_memory=dedicated, dedicated_throughput=dedicated_thr, shared_memory=shared,
+        vllm_batch=vllm_batch, vllm_max_loras=vllm_max_loras,
+        # Adapter bytes over the link, plus a fixed software cost (data/serving.json sources both).
+        swap_from_cpu_s=adapter_file / pcie + a.adapter_swap_overhead_s,
+        swap_from_disk_s=adapter_file / min(pcie, a.storage_bytes_per_s) + a.adapter_swap_overhead_s,
+        assumptions=assumptions_payload(a, catalog, gpu, [t.gpu for t in train.values() if t.gpu]),
+    )
+
+
+def plan_at(ctx: PlanContext, variants: int) -> Plan:
+    """`plan(replace(ctx.inp, variants=variants))`, reusing everything in `ctx`."""
+    inp = ctx.inp if variants == ctx.inp.variants else replace(ctx.inp, variants=variants)
     n = inp.variants
+    p = popularity_weights(n, inp.popularity, inp.zipf_exponent)
+    train = dict(ctx.training)
     strategies = {
-        "full_finetune": _dedicated(c, "full_finetune", storage=n * c.checkpoint, load_bytes=c.checkpoint, training=train["full"]),
-        "lora": _dedicated(c, "lora", storage=c.checkpoint + n * c.adapter_file, load_bytes=c.checkpoint + c.adapter_file,
-                           training=train["lora"]),
-        "lorax": _shared(c, train["lora"]),
+        "full_finetune": _dedicated(ctx, inp, p, "full_finetune", storage=n * ctx.checkpoint, load_bytes=ctx.checkpoint,
+                                    training=train["full"]),
+        "lora": _dedicated(ctx, inp, p, "lora", storage=ctx.checkpoint + n * ctx.adapter_file,
+                           load_bytes=ctx.checkpoint + ctx.adapter_file, training=train["lora"]),
+        "lorax": _shared(ctx, inp, p),
     }
-    return Plan(inputs=inp, gpu=gpu, checkpoint_bytes=c.checkpoint, adapter_file_bytes=c.adapter_file,
-                lora_trainable_parameters=lora.trainable_parameters, training=train, strategies=strategies,
-                assumptions=assumptions_payload(a, catalog, gpu, [t.gpu for t in train.values() if t.gpu]))
+    return Plan(inputs=inp, gpu=ctx.gpu, checkpoint_bytes=ctx.checkpoint, adapter_file_bytes=ctx.adapter_file,
+                lora_trainable_parameters=ctx.lora.trainable_parameters, training=train, strategies=strategies,
+                assumptions=dict(ctx.assumptions))
+
+
+def plan(inp: PlanInputs, *, catalog: GPUCatalog | None = None, assumptions: Assumptions | None = None) -> Plan:
+    """The three strategies for `inp`, with every assumption that drove them."""
+    return plan_at(plan_context(inp, catalog=catalog, assumptions=assumptions), inp.variants)
 
 
 # ---- sweeps and crossovers ---------------------------------------------------------------
@@ -388,15 +387,15 @@ class VariantSweep:
 
 def sweep_variants(inp: PlanInputs, variants: Sequence[int], *, catalog: GPUCatalog | None = None,
                    assumptions: Assumptions | None = None) -> VariantSweep:
-    """Plans over N, and the smallest N at which one strategy's $/month undercuts another's."""
-    from dataclasses import replace
-
+    """Plans over N, and the smallest N at which one strategy's $/month undercuts another's.
+    Everything that does not depend on N is computed once (`plan_context`)."""
     ns = sorted(set(variants))
     if not ns:
         raise SetupError("--sweep-variants is empty; give a comma list such as 1,10,100,1000")
+    ctx = plan_context(replace(inp, variants=ns[0]), catalog=catalog, assumptions=assumptions)
 
     def at(n: int) -> Plan:
-        return plan(replace(inp, variants=n), catalog=catalog, assumptions=assumptions)
+        return plan_at(ctx, n)
 
     plans = tuple(at(n) for n in ns)
     cross: list[dict[str, Any]] = []

@@ -34,7 +34,7 @@ __all__ = [
     "serving_memory",
     "kv_bytes_per_token",
     "vllm_lora_slot_bytes",
-    "tensor_parallel_degree",
+    "smallest_tensor_parallel_fit",
     "TP_DEGREES",
     "VLLM_MAX_LORA_RANKS",
     "check_catalog",
@@ -50,6 +50,18 @@ FP32 = 4
 
 class ServingError(SetupError):
     """A serving plan that cannot be built (the model does not fit, a bad override)."""
+
+
+# Physical ceilings of the assumptions that have one (a month has at most 744 hours; no KV
+# element is wider than fp64; PCIe 6 x16 is 128 GB/s, 10**13 B/s leaves room for any link).
+_CEILINGS: dict[str, float] = {
+    "kv_block_tokens": 2**20, "kv_cache_bytes_per_element": 8, "cuda_context_bytes": 2**40, "cuda_graph_bytes": 2**40,
+    "prefill_batch_tokens": 10**7, "max_batch_sequences": 10**6, "lorax_max_active_adapters": 10**7,
+    "host_adapter_cache_bytes": 2**50, "pcie_gen3_bytes_per_s": 1e13, "pcie_gen4_bytes_per_s": 1e13,
+    "pcie_gen5_bytes_per_s": 1e13, "storage_bytes_per_s": 1e13, "adapter_swap_overhead_s": 3600.0,
+    "lorax_adapter_batch_overhead": 100.0, "train_seq_len": 10**7, "train_batch_size": 10**6, "hours_per_month": 744.0,
+    "scale_to_zero_idle_s": 31 * 86400.0,
+}
 
 
 @dataclass(frozen=True)
@@ -107,6 +119,13 @@ class Assumptions:
         for name in ("adapter_save_dtype", "checkpoint_dtype"):
             if getattr(self, name) not in FLOAT_BYTES:
                 raise ServingError(f"{name} must be one of {', '.join(FLOAT_BYTES)}, got {getattr(self, name)!r}")
+        for name, ceiling in _CEILINGS.items():  # typos (an extra zero or three) caught before the arithmetic
+            if getattr(self, name) > ceiling:
+                raise ServingError(f"{name} {getattr(self, name)!r} is larger than {ceiling:,}; check the value")
+        from memplan.training.setup import OPTIMIZERS
+
+        if self.train_optimizer not in OPTIMIZERS:
+            raise ServingError(f"train_optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.train_optimizer!r}")
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -235,7 +254,9 @@ def assumptions_payload(a: Assumptions, catalog: GPUCatalog, gpu: GPU, train_gpu
 
 
 def kv_bytes_per_token(spec: ModelSpec, a: Assumptions, *, tp: int = 1) -> int:
-    """2 (K and V) x layers x kv_heads x head_dim x bytes (REFERENCE.md serving formulas).
+    """2 (K and V) x layers x kv_heads x head_dim x bytes: vLLM's page per layer is
+    2 x block_size x num_kv_heads x head_size x dtype bytes
+    (`vllm/v1/kv_cache_interface.py::AttentionSpec.page_size_bytes`).
 
     With tensor parallelism vLLM gives each GPU kv_heads / tp heads, and replicates a head
     when tp > kv_heads (`vllm/model_executor/layers/linear.py::QKVParallelLinear`), so the
@@ -248,7 +269,9 @@ def kv_bytes_per_token(spec: ModelSpec, a: Assumptions, *, tp: int = 1) -> int:
 
 def activation_workspace_bytes(spec: ModelSpec, a: Assumptions, *, tp: int) -> int:
     """Peak activation of one prefill forward of `prefill_batch_tokens` tokens, plus the
-    sampler's fp32 logits for `max_batch_sequences` rows (vLLM `profile_run`; LoRAX warm-up).
+    sampler's fp32 logits for `max_batch_sequences` rows (`vllm/v1/worker/gpu_model_runner.py::
+    GPUModelRunner.profile_run`, whose `_dummy_sampler_run` samples max_num_seqs rows; LoRAX
+    `FlashCausalLM.warmup`).
 
     Per token, (4 x hidden + 3 x intermediate) x 2 bytes live at the MLP: measured for this
     project on an H100 (transformers 5.17 LlamaForCausalLM, bf16, SDPA, inference mode,
@@ -271,8 +294,10 @@ def vllm_lora_slot_bytes(spec: ModelSpec, *, max_lora_rank: int, dtype_bytes: in
     """One LoRA slot: max_lora_rank x sum over wrapped linears of (d_in + d_out) x bytes.
 
     vLLM allocates `lora_a_stacked` (max_loras, 1, rank, in) and `lora_b_stacked`
-    (max_loras, 1, out, rank) for every wrapped linear up front (`vllm/lora/layers`,
-    `create_lora_weights`); an adapter of lower rank still takes a full slot (REFERENCE.md).
+    (max_loras, 1, out, rank) for every wrapped linear up front
+    (`vllm/lora/layers/base_linear.py::BaseLinearLayerWithLoRA.create_lora_weights`); an
+    adapter of lower rank still takes a full slot (`set_lora` copies it into the slot's
+    leading `[:rank]` rows and leaves the rest zero).
     Ignores: embedding / lm_head extra-vocab slots (off by default in recent vLLM).
     """
     per_rank = sum((lin.in_features + lin.out_features) * lin.count for lin in wrapped_linears(spec))
@@ -314,7 +339,9 @@ class ServingMemory:
         }
 
     def max_sequences(self, context_tokens: int) -> int:
-        """Sequences of `context_tokens` whose KV fits at once (paged: whole blocks each)."""
+        """Sequences of `context_tokens` whose KV fits at once (paged: whole blocks each, as
+        `vllm/v1/kv_cache_interface.py::FullAttentionSpec.max_memory_usage_bytes` takes
+        cdiv(tokens, block_size) pages; Kwon et al. 2023, arXiv:2309.06180, section 4)."""
         block_tokens = self.kv_block_bytes // self.kv_bytes_per_token
         return self.kv_blocks // math.ceil(context_tokens / block_tokens)
 
@@ -352,6 +379,8 @@ def serving_memory(
             # lora_dtype='auto' is the model dtype (bf16): 2 bytes.
             slot = vllm_lora_slot_bytes(spec, max_lora_rank=vllm_max_lora_rank(lora.rank), dtype_bytes=FLOAT_BYTES["bf16"])
             adapters = max(1, max_loras) * slot
+        # determine_available_memory: requested (total x gpu_memory_utilization) minus the
+        # non-KV memory measured after the profiling run (weights, activation peak, graphs, LoRA).
         budget = int(total * a.vllm_gpu_memory_utilization)
         free = budget - weights - context - graphs - act - adapters
     elif engine == "lorax":
@@ -362,6 +391,7 @@ def serving_memory(
         free = int(after_warmup * a.lorax_memory_wiggle_room) if after_warmup > 0 else after_warmup
     else:
         raise ServingError(f"engine must be vllm or lorax, got {engine!r}")
+    # Whole blocks only: vllm/v1/core/kv_cache_utils.py::get_num_blocks (available // page size // layers).
     kv = (free // block) * block if free > 0 else 0
     rest = total - weights - context - graphs - act - adapters - kv
     return ServingMemory(
@@ -380,13 +410,13 @@ def vllm_max_lora_rank(rank: int) -> int:
     raise ServingError(f"LoRA rank {rank} exceeds vLLM's largest --max-lora-rank {VLLM_MAX_LORA_RANKS[-1]}")
 
 
-def tensor_parallel_degree(
+def smallest_tensor_parallel_fit(
     spec: ModelSpec, gpu: GPU, a: Assumptions, *, engine: Engine, context_tokens: int, quant: str = "bf16",
     lora: LoraPlan | None = None, max_loras: int = 0,
 ) -> ServingMemory:
     """The replica on the fewest GPUs (1, 2, 4 or 8) that holds the weights plus the KV of one
     full-context sequence. TP needs the attention heads to split evenly (vLLM checks
-    num_attention_heads % tp == 0)."""
+    num_attention_heads % tp == 0 in `vllm/config/model.py::ModelConfig.verify_with_parallel_config`)."""
     if engine == "vllm" and quant == "fp4":
         raise ServingError("vLLM's bitsandbytes support has no fp4; use --quant nf4 or bf16")
     last = None

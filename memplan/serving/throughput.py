@@ -1,11 +1,15 @@
 """Requests per second one replica can serve: a roofline over decode and prefill.
 
 - Decode is memory-bandwidth bound: every step streams the weights once plus the KV
-  cache of every sequence in the batch (REFERENCE.md: tokens/s ~ batch x bandwidth x
-  efficiency / (weight bytes + batch x context x KV bytes per token)).
+  cache of every sequence in the batch, so tokens/s ~ batch x bandwidth x efficiency /
+  (weight bytes + batch x context x KV bytes per token) (Pope et al. 2022, "Efficiently
+  scaling Transformer inference", arXiv:2211.05102, section 2: memory time vs compute time).
 - Prefill is compute bound: 2 FLOPs per multiply-accumulate over the matmul parameters
-  per token (Kaplan et al. 2020, section 2.1), plus causal attention.
-- Each phase takes the larger of its memory time and its compute time.
+  per token (Kaplan et al. 2020, arXiv:2001.08361, section 2.1), plus causal attention.
+- Each phase takes the larger of its memory time and its compute time (the roofline
+  model: Williams, Waterman, Patterson 2009, "Roofline", CACM 52(4)).
+- Continuous batching: a request costs its prefill plus its share of every decode step
+  it is in (iteration-level scheduling: Yu et al. 2022, "Orca", OSDI '22, section 3).
 Efficiencies are named in `data/serving.json`. Ignores: speculative decoding, prefix
 caching, chunked-prefill interference and network time.
 """
@@ -34,7 +38,8 @@ def matmul_parameters(spec: ModelSpec, *, with_output: bool = True) -> int:
 
 
 def _attention_flops(spec: ModelSpec, *, query_tokens: int, context_tokens: int) -> int:
-    # QK^T and AV: 2 FLOPs x heads x head_dim per (query, key) pair, twice, per layer.
+    # QK^T and AV: 2 FLOPs x heads x head_dim per (query, key) pair, twice, per layer
+    # ("attention logits" + "attention reduce": Hoffmann et al. 2022, arXiv:2203.15556, appendix F).
     return 4 * spec.num_layers * spec.num_heads * spec.head_dim * query_tokens * context_tokens
 
 
@@ -58,7 +63,9 @@ def decode_step_seconds(
 
 def prefill_seconds(spec: ModelSpec, gpu: GPU, a: Assumptions, mem: ServingMemory, *, tokens: int) -> float:
     """GPU-seconds to prefill one prompt of `tokens`: logits only for its last token (engines
-    skip the rest); causal attention is half of the full s x s product."""
+    skip the rest: `vllm/v1/worker/gpu_model_runner.py::GPUModelRunner.execute_model` takes
+    `hidden_states[logits_indices]`); causal attention is half of the full s x s product
+    (query i sees i keys: sum over i of i ~ s^2 / 2; flash kernels skip the masked blocks)."""
     flops = 2 * matmul_parameters(spec, with_output=False) * tokens
     flops += 2 * (matmul_parameters(spec) - matmul_parameters(spec, with_output=False))
     flops += _attention_flops(spec, query_tokens=tokens, context_tokens=tokens) // 2

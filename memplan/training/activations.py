@@ -39,7 +39,7 @@ from memplan.training.activations_autocast import autocast_head_bytes, autocast_
 from memplan.model.lora import LoraPlan
 from memplan.training.setup import Setup
 from memplan.model.spec import ModelSpec
-from memplan.model.storage import FLOAT_BYTES
+from memplan.model.storage import FLOAT_BYTES, is_quantized
 
 __all__ = ["ActivationBytes", "activation_bytes", "compute_bytes", "residual_bytes"]
 
@@ -155,7 +155,7 @@ def _first_layer_input_grad(setup: Setup) -> bool:
         return True
     if setup.prepare_kbit_training:
         return True
-    return setup.grad_checkpointing and setup.quant not in ("int8", "nf4", "fp4")
+    return setup.grad_checkpointing and not is_quantized(setup.quant)
 
 
 def _layer_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan | None, *, input_grad: bool) -> int:

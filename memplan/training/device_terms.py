@@ -1,5 +1,7 @@
 """Named device constants that no model formula can produce, fitted by
-`memplan calibrate` from `profiles/` and stored in `data/device_terms.json`.
+`memplan calibrate` from profile records. The shipped defaults are
+`data/device_terms.json` (read-only); `memplan calibrate --write` stores the user's
+own in the user config dir (`memplan.paths.user_terms_file`), which wins when present.
 
 - cuda_context_bytes: memory NVML shows for this process before any tensor
   (CUDA context, cuBLAS/cuDNN handles and workspaces).
@@ -17,9 +19,12 @@ import json
 from dataclasses import dataclass
 from functools import lru_cache
 
-from memplan.paths import data_dir
+from pathlib import Path
 
-__all__ = ["DeviceTerms", "device_terms"]
+from memplan.errors import ConfigError
+from memplan.paths import shipped_terms_file, user_terms_file
+
+__all__ = ["DeviceTerms", "device_terms", "terms_file", "terms_note"]
 
 
 @dataclass(frozen=True)
@@ -40,18 +45,35 @@ class DeviceTerms:
         return self.workspace_bytes + self.cuda_context_bytes + int(self.allocator_fraction * allocated)
 
 
+def terms_file() -> tuple[Path, bool]:
+    """The device terms file in use and whether it is the user's: the user's file when it
+    exists, else the shipped defaults."""
+    user = user_terms_file()
+    return (user, True) if user.is_file() else (shipped_terms_file(), False)
+
+
+def terms_note() -> str:
+    """One line saying which device terms the estimates use (the commands print it on stderr)."""
+    path, is_user = terms_file()
+    return f"device terms: {path} ({'your calibration' if is_user else 'shipped defaults'})"
+
+
 @lru_cache(maxsize=4)
 def device_terms(device: str) -> DeviceTerms:
-    path = data_dir() / "device_terms.json"
+    path, _ = terms_file()
     if device != "cuda" or not path.is_file():
         return DeviceTerms(device=device)
-    raw = json.loads(path.read_text()).get(device)
-    if not raw:
-        return DeviceTerms(device=device)
-    return DeviceTerms(
-        device=device,
-        cuda_context_bytes=int(raw.get("cuda_context_bytes", 0)),
-        workspace_bytes=int(raw.get("workspace_bytes", 0)),
-        allocator_fraction=float(raw.get("allocator_fraction", 0.0)),
-        source=str(raw.get("source", "")),
-    )
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8")).get(device)
+        if not raw:
+            return DeviceTerms(device=device)
+        return DeviceTerms(
+            device=device,
+            cuda_context_bytes=int(raw.get("cuda_context_bytes", 0)),
+            workspace_bytes=int(raw.get("workspace_bytes", 0)),
+            allocator_fraction=float(raw.get("allocator_fraction", 0.0)),
+            source=str(raw.get("source", "")),
+        )
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        raise ConfigError(f"device terms file {path} is unreadable or malformed ({type(exc).__name__}); "
+                          "run `memplan calibrate` again or delete it") from None

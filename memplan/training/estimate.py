@@ -73,16 +73,19 @@ class Estimate:
             "lora": None
             if self.adapter_dtype is None
             else {"adapter_dtype": self.adapter_dtype, "adapter_file_bytes": self.adapter_file_bytes},
+            # Each key means what the `Memory` field of the same name means; the two sums
+            # people compare against other tools are named for what they add up.
             "memory_bytes": {
-                "weights": m.weights + m.adapters,
-                "base_weights": m.weights,
+                "weights": m.weights,
                 "adapters": m.adapters,
+                "weights_and_adapters": m.weights + m.adapters,
                 "quant_state": self.weight_storage.quant_state,
                 "gradients": m.gradients,
                 "optimizer_states": m.optimizer_states,
                 "optimizer_paged": m.optimizer_paged,
-                "activations": m.activations + m.logits,
+                "activations": m.activations,
                 "logits": m.logits,
+                "activations_and_logits": m.activations + m.logits,
                 "transients": m.transients,
                 "overhead": m.overhead,
                 "allocated_peak": m.allocated_peak,

@@ -11,9 +11,12 @@ from functools import cached_property
 from typing import Any, Literal, get_args
 
 from memplan.errors import SetupError
-from memplan.model.storage import FLOAT_BYTES, QUANTS, Quant, FloatDtype, is_quantized
+from memplan.model.lora import lora_targets_text, parse_lora_targets
+from memplan.units import with_article
+from memplan.model.storage import FLOAT_BYTES, QUANTS, Quant, FloatDtype, is_four_bit, is_quantized
 
-__all__ = ["Setup", "Method", "Optimizer", "Attention", "Device", "OPTIMIZERS", "ATTENTIONS", "METHODS", "DEVICES", "Autocast", "AUTOCASTS"]
+__all__ = ["Setup", "Method", "Optimizer", "Attention", "Device", "OPTIMIZERS", "ATTENTIONS", "METHODS", "DEVICES", "Autocast", "AUTOCASTS",
+           "quants_for_method", "double_quant_applies", "prepare_kbit_applies", "autocast_applies"]
 
 Method = Literal["full", "lora"]
 # Names follow transformers' TrainingArguments.optim where one exists.
@@ -31,6 +34,30 @@ _OPTIMIZER_ALIASES = {"adamw_torch": "adamw", "adamw_bnb_8bit": "adamw_8bit", "p
 # Hard ceilings that catch typos (seq 10**9) before they reach arithmetic.
 MAX_SEQ_LEN = 10_000_000
 MAX_BATCH = 1_000_000
+# Above every model width memplan knows (the widest hidden size is ~25k); the estimator also
+# refuses a rank wider than the adapted layer.
+MAX_LORA_RANK = 65_536
+
+
+def quants_for_method(method: str) -> tuple[str, ...]:
+    """Base formats a method can train: bitsandbytes int8/nf4/fp4 weights are frozen
+    (`Params4bit`/`Int8Params` have requires_grad=False), so full fine-tuning needs a float base."""
+    return QUANTS if method == "lora" else tuple(q for q in QUANTS if not is_quantized(q))
+
+
+def double_quant_applies(quant: str) -> bool:
+    """`bnb_4bit_use_double_quant` only exists for the 4-bit formats (transformers BitsAndBytesConfig)."""
+    return is_four_bit(quant)
+
+
+def prepare_kbit_applies(quant: str) -> bool:
+    """PEFT's `prepare_model_for_kbit_training` prepares a quantized base only."""
+    return is_quantized(quant)
+
+
+def autocast_applies(quant: str) -> bool:
+    """Mixed precision here means fp32 master weights under torch.autocast (Trainer's bf16=True)."""
+    return quant == "fp32"
 
 
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
@@ -80,30 +107,27 @@ class Setup:
         _choice("device", self.device, DEVICES)
         _positive("seq_len", self.seq_len, MAX_SEQ_LEN)
         _positive("batch_size", self.batch_size, MAX_BATCH)
-        _positive("lora_rank", self.lora_rank, 1_000_000)
-        if isinstance(self.lora_targets, str):
-            object.__setattr__(self, "lora_targets", tuple(t.strip() for t in self.lora_targets.split(",") if t.strip()))
-        elif self.lora_targets is not None:
-            object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        _positive("lora_rank", self.lora_rank, MAX_LORA_RANK)
+        object.__setattr__(self, "lora_targets", parse_lora_targets(self.lora_targets))
         if not (0.0 <= float(self.lora_dropout) < 1.0):
             raise SetupError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if self.method == "full" and is_quantized(self.quant):
+        if self.quant not in quants_for_method(self.method):
             raise SetupError(
-                f"full fine-tuning cannot train a {self.quant} base (bitsandbytes weights are frozen); "
+                f"full fine-tuning cannot train {with_article(self.quant)} base (bitsandbytes weights are frozen); "
                 "use --method lora, or --quant bf16/fp16/fp32"
             )
-        if self.prepare_kbit_training and not is_quantized(self.quant):
+        if self.prepare_kbit_training and not prepare_kbit_applies(self.quant):
             raise SetupError("--prepare-kbit-training only applies to int8/nf4/fp4 bases; drop it or pick a quantized --quant")
         if self.prepare_kbit_training and not self.grad_checkpointing:
             # prepare_model_for_kbit_training(use_gradient_checkpointing=True) is PEFT's default.
             object.__setattr__(self, "grad_checkpointing", True)
-        if self.double_quant and self.quant not in ("nf4", "fp4"):
+        if self.double_quant and not double_quant_applies(self.quant):
             raise SetupError(f"--double-quant only applies to nf4/fp4, not {self.quant}; drop it or use --quant nf4")
         _choice("autocast", self.autocast, AUTOCASTS)
-        if self.autocast != "none" and self.quant != "fp32":
+        if self.autocast != "none" and not autocast_applies(self.quant):
             raise SetupError(
                 f"--autocast {self.autocast} models fp32 master weights; use --quant fp32 with it, "
-                f"or drop --autocast (a {self.quant} model already computes in {self.quant})"
+                f"or drop --autocast ({with_article(self.quant)} model already computes in {self.quant})"
             )
         if self.attention == "flash" and self.device == "cpu":
             raise SetupError("--attention flash needs --device cuda (flash-attn has no CPU kernel); use sdpa")
@@ -112,6 +136,27 @@ class Setup:
     def param_dtype(self) -> str:
         """dtype of the non-quantized weights as loaded."""
         return self.compute_dtype if is_quantized(self.quant) else self.quant
+
+    def label(self, *, layers: int | None = None) -> str:
+        """One line naming the run, e.g. `llama2-7b L4 lora nf4+dq r8:q_proj,v_proj s512 b1 gc adamw`:
+        model (a long config path shortened to its folder), truncation, method, format (+dq, +autocast),
+        LoRA rank:targets, sequence, batch, gc (checkpointing), optimizer, attention when not sdpa."""
+        from pathlib import Path
+
+        parts = [self.model if len(self.model) < 40 else Path(self.model).parent.name or self.model[-30:]]
+        if layers:
+            parts.append(f"L{layers}")
+        parts.append(self.method)
+        parts.append(self.quant + ("+dq" if self.double_quant else "") + (f"+{self.autocast}-autocast" if self.autocast != "none" else ""))
+        if self.method == "lora":
+            parts.append(f"r{self.lora_rank}:{lora_targets_text(self.lora_targets)}")
+        parts += [f"s{self.seq_len}", f"b{self.batch_size}"]
+        if self.grad_checkpointing:
+            parts.append("gc")
+        parts.append(self.optimizer)
+        if self.attention != "sdpa":
+            parts.append(self.attention)
+        return " ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -18,7 +18,7 @@ from memplan.training.estimate import estimate
 from memplan.training.fit import fit_on
 from memplan.hardware.gpus import gpu_catalog
 from memplan.training.search import limits_on
-from memplan.training.setup import Setup
+from memplan.training.setup import Setup, autocast_applies, double_quant_applies, prepare_kbit_applies
 from memplan.units import format_bytes, format_count
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,13 +53,14 @@ def ft_setup(at: AppTest, model: str) -> Setup:
     """The Setup the fine-tune page's widgets describe, read back from the widgets."""
     s = at.session_state
     lora = s["ft_method"] == "lora"
-    four_bit, quantized = s["ft_quant"] in ("nf4", "fp4"), s["ft_quant"] in ("int8", "nf4", "fp4")
-    return Setup(model=model, method=s["ft_method"], quant=s["ft_quant"], double_quant=four_bit and s["ft_double_quant"],
+    quant = s["ft_quant"]
+    return Setup(model=model, method=s["ft_method"], quant=quant, double_quant=double_quant_applies(quant) and s["ft_double_quant"],
                  compute_dtype=s["ft_compute_dtype"], lora_rank=int(s["ft_lora_rank"]) if lora else 8,
                  lora_targets=tuple(s["ft_lora_targets"]) if lora else None, lora_dropout=float(s["ft_lora_dropout"]) if lora else 0.0,
                  seq_len=int(s["ft_seq_len"]), batch_size=int(s["ft_batch_size"]), grad_checkpointing=s["ft_grad_checkpointing"],
-                 optimizer=s["ft_optimizer"], attention=s["ft_attention"], prepare_kbit_training=quantized and s["ft_prepare_kbit"],
-                 autocast=s["ft_autocast"] if s["ft_quant"] == "fp32" else "none")
+                 optimizer=s["ft_optimizer"], attention=s["ft_attention"],
+                 prepare_kbit_training=prepare_kbit_applies(quant) and s["ft_prepare_kbit"],
+                 autocast=s["ft_autocast"] if autocast_applies(quant) else "none")
 
 
 def check_fine_tune_page(at: AppTest, spec) -> None:

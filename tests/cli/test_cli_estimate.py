@@ -21,7 +21,7 @@ from memplan.training.estimate import estimate
 from memplan.hardware.gpus import gpu_catalog
 from memplan.training.setup import Setup
 
-MEMORY_KEYS = ("weights", "gradients", "optimizer_states", "activations", "peak")
+MEMORY_KEYS = ("weights", "weights_and_adapters", "gradients", "optimizer_states", "activations", "activations_and_logits", "peak")
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -162,7 +162,7 @@ BAD = [
     (["-m", "llama2-7b", "-r", "5000"], r"--lora-rank 5000 exceeds q_proj \(4096x4096\)"),
     (["-m", "llama2-7b", "--lora-targets", "q_proj,c_attn"], r"'c_attn' is not a linear module of llama2-7b"),
     (["-m", "llama2-7b", "--lora-targets", " , "], r"--lora-targets is empty"),
-    (["-m", "llama2-7b", "--method", "full", "--quant", "nf4"], r"full fine-tuning cannot train a nf4 base"),
+    (["-m", "llama2-7b", "--method", "full", "--quant", "nf4"], r"full fine-tuning cannot train an nf4 base"),
     (["-m", "llama2-7b", "--double-quant"], r"--double-quant only applies to nf4/fp4"),
     (["-m", "llama2-7b", "--attention", "flash", "--device", "cpu"], r"--attention flash needs --device cuda"),
     (["-m", "llama2-7b", "--gpu", "a10g", "--device", "cpu"], r"--gpu checks the fit on a CUDA GPU.*drop --gpu or --device cpu"),

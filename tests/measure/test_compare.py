@@ -35,7 +35,7 @@ def test_rows_pair_each_component_with_its_measurement() -> None:
     rows = {r["component"]: r for r in compare_record(_record(measured=MEASURED))}
     assert list(rows) == ["weights", "adapters", "gradients", "optimizer_states", "activations", "peak", "device_peak"]
     mem = estimate(SETUP).to_dict()["memory_bytes"]
-    assert rows["weights"]["predicted_bytes"] == mem["base_weights"]
+    assert rows["weights"]["predicted_bytes"] == mem["weights"]
     assert rows["peak"]["predicted_bytes"] == mem["allocated_peak"]  # what torch's allocator should report
     assert rows["device_peak"]["predicted_bytes"] == mem["peak"]
     for component, key in (("weights", "weights_bytes"), ("peak", "steady_peak_bytes"), ("device_peak", "nvml_peak_bytes")):
@@ -48,7 +48,7 @@ def test_rows_pair_each_component_with_its_measurement() -> None:
 
 def test_half_the_prediction_is_plus_100_percent() -> None:
     mem = estimate(SETUP).to_dict()["memory_bytes"]
-    rows = {r["component"]: r for r in compare_record(_record(measured={"weights_bytes": mem["base_weights"] // 2}))}
+    rows = {r["component"]: r for r in compare_record(_record(measured={"weights_bytes": mem["weights"] // 2}))}
     assert rows["weights"]["rel_error"] == pytest.approx(1.0, abs=1e-9)
     assert rows["gradients"]["measured_bytes"] is None and rows["gradients"]["rel_error"] is None
 
@@ -58,8 +58,8 @@ def test_truncated_and_full_fine_tuning_records() -> None:
     rows = {r["component"]: r for r in compare_record(_record(full, layers=2, measured={"weights_bytes": 1}))}
     assert "adapters" not in rows and "device_peak" not in rows
     two_layers = estimate(full, model=with_layers(load_model("llama2-7b"), 2)).to_dict()["memory_bytes"]
-    assert rows["weights"]["predicted_bytes"] == two_layers["base_weights"]
-    assert two_layers["base_weights"] < estimate(full).to_dict()["memory_bytes"]["base_weights"]
+    assert rows["weights"]["predicted_bytes"] == two_layers["weights"]
+    assert two_layers["weights"] < estimate(full).to_dict()["memory_bytes"]["weights"]
 
 
 def test_embedded_config_is_used_when_the_model_path_is_gone(tmp_path: Path) -> None:
@@ -69,7 +69,7 @@ def test_embedded_config_is_used_when_the_model_path_is_gone(tmp_path: Path) -> 
     rec = _record(setup, measured={"weights_bytes": 1}, model_info={"name": "tiny", "num_layers": 2, "config": cfg})
     path = tmp_path / "cfg.json"
     path.write_text(json.dumps(cfg))
-    expected = estimate(Setup(model=str(path), device="cpu")).to_dict()["memory_bytes"]["base_weights"]
+    expected = estimate(Setup(model=str(path), device="cpu")).to_dict()["memory_bytes"]["weights"]
     assert compare_record(rec)[0]["predicted_bytes"] == expected
 
 

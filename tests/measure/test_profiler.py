@@ -28,31 +28,25 @@ from memplan.model.storage import weight_bytes  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-CASES = {  # name -> setup fields beyond the grid defaults
-    "bf16-lora": {"quant": "bf16"},
-    "int8-lora": {"quant": "int8"},
-    "nf4-lora": {"quant": "nf4"},
-    "nf4-dq-lora": {"quant": "nf4", "double_quant": True},
-    "bf16-full": {"method": "full", "quant": "bf16"},
-    "bf16-lora-checkpointing": {"quant": "bf16", "grad_checkpointing": True},
-}
+from validation_matrix import PROFILE_CASES as CASES  # noqa: E402  (name -> setup fields beyond the grid defaults)
 PHASES = ("load", "setup", "forward", "backward", "optimizer", "step2_forward", "step2_backward", "step2_optimizer")
 
 
 @pytest.fixture(scope="module")
-def campaign(tmp_path_factory: pytest.TempPathFactory, tiny_configs: dict) -> dict:
+def campaign(tmp_path_factory: pytest.TempPathFactory, cpu_campaign) -> dict:
+    """The six setups were measured in the session's shared campaign (tests/measure/conftest.py);
+    `memplan profile --grid` over the same records file then resumes: it re-runs none of them
+    (an errored one would run again) and prints the measured summary and the comparison."""
     root = tmp_path_factory.mktemp("profile")
-    model = root / "tiny-llama" / "config.json"
-    model.parent.mkdir()
-    model.write_text(json.dumps(tiny_configs["llama"]))
+    model = cpu_campaign.profile_model
     grid = {"defaults": {"model": str(model), "device": "cpu", "seq_len": 24, "batch_size": 2},
             "grids": list(CASES.values())}
     (root / "grid.json").write_text(json.dumps(grid))
-    out = root / "runs.jsonl"
+    out = cpu_campaign.out
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         status = main(["profile", "--grid", str(root / "grid.json"), "--steps", "2", "--out", str(out), "--compare"])
-    records = read_records(out)
+    records = [r for r in read_records(out) if r["setup"]["model"] == str(model)]
     by_case = {}
     for name, fields in CASES.items():
         want = Setup(model=str(model), device="cpu", seq_len=24, batch_size=2, **fields).to_dict()

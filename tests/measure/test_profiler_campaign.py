@@ -192,3 +192,35 @@ def test_dry_run_plans_a_cuda_campaign_on_a_machine_without_one(capsys: pytest.C
     assert out[2].startswith("2 setup(s); not checked against recorded runs")
     assert main(["profile", "--device", "cuda", "-m", "mixtral-8x7b", "-q", "nf4"]) == 2  # a real run still refuses
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_workers_run_side_by_side_and_ctrl_c_keeps_finished_records(tiny_model: str, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """workers=2: the second run starts before the first ends; this process alone appends each
+    record as its worker exits; Ctrl-C stops the running workers and keeps what finished."""
+    pytest.importorskip("torch")
+    from memplan.measure.profiler.device import collect_env
+    from memplan.measure.profiler.run import FAIL_ENV
+
+    monkeypatch.setenv(FAIL_ENV, "load@batch_size=1!")  # the first worker dies in its load phase
+    jobs = [Job(Setup(model=tiny_model, device="cpu", seq_len=16, batch_size=b), None, 1) for b in (1, 2, 3)]
+    events: list[tuple[str, int]] = []
+
+    def started(i: int, n: int, job: Job) -> None:
+        events.append(("start", i))
+
+    def recorded(i: int, n: int, job: Job, record: dict) -> None:
+        events.append(("record", i))
+        if i == 1:  # Ctrl-C once the first record is written, while the others run
+            os.kill(os.getpid(), signal.SIGINT)
+
+    out = tmp_path / "runs.jsonl"
+    result = run_campaign(jobs, out=out, env=collect_env("cpu"), workers=2, on_start=started, on_record=recorded)
+    assert result.interrupted
+    assert events[:2] == [("start", 1), ("start", 2)]  # both workers were running at once
+    records = read_records(out)
+    assert len(records) == 1 and records[0]["setup"]["batch_size"] == 1 and records[0]["outcome"] == "error"
+    assert "worker exited with status 70" in records[0]["error"]["message"]
+    with pytest.raises(ProfileError, match="--workers"):
+        run_campaign(jobs, out=out, env={}, workers=0)

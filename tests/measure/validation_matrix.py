@@ -86,3 +86,30 @@ def matrix() -> list[Setup]:
         dict(model=_m("tiny-phi3"), quant="fp32", autocast="fp16", attention="eager", seq_len=128, batch_size=1),
     ]
     return [Setup(device="cpu", **r) for r in rows]
+
+
+# The regression subset CI runs on every run (`python -m pytest -q`; the whole matrix is the
+# `full_matrix` tier): 12 of the runs above that together cover every quant (bf16, fp32, int8,
+# nf4, nf4 + double quant), both methods, all four families, all six optimizers, autocast
+# none/bf16/fp16, checkpointing, eager attention, LoRA dropout, prepare_model_for_kbit_training
+# and all-linear targets. test_validation_cpu.py checks that coverage.
+REGRESSION = (7, 10, 12, 18, 19, 22, 27, 32, 34, 40, 44, 50)
+
+
+def regression() -> list[Setup]:
+    setups = matrix()
+    return [setups[i] for i in REGRESSION]
+
+
+# test_profiler.py's acceptance setups on a tiny Llama (tests/conftest.py TINY_CONFIGS["llama"]),
+# seq 24, batch 2, two steps; they run in the session's shared campaign (tests/measure/conftest.py).
+PROFILE_CASES = {  # name -> setup fields beyond those defaults
+    "bf16-lora": {"quant": "bf16"},
+    "int8-lora": {"quant": "int8"},
+    "nf4-lora": {"quant": "nf4"},
+    "nf4-dq-lora": {"quant": "nf4", "double_quant": True},
+    "bf16-full": {"method": "full", "quant": "bf16"},
+    "bf16-lora-checkpointing": {"quant": "bf16", "grad_checkpointing": True},
+}
+PROFILE_DEFAULTS = {"device": "cpu", "seq_len": 24, "batch_size": 2}
+PROFILE_STEPS = 2

@@ -3,18 +3,22 @@ Chromium without errors and without any network request."""
 
 from __future__ import annotations
 
+import base64
+import gzip
 import importlib
+import json
 import re
 from pathlib import Path
 
 import pytest
+from plotly.offline import get_plotlyjs
 
 from memplan.cli import main
 from memplan.planning.grid import parse_grid
 from memplan.measure.records import append_record, new_record
 from memplan.planning.report import CHART_IDS, memplan_version, write_report
 from memplan.training.setup import Setup
-from memplan.units import GIB
+from memplan.units import GIB, format_usd
 
 GRID = {"model": ["llama2-7b", "gpt2"], "method": ["full", "lora"], "quant": ["bf16", "nf4"], "seq_len": [256, 512, 1024],
         "gpu": ["t4", "a10g", "a100-80gb"], "variants": [1, 10, 100], "rps": 2.0, "serve_gpu": "a10g"}
@@ -49,10 +53,40 @@ def report(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 def test_report_is_self_contained(report: tuple[Path, str]) -> None:
     _, text = report
     assert text.startswith("<!DOCTYPE html>")
-    assert len(re.findall(r"\* plotly\.js v\d", text)) == 1  # the library, inlined once for all charts
+    # plotly.js once for all charts, gzipped and base64-encoded; every chart is a JSON block beside its div.
+    packed = re.findall(r'<script type="application/octet-stream" id="memplan-plotlyjs">([A-Za-z0-9+/=]+)</script>', text)
+    assert len(packed) == 1
+    library = gzip.decompress(base64.b64decode(packed[0])).decode("utf-8")
+    assert library == get_plotlyjs()
+    assert len(re.findall(r"\* plotly\.js v\d", library)) == 1
+    assert "plotly.js v" not in text and "Plotly.newPlot" in text  # not also inlined per figure
+    figures = re.findall(r'<script type="application/json" class="memplan-figure" data-div="([^"]+)">(.*?)</script>', text, re.S)
+    assert sorted(div for div, _ in figures) == sorted(CHART_IDS.values())
+    for _, data in figures:
+        assert set(json.loads(data)) <= {"data", "layout"}
+    # Size: the packed library (about 2 MB) and the charts' own data, not 4.8 MB of plotly.js per page or per chart.
+    assert len(text.encode("utf-8")) < len(packed[0]) + 400_000
     outside_js = re.sub(r"<script[^>]*>.*?</script>", "", text, flags=re.S)
     assert not re.search(r"<(script|link|img|iframe)\b[^>]*(src|href)=", outside_js)
     assert "<script src" not in text
+
+
+def test_cost_panels_have_clean_log_ticks_and_distinguishable_lines(report: tuple[Path, str]) -> None:
+    _, text = report
+    data = dict(re.findall(r'<script type="application/json" class="memplan-figure" data-div="([^"]+)">(.*?)</script>', text, re.S))
+    fig = json.loads(data[CHART_IDS["cost"]])
+    yaxes = [v for k, v in fig["layout"].items() if k.startswith("yaxis")]
+    for axis in yaxes:  # labelled values only: decades, or 1-2-5 steps on a short range
+        assert axis["type"] == "log" and axis["tickvals"]
+        assert all(f"{v:.0e}"[0] in "125" for v in axis["tickvals"]), axis["tickvals"]
+        assert axis["ticktext"] == [format_usd(v) for v in axis["tickvals"]]
+    traces = {t["name"]: t for t in fig["data"] if t.get("showlegend", True)}
+    full, lora = traces["full_finetune"], traces["lora"]
+    # The two often coincide: they differ in width, dash and marker symbol, so both stay visible.
+    assert full["line"]["width"] > 2 * lora["line"]["width"]
+    assert full["line"].get("dash", "solid") != lora["line"].get("dash", "solid")
+    assert full["marker"]["symbol"] != lora["marker"]["symbol"]
+    assert "where their lines coincide, both are drawn" in text
 
 
 def test_report_sections(report: tuple[Path, str]) -> None:
@@ -65,7 +99,7 @@ def test_report_sections(report: tuple[Path, str]) -> None:
         assert f'id="{div}"' in text
     assert f"memplan {memplan_version()}" in text
     assert "4 records in profiles (4 ran to completion)" in text
-    assert "full fine-tuning cannot train a nf4 base" in text  # the refused combinations are listed
+    assert "full fine-tuning cannot train an nf4 base" in text  # the refused combinations are listed
     assert "NVIDIA A10G" in text  # the GPUs with their dated prices
 
 

@@ -93,7 +93,7 @@ def test_row_count_collapses_and_refusals() -> None:
               compute_dtype=["bf16", "fp16"])
     assert len(f) == 11
     assert list(f.attrs["refused"].values()) == [4]
-    assert "full fine-tuning cannot train a nf4 base" in next(iter(f.attrs["refused"]))
+    assert "full fine-tuning cannot train an nf4 base" in next(iter(f.attrs["refused"]))
     full = f[f["method"] == "full"].iloc[0]
     assert pd.isna(full["lora_rank"]) and pd.isna(full["lora_targets"]) and math.isnan(full["lora_dropout"])
     assert not full["double_quant"] and pd.isna(full["compute_dtype"])
@@ -220,7 +220,7 @@ def test_exports_round_trip(tmp_path: Path, suffix: str) -> None:
 def test_cli_writes_by_extension(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "s.parquet"
     assert main(["sweep", "-m", "llama2-7b", "-q", "bf16,nf4", "-s", "512,1024", "-g", "a10g", "--out", str(out)]) == 0
-    assert capsys.readouterr().out == f"wrote 4 rows x 1 GPUs to {out}\n"
+    assert capsys.readouterr().out == f"wrote 4 rows x 1 GPU to {out}\n"
     f = pd.read_parquet(out)
     assert f["quant"].tolist() == ["bf16", "bf16", "nf4", "nf4"] and f["seq_len"].tolist() == [512, 1024, 512, 1024]
 
@@ -256,7 +256,7 @@ def test_cli_progress_bar_goes_to_stderr(capsys: pytest.CaptureFixture[str]) -> 
 def test_cli_notes_refused_combinations(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["sweep", "-m", "llama2-7b", "--method", "full,lora", "-q", "nf4"]) == 0
     err = capsys.readouterr().err
-    assert err.startswith("note: the estimator refused 1 combinations of the grid:\n  1 x full fine-tuning cannot train a nf4 base")
+    assert err.startswith("note: the estimator refused 1 combination of the grid:\n  1 x full fine-tuning cannot train an nf4 base")
 
 
 def test_cli_import_stays_light() -> None:

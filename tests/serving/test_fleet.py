@@ -1,24 +1,28 @@
-"""The fleet planner (memplan.serving.fleet): storage, GPUs, popularity, caches, sweeps."""
+"""The fleet planner (memplan.serving.fleet): storage, GPUs, adapter tiers, sweeps, and the
+N-independent parts a sweep computes once (equal, field by field, to a plan from scratch)."""
 
 from __future__ import annotations
 
 import collections
 import subprocess
 import sys
+from dataclasses import fields, replace
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from memplan.serving import fleet
 from memplan.serving.fleet import (
     STRATEGIES,
+    Plan,
     PlanInputs,
-    expected_distinct,
-    lru_hit_rate,
+    StrategyResult,
     plan,
+    plan_at,
+    plan_context,
     plan_frame,
-    popularity_weights,
     sweep_variants,
 )
 from memplan.serving.memory import Assumptions, assumptions
@@ -46,7 +50,8 @@ def test_gpt3_full_copies(variants: int, founding_bytes: float) -> None:
 
 
 def test_llama2_7b_lora_r8_qv_adapter() -> None:
-    # REFERENCE.md: Llama-2-7B, LoRA r=8 on q_proj,v_proj trains 4,194,304 parameters.
+    # Llama-2-7B, LoRA r=8 on q_proj,v_proj: 32 layers x 2 targets x 8 x (4096 in + 4096 out)
+    # = 4,194,304 trainable parameters (PEFT's print_trainable_parameters on meta-llama/Llama-2-7b-hf).
     p = _plan(lora_rank=8, lora_targets=("q_proj", "v_proj"))
     assert p.lora_trainable_parameters == 4_194_304
     # The adapter file the plan stores and swaps is PEFT's adapter_model.safetensors. Write the
@@ -139,43 +144,6 @@ def test_scale_to_zero_runs_fewer_gpus_and_says_how_long_a_cold_start_takes() ->
 # ---- popularity, caches, swaps --------------------------------------------------------------------
 
 
-def test_popularity_profiles() -> None:
-    u = popularity_weights(1000, "uniform")
-    z = popularity_weights(1000, "zipf", 1.2)
-    assert u.sum() == pytest.approx(1.0) and z.sum() == pytest.approx(1.0)
-    assert z[0] / z[1] == pytest.approx(2**1.2) and z[0] / z[9] == pytest.approx(10**1.2)
-
-
-def _simulated_lru_hits(p: np.ndarray, slots: int, requests: int, seed: int) -> float:
-    rng = np.random.default_rng(seed)
-    cache: collections.OrderedDict[int, None] = collections.OrderedDict()
-    hits = 0
-    for item in rng.choice(len(p), size=requests, p=p):
-        if item in cache:
-            hits += 1
-            cache.move_to_end(item)
-        else:
-            cache[item] = None
-            if len(cache) > slots:
-                cache.popitem(last=False)
-    return hits / requests
-
-
-@pytest.mark.parametrize("kind, exponent, slots", [("uniform", 1.0, 50), ("zipf", 0.8, 20), ("zipf", 1.2, 50)])
-def test_lru_hit_rate_matches_a_simulated_lru_cache(kind: str, exponent: float, slots: int) -> None:
-    # An actual LRU cache fed 60,000 independent requests; Che's approximation is within ~1%.
-    p = popularity_weights(300, kind, exponent)
-    assert lru_hit_rate(p, slots) == pytest.approx(_simulated_lru_hits(p, slots, 60_000, seed=7), abs=0.015)
-    assert lru_hit_rate(p, 0) == 0.0 and lru_hit_rate(p, 300) == 1.0
-
-
-def test_expected_distinct_adapters_matches_sampling() -> None:
-    rng = np.random.default_rng(3)
-    p = popularity_weights(500, "zipf", 1.0)
-    draws = [len(set(rng.choice(500, size=32, p=p))) for _ in range(3000)]
-    assert expected_distinct(p, 32) == pytest.approx(np.mean(draws), rel=0.02)
-
-
 def test_swap_latency_is_adapter_bytes_over_the_slower_link_plus_overhead() -> None:
     a = assumptions().override({"storage_bytes_per_s": 1e9, "adapter_swap_overhead_s": 0.5})
     p = plan(PlanInputs(model="llama2-7b", variants=5000, gpu="a10g", rps=1.0), assumptions=a)
@@ -228,3 +196,65 @@ def test_plan_frame_is_a_dataframe_and_pandas_loads_lazily() -> None:
     assert list(df["strategy"]) == list(STRATEGIES) * 2 and list(df["variants"]) == [1, 1, 1, 10, 10, 10]
     code = "import sys, memplan.serving.fleet, memplan.serving.launch, memplan.commands.plan; print('pandas' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+# ---- N-independent parts computed once ---------------------------------------------------------------
+
+_ONCE_CASES = [
+    {},
+    {"engine": "vllm"},
+    {"popularity": "zipf", "zipf_exponent": 1.1, "scale_to_zero": True},
+    {"quant": "nf4", "train_quant": "nf4", "lora_rank": 64, "lora_targets": ("q_proj", "k_proj", "v_proj", "o_proj")},
+    {"model": "mistral-7b", "gpu": "l4", "engine": "vllm", "popularity": "zipf", "rps": 40.0},
+    {"model": "llama3-70b", "gpu": "a100-80gb", "train_gpu": "h100"},
+]
+
+
+def _assert_same_plan(got: Plan, want: Plan) -> None:
+    for f in fields(Plan):
+        if f.name != "strategies":
+            assert getattr(got, f.name) == getattr(want, f.name), f.name
+    assert list(got.strategies) == list(want.strategies)
+    for name in STRATEGIES:
+        for f in fields(StrategyResult):
+            assert getattr(got.strategies[name], f.name) == getattr(want.strategies[name], f.name), (name, f.name)
+    assert got.to_dict() == want.to_dict()
+
+
+@pytest.mark.parametrize("kw", _ONCE_CASES, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "defaults")
+def test_context_computed_once_gives_the_plain_plan_at_every_n(kw: dict) -> None:
+    # plan_at(plan_context(...), n) and sweep_variants must equal plan() run from scratch at each N,
+    # field by field (floats exactly: the same operations in the same order).
+    inp = PlanInputs(**{"model": "llama2-7b", "variants": 1, "gpu": "a10g", "rps": 5.0, **kw})  # type: ignore[arg-type]
+    ns = (1, 2, 7, 10, 33, 100, 1_000, 10_000)
+    ctx = plan_context(inp)
+    swept = sweep_variants(inp, ns)
+    assert [p.inputs.variants for p in swept.plans] == list(ns)
+    for n, from_sweep in zip(ns, swept.plans):
+        plain = plan(replace(inp, variants=n))
+        _assert_same_plan(plan_at(ctx, n), plain)
+        _assert_same_plan(from_sweep, plain)
+
+
+def test_sweep_loads_the_model_and_prices_training_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The crossover search bisects between grid points (a dozen extra plans here); none of them
+    # reloads the spec or re-estimates the two training jobs, which do not depend on N.
+    calls = collections.Counter()
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(fleet, "load_model", counted("load_model", fleet.load_model))
+    monkeypatch.setattr(fleet, "training_cost", counted("training_cost", fleet.training_cost))
+    sw = sweep_variants(PlanInputs(model="llama2-7b", variants=1, gpu="a10g", rps=5.0), [1, 10, 100, 1000])
+    assert sw.crossovers  # the bisection ran
+    assert calls == {"load_model": 1, "training_cost": 2}
+
+
+def test_full_finetune_and_lora_share_one_serving_memory() -> None:
+    p = _plan()
+    full, lora = p.strategies["full_finetune"], p.strategies["lora"]
+    assert full.memory is lora.memory and full.throughput is lora.throughput

@@ -16,7 +16,7 @@ from memplan.serving.memory import (
     assumptions,
     kv_bytes_per_token,
     serving_memory,
-    tensor_parallel_degree,
+    smallest_tensor_parallel_fit,
     vllm_lora_slot_bytes,
 )
 from memplan.serving.throughput import decode_step_seconds, prefill_seconds, replica_throughput
@@ -76,15 +76,55 @@ def test_vllm_kv_blocks_match_logged_runs(a: Assumptions, gpu: str, logged_block
     assert mem.kv_blocks == pytest.approx(logged_blocks, rel=0.05), where
 
 
+# Published configs and totals: (parameters, hidden, intermediate, layers, kv_heads, vocab, GPU
+# usable MiB from REFERENCE.md's nvidia-smi column). head_dim is 128 for all three.
+SERVED = {
+    # REFERENCE.md: Llama-2-7B 6,738,415,616 parameters; config h 4096, I 11008, 32 layers, 32 KV heads.
+    "llama2-7b": (6_738_415_616, 4096, 11008, 32, 32, 32000),
+    # meta-llama/Meta-Llama-3-8B: 8,030,261,248 parameters; h 4096, I 14336, 32 layers, 8 KV heads, V 128,256.
+    "llama3-8b": (8_030_261_248, 4096, 14336, 32, 8, 128256),
+    # Qwen/Qwen2.5-7B: 7,615,616,512 parameters; h 3584, I 18944, 28 layers, 4 KV heads, V 152,064.
+    "qwen2.5-7b": (7_615_616_512, 3584, 18944, 28, 4, 152064),
+}
+USABLE_MIB = {"a10g": 23_028, "l4": 23_034, "h200": 143_771}  # REFERENCE.md GPU table
+
+
 @pytest.mark.parametrize("engine", ["vllm", "lorax"])
-@pytest.mark.parametrize("model, gpu", [("llama2-7b", "a10g"), ("llama3-8b", "l4"), ("mixtral-8x7b", "h200")])
-def test_memory_parts_sum_to_the_gpus(a: Assumptions, engine: str, model: str, gpu: str) -> None:
+@pytest.mark.parametrize("model, gpu", [("llama2-7b", "a10g"), ("llama3-8b", "l4"), ("qwen2.5-7b", "h200")])
+def test_memory_parts_equal_independent_terms_and_fill_the_gpu(a: Assumptions, engine: str, model: str, gpu: str) -> None:
+    """Every part is derived here from published counts and data/serving.json's values (not from
+    memplan.serving), and only the engine's own headroom plus less than one KV block is left over.
+    (A check that the parts sum to the total would pass by construction: `unallocated` is the rest.)"""
+    params, h, inter, layers, kv_heads, vocab = SERVED[model]
+    usable = USABLE_MIB[gpu] * 2**20
     spec = load_model(model)
-    lora = plan_lora(spec, 16, None)
-    mem = serving_memory(spec, gpu_catalog().get(gpu), a, engine=engine, lora=lora, max_loras=4)  # type: ignore[arg-type]
-    assert sum(mem.parts.values()) == mem.gpu_bytes
-    assert mem.kv_cache_bytes % mem.kv_block_bytes == 0
-    assert all(v >= 0 for v in mem.parts.values())
+    mem = serving_memory(spec, gpu_catalog().get(gpu), a, engine=engine, lora=plan_lora(spec, 16, None), max_loras=4)  # type: ignore[arg-type]
+    # bf16 weights, plus the rotary inv_freq and original_inv_freq buffers (2 x 64 fp32 values)
+    weights = 2 * params + 2 * 64 * 4
+    context = 718_077_952  # data/serving.json cuda_context_bytes (measured on an H100)
+    graphs = 536_870_912 if engine == "vllm" else 0  # data/serving.json cuda_graph_bytes; LoRAX captures none
+    # memory.py docstring: (4h + 3I) x 2 bytes per prefill token (4,096 tokens) + fp32 logits of 256 sequences
+    act = 4096 * (4 * h + 3 * inter) * 2 + 256 * vocab * 4
+    kv_token = 2 * layers * kv_heads * 128 * 2  # REFERENCE.md KV per token, bf16
+    block = 16 * kv_token
+    if engine == "vllm":
+        # REFERENCE.md: max_loras x max_lora_rank x layers x sum over wrapped linears of (d_in + d_out) x 2
+        kv_width = kv_heads * 128
+        per_layer = 2 * (h + h) + 2 * (h + kv_width) + 2 * (h + inter) + (inter + h)
+        adapters = 4 * 16 * layers * per_layer * 2
+        free = int(usable * 0.9) - weights - context - graphs - act - adapters  # gpu_memory_utilization 0.9
+        headroom = usable - int(usable * 0.9)
+    else:
+        adapters = int(0.1 * usable)  # LoRAX --adapter-memory-fraction 0.1
+        after = usable - weights - context - act - adapters
+        free = int(after * 0.95)  # LoRAX MEMORY_WIGGLE_ROOM
+        headroom = after - free
+    kv = free // block * block
+    assert (mem.gpu_bytes, mem.weights_bytes, mem.cuda_context_bytes, mem.cuda_graph_bytes) == (usable, weights, context, graphs)
+    assert (mem.activation_bytes, mem.adapter_bytes, mem.kv_bytes_per_token, mem.kv_cache_bytes) == (act, adapters, kv_token, kv)
+    assert kv > 0 and mem.kv_blocks == free // block
+    assert 0 <= mem.unallocated_bytes - headroom < block
+    assert weights + context + graphs + act + adapters + kv + mem.unallocated_bytes == usable
 
 
 def test_lorax_reserves_its_adapter_fraction_off_the_kv_cache(a: Assumptions) -> None:
@@ -125,21 +165,21 @@ def test_fewer_sequences_fit_at_longer_contexts(a: Assumptions) -> None:
         ("gpt3-175b", "h100", 8),  # 349 GB: more than 4 x 80 GB
     ],
 )
-def test_tensor_parallel_degree_is_the_fewest_gpus_that_hold_the_weights(a: Assumptions, model: str, gpu: str, tp: int) -> None:
-    mem = tensor_parallel_degree(load_model(model), gpu_catalog().get(gpu), a, engine="vllm", context_tokens=2048)
+def test_smallest_tensor_parallel_fit_is_the_fewest_gpus_that_hold_the_weights(a: Assumptions, model: str, gpu: str, tp: int) -> None:
+    mem = smallest_tensor_parallel_fit(load_model(model), gpu_catalog().get(gpu), a, engine="vllm", context_tokens=2048)
     assert mem.tp == tp
 
 
 def test_quantized_weights_need_fewer_gpus(a: Assumptions) -> None:
     # 70B in NF4 is about 0.56 bytes per weight: ~40 GB, one 80 GB card.
-    mem = tensor_parallel_degree(load_model("llama3-70b"), gpu_catalog().get("a100-80gb"), a, engine="lorax",
+    mem = smallest_tensor_parallel_fit(load_model("llama3-70b"), gpu_catalog().get("a100-80gb"), a, engine="lorax",
                                  context_tokens=2048, quant="nf4")
     assert mem.tp == 1
 
 
 def test_a_model_too_big_for_eight_gpus_is_an_error(a: Assumptions) -> None:
     with pytest.raises(ServingError, match="does not fit on up to 8 x t4"):
-        tensor_parallel_degree(load_model("llama3-70b"), gpu_catalog().get("t4"), a, engine="vllm", context_tokens=2048)
+        smallest_tensor_parallel_fit(load_model("llama3-70b"), gpu_catalog().get("t4"), a, engine="vllm", context_tokens=2048)
 
 
 # ---- assumptions ----------------------------------------------------------------------------

@@ -51,8 +51,12 @@ def test_gpu_hours_and_dollars_follow_mfu_and_price(a: Assumptions) -> None:
     a2 = a.override({"training_mfu": "0.5"})
     cat = gpu_catalog().with_prices({"a100-80gb": 2.0})
     t = training_cost(spec, cat, a2, method="lora", tokens=10_000_000, lora=plan_lora(spec, 8, None), train_gpu="a100-80gb")
+    # FLOPs written out (not read back from `t`): 4 N per token through the frozen base (forward
+    # 2N + input gradients 2N) + 6 per trainable LoRA parameter (REFERENCE.md: 4,194,304 for r=8 q,v).
+    flops = 4 * MATMUL * 10_000_000 + 6 * 4_194_304 * 10_000_000
+    assert t.flops == flops
     # A100: 312 TFLOP/s bf16 dense (datasheet) at 50% MFU.
-    assert t.gpu_hours == pytest.approx(t.flops / (312e12 * 0.5) / 3600)
+    assert t.gpu_hours == pytest.approx(flops / (312e12 * 0.5) / 3600)
     assert t.usd == pytest.approx(t.gpu_hours * 2.0)
     assert t.gpus == 1 and t.fits
 

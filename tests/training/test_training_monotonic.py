@@ -79,13 +79,14 @@ def _peak(spec, setup) -> int:
 
 @settings(max_examples=150, deadline=None)
 @given(setups, st.integers(1, 64))
-def test_more_rank_never_less_memory(d, extra) -> None:
-    spec, setup = _build(d)
-    if setup.method != "lora":
-        return
-    bigger = replace(setup, lora_rank=min(setup.lora_rank + extra, 64))
+def test_more_rank_means_more_memory(d, extra) -> None:
+    # Every drawn setup is a LoRA one (a full fine-tune has no rank), and the bigger rank is
+    # strictly bigger: more adapter weights, gradients and optimizer state, so strictly more memory.
+    spec, setup = _build(dict(d, method="lora"))
+    assert setup.method == "lora"
+    bigger = replace(setup, lora_rank=setup.lora_rank + extra)
     small = _peak(spec, setup)
-    assert _peak(spec, bigger) >= small
+    assert _peak(spec, bigger) > small
 
 
 @settings(max_examples=150, deadline=None)
@@ -124,9 +125,18 @@ def test_weight_bytes_order_nf4_int8_bf16(family, vocab, dq) -> None:
 
 @settings(max_examples=80, deadline=None)
 @given(setups)
-def test_breakdown_sums_to_peak(d) -> None:
+def test_peak_is_at_least_every_phase_the_fields_describe(d) -> None:
+    """Not `parts sum to peak` (estimate asserts that itself, so a test of it cannot fail): the
+    persistent parts are the Memory fields, and the peak covers the end of the forward
+    (activations + logits alive) and the optimizer step (every gradient alive)."""
     spec, setup = _build(d)
     _peak(spec, setup)
     est = estimate(setup, model=spec)
-    assert sum(est.peak_parts.values()) == est.memory.peak
-    assert all(v >= 0 for v in est.peak_parts.values())
+    m, parts = est.memory, est.peak_parts
+    assert all(v >= 0 for v in parts.values())
+    assert (parts["weights"], parts["adapters"], parts["optimizer_states"]) == (m.weights, m.adapters, m.optimizer_states)
+    persistent = m.weights + m.adapters + m.optimizer_states
+    modelled = m.peak - m.overhead
+    assert modelled >= persistent + m.gradients
+    assert modelled >= persistent + m.activations + m.logits
+    assert parts["gradients"] <= m.gradients

@@ -28,6 +28,7 @@ import torch
 from memplan.errors import ProfileError
 from memplan.training.setup import Setup
 from memplan.model.spec import ModelSpec
+from memplan.model.storage import is_four_bit
 
 __all__ = ["TORCH_DTYPES", "checkpoint_for", "load_model", "apply_training_setup", "make_optimizer", "quant_state_tensors",
            "training_forward", "grad_scaler"]
@@ -102,7 +103,7 @@ def _quantization_config(setup: Setup) -> Any:
 
     if setup.quant == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
-    if setup.quant in ("nf4", "fp4"):
+    if is_four_bit(setup.quant):
         return BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type=setup.quant,

@@ -6,8 +6,9 @@
 - `load_grid_file` reads YAML or JSON: one mapping, a list of mappings, or
   `{"defaults": {...}, "grids": [...]}`. Keys are `Setup` fields plus `layers`.
 - `run_campaign` runs every job in `python -m memplan.measure.profiler.worker`, so an
-  OOM, a crash or a leak ends with that process; it appends each record to the
-  output file as soon as the run ends, skips jobs already recorded (outcome ok
+  OOM, a crash or a leak ends with that process; `workers=N` runs N of them side
+  by side (CPU ledger runs: it counts bytes, not time). This process alone
+  appends each record to the output file as soon as its run ends, skips jobs already recorded (outcome ok
   or oom) in the same environment, and leaves finished records intact on Ctrl-C.
 """
 
@@ -47,22 +48,7 @@ class Job:
     steps: int
 
     def label(self) -> str:
-        s = self.setup
-        parts = [s.model if len(s.model) < 40 else Path(s.model).parent.name or s.model[-30:]]
-        if self.layers:
-            parts.append(f"L{self.layers}")
-        parts.append(s.method)
-        parts.append(s.quant + ("+dq" if s.double_quant else "") + (f"+{s.autocast}-autocast" if s.autocast != "none" else ""))
-        if s.method == "lora":
-            targets = ",".join(s.lora_targets) if s.lora_targets else "default"
-            parts.append(f"r{s.lora_rank}:{targets}")
-        parts += [f"s{s.seq_len}", f"b{s.batch_size}"]
-        if s.grad_checkpointing:
-            parts.append("gc")
-        parts.append(s.optimizer)
-        if s.attention != "sdpa":
-            parts.append(s.attention)
-        return " ".join(parts)
+        return self.setup.label(layers=self.layers)
 
 
 def _as_values(key: str, value: Any) -> list[Any]:
@@ -210,7 +196,20 @@ def _tail(path: Path, limit: int = 600) -> str:
     return " | ".join(lines[-3:])[-limit:]
 
 
-def _run_one(job: Job, env: dict[str, Any], workdir: Path, ckpt_dir: Path, timeout_s: float | None) -> dict[str, Any]:
+@dataclass
+class _Running:
+    """One worker subprocess of a campaign, in its own folder (job, result, log)."""
+
+    index: int
+    job: Job
+    proc: subprocess.Popen
+    workdir: Path
+    started: float
+    log: Any
+
+
+def _start(index: int, job: Job, env: dict[str, Any], workdir: Path, ckpt_dir: Path) -> _Running:
+    workdir.mkdir(parents=True, exist_ok=True)
     job_path, result_path, log_path = workdir / "job.json", workdir / "result.json", workdir / "worker.log"
     result_path.unlink(missing_ok=True)
     job_path.write_text(
@@ -218,24 +217,29 @@ def _run_one(job: Job, env: dict[str, Any], workdir: Path, ckpt_dir: Path, timeo
         encoding="utf-8",
     )
     cmd = [sys.executable, "-m", "memplan.measure.profiler.worker", str(job_path), str(result_path)]
-    t0 = time.perf_counter()
-    with open(log_path, "w", encoding="utf-8") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        try:
-            rc = proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            return _crash_record(job, env, f"worker timed out after {timeout_s:.0f} s", time.perf_counter() - t0)
-        except BaseException:  # Ctrl-C / SIGTERM: stop the worker, keep nothing of this run
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            raise
-    duration = time.perf_counter() - t0
+    log = open(log_path, "w", encoding="utf-8")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return _Running(index, job, proc, workdir, time.perf_counter(), log)
+
+
+def _stop(run: _Running) -> None:
+    """Ctrl-C / SIGTERM: stop the worker, keep nothing of its run."""
+    run.proc.terminate()
+    try:
+        run.proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        run.proc.kill()
+        run.proc.wait()
+    run.log.close()
+
+
+def _finish(run: _Running, env: dict[str, Any], rc: int | None, timeout_s: float | None) -> dict[str, Any]:
+    """The record of a worker that exited with `rc` (None: it ran past the timeout and was killed)."""
+    run.log.close()
+    duration = time.perf_counter() - run.started
+    job, result_path, log_path = run.job, run.workdir / "result.json", run.workdir / "worker.log"
+    if rc is None:
+        return _crash_record(job, env, f"worker timed out after {timeout_s:.0f} s", duration)
     if rc in (-signal.SIGINT, 130):
         raise KeyboardInterrupt
     if rc == 0 and result_path.is_file():
@@ -253,12 +257,22 @@ def run_campaign(
     resume: bool = True,
     timeout_s: float | None = None,
     checkpoint_dir: Path | None = None,
+    workers: int = 1,
     on_start: Callable[[int, int, Job], None] | None = None,
     on_record: Callable[[int, int, Job, dict[str, Any]], None] | None = None,
 ) -> CampaignResult:
-    """Run `jobs` one subprocess each, appending every record to `out` as it finishes."""
+    """Run `jobs` one subprocess each, `workers` at a time, appending every record to `out` as it finishes.
+
+    This process is the only writer: it appends a worker's record when that worker
+    exits (in the order runs finish). On the CPU the ledger counts bytes, not time,
+    so workers running side by side do not change what is measured; on CUDA they
+    would share one device, so keep `workers=1` there. `on_start(i, n, job)` and
+    `on_record(i, n, job, record)` get the job's 1-based index among the jobs to run.
+    """
     from memplan.measure.profiler.device import env_key
 
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ProfileError(f"--workers must be a positive integer, got {workers!r}")
     jobs = list(jobs)
     result = CampaignResult()
     done = done_keys(out, env_key(env)) if resume else set()
@@ -271,17 +285,34 @@ def run_campaign(
     with tempfile.TemporaryDirectory(prefix="memplan-campaign-") as tmp, _interruptible():
         workdir = Path(tmp)
         ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else workdir / "checkpoints"
+        running: list[_Running] = []
+        pending = list(enumerate(todo, 1))
         try:
-            for i, job in enumerate(todo, 1):
-                if on_start is not None:
-                    on_start(i, len(todo), job)
-                record = _run_one(job, env, workdir, ckpt, timeout_s)
-                append_record(out, record)
-                result.written.append(record)
-                if on_record is not None:
-                    on_record(i, len(todo), job, record)
+            while pending or running:
+                while pending and len(running) < workers:
+                    i, job = pending.pop(0)
+                    if on_start is not None:
+                        on_start(i, len(todo), job)
+                    running.append(_start(i, job, env, workdir / f"worker-{i}", ckpt))
+                time.sleep(0.05)
+                for run in list(running):
+                    rc = run.proc.poll()
+                    if rc is None and timeout_s is not None and time.perf_counter() - run.started > timeout_s:
+                        run.proc.kill()
+                        run.proc.wait()
+                    elif rc is None:
+                        continue
+                    running.remove(run)
+                    record = _finish(run, env, rc, timeout_s)
+                    append_record(out, record)
+                    result.written.append(record)
+                    if on_record is not None:
+                        on_record(run.index, len(todo), run.job, record)
         except KeyboardInterrupt:
             result.interrupted = True
+        finally:
+            for run in running:
+                _stop(run)
     return result
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from memplan.errors import DeviceUnavailableError
 
-__all__ = ["check_device", "collect_env", "env_key", "CudaMeter", "LIBRARIES"]
+__all__ = ["check_device", "missing_profile_libraries", "collect_env", "env_key", "CudaMeter", "LIBRARIES", "PROFILE_LIBRARIES"]
 
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "safetensors")
 # What makes two measurements comparable: same device and the same library versions.
@@ -59,8 +59,26 @@ def _short(exc: BaseException) -> str:
     return text[:120]
 
 
+# What every profiling run imports (the worker builds the model with transformers and adapts it with PEFT).
+PROFILE_LIBRARIES = ("torch", "transformers", "peft", "safetensors")
+
+
+def missing_profile_libraries() -> list[str]:
+    """The profiler's libraries that are not installed (found without importing them)."""
+    from importlib.util import find_spec
+
+    return [name for name in PROFILE_LIBRARIES if find_spec(name) is None]
+
+
 def check_device(device: str) -> None:
-    """Raise DeviceUnavailableError (one line, suggesting --device cpu) if `device` cannot be profiled."""
+    """Raise DeviceUnavailableError (one line) if `device` cannot be profiled here: the profile
+    extra is not installed, or (CUDA) no GPU, driver or NVML."""
+    missing = missing_profile_libraries()
+    if missing:
+        raise DeviceUnavailableError(
+            f"profiling needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not installed: "
+            "install the profile extra: pip install 'memplan[profile]'"
+        )
     if device != "cuda":
         return
     try:

@@ -1,0 +1,41 @@
+"""Words, option lists and defaults that the CLI and the web app both show, kept in one place.
+
+The option lists come from the library's own tuples (`QUANTS`, `OPTIMIZERS`, ...), the
+fleet defaults from `PlanInputs`' fields, so a new choice or a changed default reaches
+`--help`, the renderers and the app's widgets at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, fields
+from typing import Any, Iterable
+
+from memplan.serving.fleet import PlanInputs
+
+__all__ = ["PART_LABELS", "PLAN_DEFAULTS", "choices_text", "fit_verdict"]
+
+# The peak's parts: `Estimate.peak_parts` keys, in the order the app stacks them and
+# `memplan estimate` lists them.
+PART_LABELS: dict[str, str] = {
+    "weights": "weights",
+    "adapters": "LoRA adapters",
+    "gradients": "gradients",
+    "optimizer_states": "optimizer states",
+    "activations": "activations",
+    "logits": "logits + loss",
+    "transients": "transients",
+    "overhead": "device overhead",
+}
+
+# `memplan plan`'s flag defaults and the fleet page's starting values: `PlanInputs`' own.
+PLAN_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(PlanInputs) if f.default is not MISSING}
+
+
+def choices_text(choices: Iterable[str], sep: str = " | ") -> str:
+    """A list of choices as help text: `bf16 | fp16 | fp32` (or `bf16, fp16, fp32` with sep=", ")."""
+    return sep.join(choices)
+
+
+def fit_verdict(fits: bool) -> str:
+    """The words for a fit, as `memplan fit` and the app's headroom card say them."""
+    return "fits" if fits else "does not fit"

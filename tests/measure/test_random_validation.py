@@ -1,0 +1,101 @@
+"""The estimator against the CPU ledger on models and setups drawn fresh on every run.
+
+`memplan.measure.random_setups` draws RANDOM_RUNS (tests/measure/conftest.py) small configs,
+one per family (llama, mistral, mixtral, qwen2, gemma2, phi3, gpt2, bert), with random
+dimensions and every setup flag, keeping only combinations `Setup` and `estimate()` accept.
+The seed is printed in the terminal summary; `--validation-seed S` reruns a draw, as does
+`memplan validate --random 8 --seed S`. The runs are measured in the session's shared campaign.
+
+What is asserted, and why:
+- every drawn run ends `ok`: the draw only holds valid combinations, so a crash is a bug in
+  the generator, the profiler or the estimator's validation;
+- weights within 0.1% on every run, every family: the README claims the weights of every
+  format equal the loaded model's storages for every catalog family;
+- for the families the estimator claims as validated (random_setups.CLAIMED_FAMILIES: llama,
+  mistral, qwen2, phi3 -- the README's "byte-exact on the CPU ledger"), the fixed matrix's
+  thresholds: steady-state peak |error| <= 3% on every run and median <= 1%;
+- gemma2 and mixtral are modelled (activations.py names their tensors) but no fixed run checks
+  them, so they are held only to a sanity bound of 25% on the steady peak, which a missing or
+  doubled memory term would break but modelling detail would not;
+- gpt2 and bert are reported in the table only: the README ("Known limits") documents their
+  activations as approximated, not validated. (The first draws measured -45% and -48% at the
+  steady peak, SDPA-with-dropout attention on the CPU saving far more than modelled: an
+  estimator error on record, not a bound to fit.)
+Nothing here is fitted: a failure is an estimator (or claim) error to report with its seed.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+UNCLAIMED_BOUND = 0.25
+REPORTED_ONLY = ("gpt2", "bert")  # README "Known limits": activations modelled but not validated
+
+
+@pytest.fixture(scope="module")
+def draw(cpu_campaign, pytestconfig: pytest.Config):
+    from conftest import REPORTS  # tests/conftest.py
+
+    from memplan.measure.random_setups import case_records, peak_frame
+    from memplan.planning.render_validate import render_random_validation
+
+    records = case_records(cpu_campaign.cases, cpu_campaign.records)
+    frame = peak_frame(records)
+    pytestconfig.stash[REPORTS][f"random CPU validation, seed {cpu_campaign.seed}: estimate vs ledger"] = (
+        render_random_validation(frame, seed=cpu_campaign.seed) + "\n")
+    return cpu_campaign, frame
+
+
+def _show(frame) -> str:
+    return "\n".join(f"{r.family} {r.label} {r.outcome} peak {r.peak_rel_error}" for r in frame.itertuples())
+
+
+def test_every_family_is_drawn_and_every_run_ends_ok(draw) -> None:
+    campaign, frame = draw
+    from memplan.measure.random_setups import FAMILIES
+
+    assert len(frame) == len(campaign.cases), "a drawn run has no record"
+    assert set(frame.family) == set(FAMILIES)
+    bad = frame[frame.outcome != "ok"]
+    assert bad.empty, f"seed {campaign.seed}: runs failed:\n" + "\n".join(f"{r.label}: {r.error_message}" for r in bad.itertuples())
+
+
+def test_weights_within_0_1_percent_every_family(draw) -> None:
+    campaign, frame = draw
+    ok = frame[frame.outcome == "ok"]
+    worst = ok.loc[ok.weights_rel_error.abs().idxmax()]
+    assert abs(worst.weights_rel_error) <= 0.001, f"seed {campaign.seed}: {worst.to_dict()}"
+
+
+def test_claimed_families_steady_peak_within_3_percent_median_1_percent(draw) -> None:
+    campaign, frame = draw
+    claimed = frame[(frame.outcome == "ok") & frame.claimed]
+    assert len(claimed), "the draw holds no run of a claimed family"
+    errs = claimed.peak_rel_error.abs()
+    worst = claimed.loc[errs.idxmax()]
+    assert abs(worst.peak_rel_error) <= 0.03, f"seed {campaign.seed}: {worst.label}: {100 * worst.peak_rel_error:+.2f}%\n{_show(claimed)}"
+    assert statistics.median(errs) <= 0.01, f"seed {campaign.seed}: median {100 * statistics.median(errs):.2f}%\n{_show(claimed)}"
+
+
+def test_gemma2_and_mixtral_within_the_sanity_bound(draw) -> None:
+    campaign, frame = draw
+    other = frame[(frame.outcome == "ok") & ~frame.claimed & ~frame.family.isin(REPORTED_ONLY)]
+    assert len(other), "the draw holds no gemma2 or mixtral run"
+    off = other[other.peak_rel_error.abs() > UNCLAIMED_BOUND]
+    assert off.empty, f"seed {campaign.seed}: beyond {UNCLAIMED_BOUND:.0%}:\n{_show(off)}"
+
+
+def test_one_random_checkpoint_per_model_and_dtype(cpu_campaign) -> None:
+    """Every run of the same config and load dtype reuses one checkpoint (build.checkpoint_for's key)."""
+    from memplan.training.setup import Setup
+
+    wanted = {(json.dumps(r["model_info"]["config"], sort_keys=True), Setup.from_dict(r["setup"]).param_dtype)
+              for r in cpu_campaign.records if "load" in (r.get("phases") or {})}
+    made = [p for p in cpu_campaign.checkpoints.iterdir() if p.is_dir()]
+    assert not [p for p in made if ".tmp-" in p.name], "a half-written checkpoint was left behind"
+    assert len(made) == len(wanted), sorted(p.name for p in made)
