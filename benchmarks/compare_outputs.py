@@ -1,7 +1,7 @@
 """Byte-for-byte comparison of memplan's outputs between two revisions.
 
-    python benchmarks/compare_outputs.py                 # HEAD's working tree against the base below
-    python benchmarks/compare_outputs.py --base REV      # against another revision
+    python benchmarks/compare_outputs.py                         # the working tree against the base below
+    python benchmarks/compare_outputs.py --base REV --head REV2  # any two revisions
 
 A refactor must not change a single number. This script exports the base revision
 with `git archive` into a temporary folder, runs the same commands against both trees
@@ -11,6 +11,12 @@ every output byte for byte:
 - `memplan sweep --grid examples/grid.yaml --out sweep.csv` (the fixed capacity grid);
 - `memplan plan --model M --gpu a10g --rps 5 --sweep-variants 1,10,100,1000,10000` for
   three models, as a table, JSON and CSV.
+
+The layout change (flat modules -> subpackages, renderers out of commands, one source per
+rule, the fleet's N-independent context) was checked with it: `--base b92264a --head 0005dd8`
+gives 10 of 10 identical. Later commits change these outputs on purpose (for example a new
+serving strategy adds rows and columns), so compare the working tree against the commit
+before such a change, not against b92264a.
 
 Exit status 0 when every output is identical, 1 otherwise (the first differing line of
 each is printed).
@@ -59,7 +65,8 @@ def run_tree(tree: Path, out: Path) -> dict[str, bytes]:
 
 def export(rev: str, dest: Path) -> Path:
     """The tracked files of `rev`, unpacked into `dest`."""
-    archive = dest / "base.tar"
+    dest.mkdir(parents=True, exist_ok=True)
+    archive = dest / "rev.tar"
     subprocess.run(["git", "-C", str(ROOT), "archive", "--format=tar", "-o", str(archive), rev], check=True)
     with tarfile.open(archive) as tar:
         tar.extractall(dest / "tree", filter="data")
@@ -69,11 +76,13 @@ def export(rev: str, dest: Path) -> Path:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", default=DEFAULT_BASE, help=f"revision to compare against (default {DEFAULT_BASE})")
+    ap.add_argument("--head", default=None, help="revision to compare (default: the working tree)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="memplan-compare-") as tmp:
         tmp_path = Path(tmp)
-        base = run_tree(export(args.base, tmp_path), tmp_path / "out-base")
-        head = run_tree(ROOT, tmp_path / "out-head")
+        base = run_tree(export(args.base, tmp_path / "base"), tmp_path / "out-base")
+        head_tree = ROOT if args.head is None else export(args.head, tmp_path / "head")
+        head = run_tree(head_tree, tmp_path / "out-head")
     differ = 0
     for name in base:
         if base[name] == head[name]:
