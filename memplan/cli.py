@@ -82,17 +82,30 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except click.exceptions.Exit as exc:
         return exc.exit_code
-    except OSError as exc:  # the output could not be written (disk full, closed pipe, read-only file)
+    except SystemExit as exc:
+        # click turns a closed stdout pipe (EPIPE) into sys.exit(1) even outside standalone mode,
+        # after wrapping stdout in its PacifyFlushWrapper (click/core.py, BaseCommand.main).
+        if type(sys.stdout).__name__.lstrip("_") != "PacifyFlushWrapper":
+            raise
         import errno
 
-        _silence_stdout()
-        reason = exc.strerror or type(exc).__name__
-        hint = {errno.ENOSPC: "free some space or write somewhere else",
-                errno.EPIPE: "the program reading memplan's output closed it early"}.get(exc.errno or 0, "check the path and its permissions")
-        what = f"cannot use {exc.filename}" if getattr(exc, "filename", None) else "cannot write the output"
-        click.echo(f"memplan: error: {what}: {reason}; {hint}", err=True)
-        return 2
+        return _os_error(OSError(errno.EPIPE, "Broken pipe"))
+    except OSError as exc:  # the output could not be written (disk full, closed pipe, read-only file)
+        return _os_error(exc)
     return 0
+
+
+def _os_error(exc: OSError) -> int:
+    """One line for a file or stream memplan could not use; exit status 2."""
+    import errno
+
+    _silence_stdout()
+    reason = exc.strerror or type(exc).__name__
+    hint = {errno.ENOSPC: "free some space or write somewhere else",
+            errno.EPIPE: "the program reading memplan's output closed it early"}.get(exc.errno or 0, "check the path and its permissions")
+    what = f"cannot use {exc.filename}" if getattr(exc, "filename", None) else "cannot write the output"
+    click.echo(f"memplan: error: {what}: {reason}; {hint}", err=True)
+    return 2
 
 
 def _silence_stdout() -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from memplan.errors import MemplanError
 from memplan.paths import is_checkout, package_dir
 
-__all__ = ["check_writable", "atomic_write_bytes"]
+__all__ = ["check_writable", "atomic_write_bytes", "new_file_mode"]
 
 
 def _is_inside_package(path: Path) -> bool:
@@ -51,6 +51,17 @@ def check_writable(path: str | Path, *, flag: str = "--out") -> Path:
     return p
 
 
+def new_file_mode(path: Path) -> int:
+    """The permissions a plain `open(path, "w")` would give: the existing file's, else
+    0o666 minus the umask (mkstemp's 0o600 would hide a shared report from its readers)."""
+    try:
+        return os.stat(path).st_mode & 0o7777
+    except OSError:
+        mask = os.umask(0)
+        os.umask(mask)
+        return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to a temporary file beside `path`, fsync it, then rename it over `path`:
     readers see the old file or the new one, never half of one."""
@@ -59,6 +70,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     p = Path(path).expanduser()
     fd, tmp = tempfile.mkstemp(dir=p.resolve().parent, prefix=f".{p.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, new_file_mode(p))
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()

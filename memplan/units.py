@@ -24,12 +24,13 @@ def to_gib(n: int | float) -> float:
 
 
 def format_bytes(n: int | float, *, decimal: bool = False, digits: int = 2) -> str:
-    """Render a byte count with the largest unit that keeps it >= 1."""
+    """Render a byte count with the largest unit that keeps it >= 1, except that a binary count of
+    1000 or more of a unit moves up one (0.98 GiB, not 1000.00 MiB: at most three digits before the point)."""
     units = _DECIMAL if decimal else _BINARY
     sign = "-" if n < 0 else ""
     a = abs(n)
     for size, label in units:
-        if a >= size:
+        if a >= size or (not decimal and a >= size * 1000 / 1024):
             return f"{sign}{a / size:.{digits}f} {label}"
     return f"{sign}{int(a)} B"
 

@@ -54,6 +54,14 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
         terminalreporter.write(text)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _no_user_device_terms(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Tests see the shipped device terms, never a calibration in the developer's config folder."""
+    import os
+
+    os.environ["MEMPLAN_DEVICE_TERMS"] = str(tmp_path_factory.mktemp("user-config") / "device_terms.json")
+
+
 @pytest.fixture(scope="session")
 def tiny_configs() -> dict[str, dict]:
     return {k: dict(v) for k, v in TINY_CONFIGS.items()}

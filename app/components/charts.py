@@ -8,6 +8,7 @@ from typing import Any, Sequence
 import plotly.graph_objects as go
 
 from memplan.planning.appdata import BreakdownPart
+from memplan.units import format_usd, log_ticks
 
 # Tableau 10: distinct in colour and in lightness, readable on white.
 PART_COLORS = {
@@ -20,10 +21,17 @@ PART_COLORS = {
     "transients": "#B279A2",
     "overhead": "#9D755D",
 }
-STRATEGY_COLORS = {"full_finetune": "#E45756", "lora": "#F58518", "lorax": "#4C78A8"}
-# Full fine-tuning and merged LoRA often cost the same: dashes and symbols keep both visible.
-STRATEGY_DASHES = {"full_finetune": "solid", "lora": "dash", "lorax": "solid"}
-STRATEGY_SYMBOLS = {"full_finetune": "circle", "lora": "diamond-open", "lorax": "square"}
+# Pairs of strategies often cost the same and their lines coincide: full fine-tuning and merged LoRA (one
+# deployment per variant either way), LoRAX and vLLM multi-LoRA (one shared base). The first of each pair
+# is a wide pale line with big filled markers, the second a narrow dashed or dotted line with open markers on top.
+STRATEGY_COLORS = {"full_finetune": "rgba(228,87,86,0.45)", "lora": "#F58518", "lorax": "rgba(76,120,168,0.45)",
+                   "vllm_multi_lora": "#54A24B"}
+STRATEGY_DASHES = {"full_finetune": "solid", "lora": "dash", "lorax": "solid", "vllm_multi_lora": "dot"}
+STRATEGY_WIDTHS = {"full_finetune": 8, "lora": 2.5, "lorax": 8, "vllm_multi_lora": 2.5}
+STRATEGY_SYMBOLS = {"full_finetune": "circle", "lora": "diamond-open", "lorax": "square", "vllm_multi_lora": "x-thin-open"}
+STRATEGY_SIZES = {"full_finetune": 13, "lora": 9, "lorax": 12, "vllm_multi_lora": 10}
+STRATEGY_STYLE_TEXT = {"full_finetune": "wide pale red line", "lora": "dashed orange line, open diamonds",
+                       "lorax": "wide pale blue line", "vllm_multi_lora": "dotted green line, crosses"}
 QUANT_COLORS = {"bf16": "#4C78A8", "fp16": "#72B7B2", "fp32": "#9D755D", "int8": "#F58518", "nf4": "#54A24B", "fp4": "#B279A2"}
 _FONT = dict(family="sans-serif", size=14)
 
@@ -41,23 +49,24 @@ def _layout(fig: go.Figure, *, height: int) -> go.Figure:
     return fig
 
 
-def breakdown_chart(parts: Sequence[BreakdownPart], *, capacity_gib: float, capacity_label: str) -> go.Figure:
-    """One horizontal stacked bar (the peak's parts) against the GPU's usable memory."""
+def breakdown_chart(parts: Sequence[BreakdownPart], *, capacity: float, unit: str, capacity_label: str) -> go.Figure:
+    """One horizontal stacked bar (the peak's parts) against the GPU's usable memory, both in `unit` (GiB or TiB)."""
     fig = go.Figure()
     for p in parts:
         fig.add_bar(
-            x=[p.gib], y=[0], orientation="h", name=p.label, marker_color=PART_COLORS.get(p.key),
+            x=[p.value], y=[0], orientation="h", name=p.label, marker_color=PART_COLORS.get(p.key),
             text=[p.text], textposition="inside", insidetextanchor="middle", textangle=0, width=0.6,
             customdata=[p.bytes], hovertemplate=f"{p.label}: {p.text} (%{{customdata:,}} bytes)<extra></extra>",
         )
     fig.add_scatter(
-        x=[capacity_gib, capacity_gib], y=[-0.45, 0.45], mode="lines", name=capacity_label,
+        x=[capacity, capacity], y=[-0.45, 0.45], mode="lines", name=capacity_label,
         line=dict(color="#222222", width=3, dash="dash"), hovertemplate=f"{capacity_label}<extra></extra>",
     )
     _layout(fig, height=230)
     fig.update_layout(barmode="stack", uniformtext=dict(mode="hide", minsize=12), legend_traceorder="normal")
     # Room for whichever is longer, the bar or the capacity line (display only).
-    fig.update_xaxes(title_text="GiB (2³⁰ bytes)", range=[0, 1.06 * max(capacity_gib, sum(p.gib for p in parts))])
+    fig.update_xaxes(title_text={"GiB": "GiB (2³⁰ bytes)", "TiB": "TiB (2⁴⁰ bytes)"}[unit],
+                     range=[0, 1.06 * max(capacity, sum(p.value for p in parts))])
     fig.update_yaxes(visible=False, range=[-0.6, 0.6])
     return fig
 
@@ -69,19 +78,27 @@ def crossover_chart(rows: Sequence[dict[str, Any]], *, titles: dict[str, str], c
         pts = [r for r in rows if r["strategy"] == name]
         fig.add_scatter(
             x=[r["variants"] for r in pts], y=[r["usd_per_month"] for r in pts], mode="lines+markers", name=title,
-            line=dict(color=STRATEGY_COLORS.get(name), width=3, dash=STRATEGY_DASHES.get(name, "solid")),
-            marker=dict(symbol=STRATEGY_SYMBOLS.get(name, "circle"), size=9),
+            line=dict(color=STRATEGY_COLORS.get(name), width=STRATEGY_WIDTHS.get(name, 3), dash=STRATEGY_DASHES.get(name, "solid")),
+            marker=dict(symbol=STRATEGY_SYMBOLS.get(name, "circle"), size=STRATEGY_SIZES.get(name, 9),
+                        line=dict(width=2, color=STRATEGY_COLORS.get(name))),
             hovertemplate=f"{title}<br>N = %{{x:,}}<br>$%{{y:,.0f}} per month<extra></extra>",
         )
     fig.add_vline(x=current_variants, line=dict(color="#555555", dash="dot"))
-    # On a log axis a shape takes data coordinates but an annotation takes log10 ones (plotly layout.annotations.x).
-    fig.add_annotation(x=math.log10(current_variants), y=1, yref="paper", yanchor="top", xanchor="left",
-                       text=f" N = {current_variants:,}", showarrow=False, bgcolor="white")
-    _layout(fig, height=380)
     ns = [r["variants"] for r in rows] + [current_variants]
-    fig.update_xaxes(type="log", title_text="fine-tuned variants N (log scale)",
-                     range=[math.log10(min(ns)) - 0.1, math.log10(max(ns)) + 0.1])  # log axes take log10 ranges
-    fig.update_yaxes(type="log", title_text="USD per month (log scale)", tickprefix="$")
+    lo, hi = math.log10(min(ns)) - 0.1, math.log10(max(ns)) + 0.1  # log axes take log10 ranges
+    # On a log axis a shape takes data coordinates but an annotation takes log10 ones (plotly layout.annotations.x).
+    # In the right half the label goes left of the marker, so N = 100,000 stays inside the plot.
+    right = math.log10(current_variants) > (lo + hi) / 2
+    fig.add_annotation(x=math.log10(current_variants), y=1, yref="paper", yanchor="top", xanchor="right" if right else "left",
+                       text=f"N = {current_variants:,} " if right else f" N = {current_variants:,}", showarrow=False, bgcolor="white")
+    _layout(fig, height=380)
+    xticks = log_ticks(min(ns), max(ns))
+    costs = [r["usd_per_month"] for r in rows if r["usd_per_month"] > 0]
+    yticks = log_ticks(min(costs), max(costs)) if costs else []
+    fig.update_xaxes(type="log", title_text="fine-tuned variants N (log scale)", range=[lo, hi],
+                     tickvals=xticks, ticktext=[f"{v:,.0f}" for v in xticks])
+    # Labels at the decades (1-2-5 on a short range), not plotly's minor 2 and 5 of every decade.
+    fig.update_yaxes(type="log", title_text="USD per month (log scale)", tickvals=yticks, ticktext=[format_usd(v) for v in yticks])
     return fig
 
 

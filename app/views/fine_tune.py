@@ -8,7 +8,7 @@ from components.charts import breakdown_chart
 from components.guard import shown_errors
 from components.inputs import gpu_choice, init, model_spec
 from memplan.planning import appdata
-from memplan.planning.labels import fit_verdict
+from memplan.planning.labels import SETUP_DEFAULTS as DEFAULTS, fit_verdict
 from memplan.model.architectures import DEFAULT_LORA_TARGETS
 from memplan.training.estimate import estimate
 from memplan.training.fit import fit_on
@@ -26,20 +26,34 @@ with st.sidebar:
     st.header("Model")
     spec = model_spec("ft_")
     st.header("Training")
-    init("ft_method", "lora")
+    # Every starting value is `memplan estimate`'s flag default (`Setup`'s fields, labels.SETUP_DEFAULTS).
+    init("ft_method", DEFAULTS["method"])
     method = st.radio("Method", METHODS, key="ft_method", horizontal=True,
                       format_func={"lora": "LoRA / QLoRA", "full": "full fine-tuning"}.get)
     quants = list(quants_for_method(method))
-    init("ft_quant", "nf4" if method == "lora" else "bf16", quants)
+    # Full fine-tuning cannot train a bitsandbytes base: the page swaps in bf16, says so, and gives the
+    # user's format back on the way back to LoRA (unless another one was picked meanwhile).
+    swapped = st.session_state.get("ft_quant_swapped")  # (the user's format, the one swapped in)
+    if st.session_state.get("ft_quant") not in quants and "ft_quant" in st.session_state:
+        swapped = (st.session_state["ft_quant"], DEFAULTS["quant"])
+        st.session_state["ft_quant"], st.session_state["ft_quant_swapped"] = DEFAULTS["quant"], swapped
+    elif swapped and (swapped[0] in quants or st.session_state.get("ft_quant") != swapped[1]):
+        if swapped[0] in quants and st.session_state.get("ft_quant") == swapped[1]:
+            st.session_state["ft_quant"] = swapped[0]
+        swapped = st.session_state["ft_quant_swapped"] = None
+    init("ft_quant", DEFAULTS["quant"], quants)
     quant = st.selectbox("Base weights", quants, key="ft_quant", help="bf16/fp16/fp32, or a bitsandbytes format (int8, nf4, fp4).")
+    if swapped:
+        st.caption(f"Full fine-tuning cannot train a {swapped[0]} base (bitsandbytes weights are frozen): "
+                   f"{swapped[1]} here; LoRA gets {swapped[0]} back.")
     double_quant = False
     if double_quant_applies(quant):
-        init("ft_double_quant", True)
+        init("ft_double_quant", DEFAULTS["double_quant"])
         double_quant = st.checkbox("Double quantization", key="ft_double_quant", help="bnb_4bit_use_double_quant")
     targets: tuple[str, ...] | None = None
-    rank = 8
+    rank = DEFAULTS["lora_rank"]  # unused by full fine-tuning
     if method == "lora":
-        init("ft_lora_rank", 16)
+        init("ft_lora_rank", DEFAULTS["lora_rank"])
         rank = int(st.number_input("LoRA rank r", min_value=1, max_value=65536, step=1, key="ft_lora_rank"))
         options = [ALL_LINEAR, *spec.linear_names]
         init("ft_lora_targets", list(DEFAULT_LORA_TARGETS[spec.model_type]))
@@ -48,13 +62,13 @@ with st.sidebar:
         chosen = st.multiselect(f"LoRA targets ({spec.name}'s linear modules)", options, key="ft_lora_targets",
                                 help="PEFT target_modules; all-linear = every linear except the output layer.")
         targets = tuple(chosen)
-    init("ft_seq_len", 1024)
+    init("ft_seq_len", DEFAULTS["seq_len"])
     seq_len = int(st.number_input("Sequence length (tokens)", min_value=1, max_value=MAX_SEQ_LEN, step=256, key="ft_seq_len"))
-    init("ft_batch_size", 4)
+    init("ft_batch_size", DEFAULTS["batch_size"])
     batch_size = int(st.number_input("Batch size (sequences)", min_value=1, max_value=MAX_BATCH, step=1, key="ft_batch_size"))
-    init("ft_grad_checkpointing", True)
+    init("ft_grad_checkpointing", DEFAULTS["grad_checkpointing"])
     checkpointing = st.toggle("Gradient checkpointing", key="ft_grad_checkpointing")
-    init("ft_optimizer", "adamw", OPTIMIZERS)
+    init("ft_optimizer", DEFAULTS["optimizer"], OPTIMIZERS)
     optimizer = st.selectbox("Optimizer", OPTIMIZERS, key="ft_optimizer")
     init("ft_attention", appdata.default_attention(spec), ATTENTIONS)
     if st.session_state.get("ft_attention_for") != spec.model_type:  # a new family: transformers' own default
@@ -62,21 +76,21 @@ with st.sidebar:
         st.session_state["ft_attention_for"] = spec.model_type
     attention = st.selectbox("Attention", ATTENTIONS, key="ft_attention")
     with st.expander("More options"):
-        init("ft_compute_dtype", "bf16", list(FLOAT_BYTES))
+        init("ft_compute_dtype", DEFAULTS["compute_dtype"], list(FLOAT_BYTES))
         compute_dtype = st.selectbox("Compute dtype (quantized bases)", list(FLOAT_BYTES), key="ft_compute_dtype")
         prepare_kbit = False
         if prepare_kbit_applies(quant):
-            init("ft_prepare_kbit", False)
+            init("ft_prepare_kbit", DEFAULTS["prepare_kbit_training"])
             prepare_kbit = st.checkbox("prepare_model_for_kbit_training", key="ft_prepare_kbit",
                                        help="PEFT's preparation of a quantized base (casts the rest to fp32, turns on checkpointing).")
         autocast = "none"
         if autocast_applies(quant):
-            init("ft_autocast", "none", AUTOCASTS)
+            init("ft_autocast", DEFAULTS["autocast"], AUTOCASTS)
             autocast = st.selectbox("Autocast (mixed precision)", AUTOCASTS, key="ft_autocast",
                                     help="fp32 master weights with the forward under torch.autocast (Trainer's bf16=True / fp16=True).")
         dropout = 0.0
         if method == "lora":
-            init("ft_lora_dropout", 0.0)
+            init("ft_lora_dropout", DEFAULTS["lora_dropout"])
             dropout = float(st.number_input("LoRA dropout", min_value=0.0, max_value=0.99, step=0.05, key="ft_lora_dropout",
                                             help="lora_dropout: above 0 each adapted input is copied for backward."))
     st.header("GPU")
@@ -99,7 +113,8 @@ st.title(f"Fine-tune {spec.name}")
 st.caption(f"{spec.architecture} ({spec.model_type}), {spec.num_layers} layers, hidden {spec.hidden_size}. "
            f"Source: {spec.source or 'uploaded'}")
 
-cols = st.columns(6)
+# Two rows of three: six cards side by side clip "12.55 GiB" at 1280 px.
+cols = [c for row in (st.columns(3), st.columns(3)) for c in row]
 cols[0].metric("Peak memory", format_bytes(est.memory.peak), help=f"{est.memory.peak:,} bytes; peak phase: {est.memory.peak_phase}")
 cols[1].metric(f"{gpu.key} usable", format_bytes(fit.usable_bytes), help=f"{fit.usable_bytes:,} bytes (nvidia-smi total)")
 cols[2].metric("Headroom", format_bytes(fit.headroom_bytes), delta=fit_verdict(fit.fits),
@@ -110,25 +125,30 @@ adapter = est.adapter_file_bytes.get("fp32")
 cols[5].metric("Adapter file (fp32)", format_bytes(adapter, decimal=True) if adapter else "none",
                help=f"adapter_model.safetensors: {adapter:,} bytes" if adapter else "full fine-tuning saves the whole model")
 
+unit = appdata.axis_unit(max(est.memory.peak, fit.usable_bytes))
 st.plotly_chart(
-    breakdown_chart(appdata.breakdown(est), capacity_gib=appdata.to_gib(fit.usable_bytes),
+    breakdown_chart(appdata.breakdown(est, unit=unit), capacity=appdata.in_unit(fit.usable_bytes, unit), unit=unit,
                     capacity_label=f"{gpu.name} usable: {format_bytes(fit.usable_bytes)}"),
     key="ft_breakdown", config={"displayModeBar": False},
 )
 note = "" if est.device_terms.source != "none" else " No CUDA device terms calibrated yet: the peak leaves out the CUDA context."
 st.caption(f"Memory at the step's peak ({est.memory.peak_phase}); the parts add up to the peak. GiB = 2³⁰ bytes, GB = 10⁹ bytes.{note}")
 
+st.subheader(f"Largest that fits on {gpu.key}")
+a, b, c = st.columns(3)
+# Full width: three cards in two fifths of the page clipped their labels.
+a.metric(f"Batch (seq {seq_len:,})", f"{limits.max_batch_size:,}")
+b.metric(f"Sequence (batch {batch_size:,})", f"{limits.max_seq_len:,}")
+if limits.max_lora_rank is not None:  # full fine-tuning has no rank to grow
+    c.metric("LoRA rank", f"{limits.max_lora_rank:,}" if limits.max_lora_rank else "none fits",
+             help="The largest rank r that fits with these targets, sequence and batch.")
+if limits.max_batch_size == 0:
+    st.caption(f"Even one sequence of {seq_len:,} tokens does not fit on {gpu.key}.")
+
 left, right = st.columns([3, 2])
 with left:
     st.subheader("Catalog GPUs")
     st.dataframe(appdata.fit_rows(est, gpus), hide_index=True, height="content", key="ft_fits")
 with right:
-    st.subheader(f"Largest that fits on {gpu.key}")
-    a, b, c = st.columns(3)
-    a.metric(f"Batch (seq {seq_len:,})", f"{limits.max_batch_size:,}")
-    b.metric(f"Sequence (batch {batch_size:,})", f"{limits.max_seq_len:,}")
-    c.metric("LoRA rank", "n/a" if limits.max_lora_rank is None else f"{limits.max_lora_rank:,}")
-    if limits.max_batch_size == 0:
-        st.caption(f"Even one sequence of {seq_len:,} tokens does not fit on {gpu.key}.")
     st.subheader("At the peak")
     st.dataframe(appdata.breakdown_rows(est), hide_index=True, height="content", key="ft_parts")

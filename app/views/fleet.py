@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import streamlit as st
 
-from components.charts import crossover_chart
+from components.charts import STRATEGY_STYLE_TEXT, crossover_chart
 from components.guard import shown_errors
 from components.inputs import catalog_model, gpu_choice, init
 from memplan.planning import appdata
@@ -20,11 +20,6 @@ from memplan.model.storage import QUANTS
 # N for the crossover chart: log-spaced over the range the page offers.
 VARIANT_GRID = (1, 3, 10, 30, 100, 300, 1_000, 3_000, 10_000, 30_000, 100_000)
 MAX_VARIANTS = VARIANT_GRID[-1]
-CARD_ROWS = (
-    (("GPUs", "GPUs running (a time average with scale-to-zero)"), ("$/month", "GPUs x hours per month + storage")),
-    (("Storage", "checkpoints and adapters; GB = 10⁹ bytes"), ("Training (one-time)", "fine-tuning all N variants once")),
-    (("Cold start", "bring up one replica: the bytes it loads / storage bandwidth"), ("Adapter swap", "one adapter from disk to the GPU")),
-)
 
 
 @st.cache_data(max_entries=32, show_spinner="Sweeping N from 1 to 100,000 ...")
@@ -58,9 +53,10 @@ with st.sidebar:
     gpu_key = gpu_choice("fleet_gpu", gpus).key
     init("fleet_quant", PLAN_DEFAULTS["quant"], QUANTS)
     quant = st.selectbox("Weights", QUANTS, key="fleet_quant")
-    init("fleet_engine", PLAN_DEFAULTS["engine"], ENGINES)
-    engine = st.radio("Shared-base engine", ENGINES, key="fleet_engine", horizontal=True)
-    init("fleet_lora_rank", 16)
+    init("fleet_engine", ENGINES[0], ENGINES)
+    engine = st.radio("Launch settings for", ENGINES, key="fleet_engine", horizontal=True,
+                      help="lorax: the LoRAX strategy; vllm: the vLLM multi-LoRA strategy")
+    init("fleet_lora_rank", PLAN_DEFAULTS["lora_rank"])  # `memplan plan --lora-rank`'s default
     rank = int(st.number_input("LoRA rank r", min_value=1, max_value=4096, step=1, key="fleet_lora_rank"))
     init("fleet_utilization", PLAN_DEFAULTS["utilization"])
     utilization = float(st.slider("Target utilisation", min_value=0.1, max_value=1.0, step=0.05, key="fleet_utilization"))
@@ -93,27 +89,35 @@ with shown_errors():
     inp = PlanInputs(model=model, variants=variants, gpu=gpu_key, rps=rps, popularity=popularity, zipf_exponent=zipf,
                      prompt_tokens=prompt_tokens, output_tokens=output_tokens, utilization=utilization, quant=quant,
                      lora_rank=rank, train_quant=train_quant, scale_to_zero=scale_to_zero, dataset_tokens=dataset_tokens,
-                     epochs=epochs, engine=engine)
+                     epochs=epochs)
     p = plan(inp, catalog=priced)
     launch = launch_settings(p, engine)
     rows, crossovers = _crossovers(replace(inp, variants=VARIANT_GRID[0]), priced)
 
     summary.caption(appdata.plan_caption(p))
-    for col, card in zip(st.columns(3), appdata.strategy_cards(p)):
-        with col.container(border=True):
-            st.markdown(f"**{card['title']}**" + ("  :green-badge[cheapest]" if card["cheapest"] else ""))
-            for (label, hint), (label2, hint2) in CARD_ROWS:
-                a, b = st.columns(2)
-                a.metric(label, card[label], help=hint)
-                b.metric(label2, card[label2], help=hint2)
-            st.caption(f"{card['replica']}; {card['note']}.")
+    # One card per strategy with its $/month (one figure per card fits 4 strategies at 1280 px,
+    # $1,234,567,890 included), then every figure side by side in a table, which wraps, never clips.
+    cards = appdata.strategy_cards(p)
+    for col, card in zip(st.columns(len(cards)), cards):
+        with col.container(border=True):  # the title as markdown: it wraps where a metric label would clip
+            st.markdown(f"**{card['title']}**")
+            st.metric("$/month", card["$/month"], delta="cheapest" if card["cheapest"] else None,
+                      delta_arrow="off", delta_color="normal", help=appdata.CARD_FIGURES[0][1])
+    st.table(appdata.strategy_table(cards))
+    st.caption(" ".join(f"**{c['title']}**: {c['replica']}; {c['note']}." for c in cards)
+               + " " + "; ".join(f"{label}: {hint}" for label, hint in appdata.CARD_FIGURES[1:]) + ".")
 
     st.subheader("$/month against N")
     st.plotly_chart(crossover_chart(rows, titles=appdata.STRATEGY_TITLES, current_variants=variants),
                     key="fleet_crossover", config={"displayModeBar": False})
+    same = [f"{appdata.STRATEGY_TITLES[a]} ({STRATEGY_STYLE_TEXT.get(a, 'solid')}) and {appdata.STRATEGY_TITLES[b]} "
+            f"({STRATEGY_STYLE_TEXT.get(b, 'solid')}) cost the same at every N: their lines coincide, both are drawn. "
+            for a, b in appdata.coinciding(rows)]
+    if same:
+        st.caption("".join(same).strip())
     st.caption(appdata.crossover_text(crossovers, variants=VARIANT_GRID))
 
     st.subheader(f"Launch settings (memplan plan --emit {engine})")
-    st.code(launch_script(launch, p.gpu.key), language="bash")
+    st.code(launch_script(launch, launch.gpu), language="bash")
     with st.expander("Every assumption behind these numbers"):
         st.dataframe(appdata.assumption_rows(p), hide_index=True, key="fleet_assumptions")

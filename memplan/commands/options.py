@@ -104,7 +104,6 @@ GRID_FLAGS: dict[str, tuple[tuple[str, ...], str]] = {
     "rps": (("--rps",), "Fleet: requests per second over all variants."),
     "serve_gpu": (("--serve-gpu",), "Fleet: serving GPU."),
     "serve_quant": (("--serve-quant",), "Fleet: serving format of the weights."),
-    "engine": (("--engine",), "Fleet: " + choices_text(ENGINES, ", ") + "."),
 }
 
 

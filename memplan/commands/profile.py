@@ -176,7 +176,7 @@ def profile(layers: tuple[int, ...], steps: int, grids: tuple[str, ...], out: st
         for job in jobs:
             click.echo(f"plan  {job.label()}")
         target = Path(out) if out else _default_out(device, {})
-        click.echo(f"{len(jobs)} setup(s); records -> {_relative(target)}; not checked against recorded runs ({exc})")
+        click.echo(f"{len(jobs)} setup(s); not checked against recorded runs ({exc}); records -> {_relative(target)}")
         return
     env = collect_env(device)
     out_path = Path(out) if out else _default_out(device, env)

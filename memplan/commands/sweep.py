@@ -58,9 +58,12 @@ def _write_atomically(frame: Any, out: Path, write: Any) -> None:
     import os
     import tempfile
 
+    from memplan.files import new_file_mode
+
     fd, tmp = tempfile.mkstemp(dir=out.expanduser().resolve().parent, prefix=f".{out.stem}.", suffix=out.suffix)
     os.close(fd)
     try:
+        os.chmod(tmp, new_file_mode(out))
         write(frame, tmp)
         os.replace(tmp, out)
     except BaseException:

@@ -38,8 +38,6 @@ def validate(paths: tuple[str, ...], model_filter: str | None, device_filter: st
     from memplan.planning.render_validate import render_comparison, render_extrapolation, render_records
 
     records = require_records(list(paths) if paths else None)
-    click.echo(records_note(list(paths) if paths else None), err=True)
-    note_terms(always=True)
     if model_filter is not None:
         records = [r for r in records if r["setup"]["model"] == model_filter]
     if device_filter is not None:
@@ -47,6 +45,8 @@ def validate(paths: tuple[str, ...], model_filter: str | None, device_filter: st
     if not records:
         only = " and ".join(f"{k} {v}" for k, v in (("--model", model_filter), ("--device", device_filter)) if v is not None)
         raise ProfileError(f"no profile record matches {only}; drop the filter or check its spelling")
+    click.echo(records_note(list(paths) if paths else None), err=True)
+    note_terms(always=True)
     if extrapolate:
         click.echo(render_extrapolation(records, fmt))
         return

@@ -33,6 +33,24 @@ class GPU:
     price_provider: str
     price_date: str
 
+    def __post_init__(self) -> None:
+        """The one check of a GPU, wherever it comes from (the built-in catalog, a user file, the API):
+        names are strings, the physical figures the planner divides by are finite and positive."""
+        for name in ("key", "name", "price_provider", "price_date"):
+            v = getattr(self, name)
+            if not isinstance(v, str) or (name in ("key", "name") and not v.strip()):
+                raise MemplanError(f"GPU {self.key!r}: {name} must be a {'non-empty ' if name in ('key', 'name') else ''}string, got {v!r}")
+        for name in ("memory_bytes", "usable_bytes", "bandwidth_bytes_per_s", "pcie_gen"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise MemplanError(f"GPU {self.key!r}: {name} must be a positive integer, got {v!r}")
+        if isinstance(self.bf16_tflops, bool) or not isinstance(self.bf16_tflops, (int, float)) \
+                or not math.isfinite(self.bf16_tflops) or self.bf16_tflops <= 0:
+            raise MemplanError(f"GPU {self.key!r}: bf16_tflops must be a positive number, got {self.bf16_tflops!r}")
+        # A catalog entry without a price has 0 (unpriced); a price given is checked as --price is.
+        if self.usd_per_hour != 0 or isinstance(self.usd_per_hour, bool):
+            check_gpu_price(self.usd_per_hour, what=f"GPU {self.key!r}: usd_per_hour")
+
 
 @dataclass(frozen=True)
 class GPUCatalog:
@@ -79,21 +97,13 @@ def _parse(raw: object, where: str) -> GPUCatalog:
         vals.setdefault("usd_per_hour", 0.0)
         vals.setdefault("price_provider", "")
         vals.setdefault("price_date", "")
-        for k in ("key", "name", "price_provider", "price_date"):
-            if not isinstance(vals[k], str) or (k in ("key", "name") and not vals[k].strip()):
-                raise MemplanError(f"{where}: gpus[{i}].{k} must be a non-empty string")
-        for k in ("memory_bytes", "usable_bytes", "bandwidth_bytes_per_s", "pcie_gen"):
-            if isinstance(vals[k], bool) or not isinstance(vals[k], int) or vals[k] <= 0:
-                raise MemplanError(f"{where}: gpus[{i}].{k} must be a positive integer")
-        for k in ("bf16_tflops", "usd_per_hour"):
-            if isinstance(vals[k], bool) or not isinstance(vals[k], (int, float)) or vals[k] < 0 or (k == "bf16_tflops" and vals[k] == 0):
-                raise MemplanError(f"{where}: gpus[{i}].{k} must be a {'positive' if k == 'bf16_tflops' else 'non-negative'} number")
-        gpus.append(GPU(**vals))
+        try:  # GPU.__post_init__ checks the fields
+            gpus.append(GPU(**vals))
+        except MemplanError as exc:
+            raise MemplanError(f"{where}: gpus[{i}]: {exc}") from None
     # A user catalog without a storage price gets the built-in one: AWS S3 Standard, first 50 TB,
     # us-east-1, USD per GB-month with GB = 10^9 bytes (https://aws.amazon.com/s3/pricing/).
-    storage = raw.get("storage_usd_per_gb_month", 0.023)
-    if isinstance(storage, bool) or not isinstance(storage, (int, float)) or storage < 0:
-        raise MemplanError(f"{where}: storage_usd_per_gb_month must be a non-negative number")
+    storage = check_storage_price(raw.get("storage_usd_per_gb_month", 0.023), what=f"{where}: storage_usd_per_gb_month")
     keys = [g.key for g in gpus]
     if len(set(keys)) != len(keys):
         raise MemplanError(f"{where}: GPU keys must be unique")

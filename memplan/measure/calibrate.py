@@ -97,10 +97,12 @@ def calibrate(records: list[dict[str, Any]]) -> Calibration:
     for rec in cuda:
         setup = Setup.from_dict(rec["setup"])
         est = estimate(setup, model=record_spec(rec), terms=zero)
-        prepared.append((rec, setup, est.memory.peak))
-    fit = [(r, p) for r, _, p in prepared if _in_fit_half(str(r.get("id")))]
+        # Without device terms: what torch's allocator holds (paged optimizer state lives in
+        # CUDA unified memory, outside it) and what the device holds (paged state included).
+        prepared.append((rec, setup, est.memory.allocated_peak, est.memory.peak))
+    fit = [(r, a) for r, _, a, _ in prepared if _in_fit_half(str(r.get("id")))]
     if not fit:
-        fit = [(r, p) for r, _, p in prepared[: len(prepared) // 2 or 1]]
+        fit = [(r, a) for r, _, a, _ in prepared[: len(prepared) // 2 or 1]]
     fit_ids = {id(r) for r, _ in fit}
     contexts = [int(r["measured"]["cuda_context_bytes"]) for r, _ in fit if r["measured"].get("cuda_context_bytes")]
     context = int(statistics.median(contexts)) if contexts else 0
@@ -119,7 +121,7 @@ def calibrate(records: list[dict[str, Any]]) -> Calibration:
         source=f"memplan calibrate: {len(fit)} of {len(prepared)} CUDA records fitted, the rest held out",
     )
     rows = []
-    for rec, setup, alloc_pred in prepared:
+    for rec, setup, alloc_pred, device_pred in prepared:
         m = rec["measured"]
         rows.append(
             CalibrationRow(
@@ -128,7 +130,7 @@ def calibrate(records: list[dict[str, Any]]) -> Calibration:
                 used_for_fit=id(rec) in fit_ids,
                 predicted_allocated=alloc_pred + terms.allocated_extra_bytes(),
                 measured_allocated=int(m["steady_peak_bytes"]),
-                predicted_nvml=alloc_pred + terms.overhead_bytes(alloc_pred),
+                predicted_nvml=device_pred + terms.overhead_bytes(device_pred),
                 measured_nvml=int(m["nvml_peak_bytes"]) if m.get("nvml_peak_bytes") else None,
             )
         )

@@ -202,6 +202,18 @@ def case_records(cases: list[RandomCase], records: list[dict[str, Any]]) -> list
     return [latest[k] for k in keys if k in latest]
 
 
+def _label(setup: Setup) -> str:
+    """`Setup.label` plus the flags it leaves out (compute dtype of a quantized base, kbit prep, dropout)."""
+    extra = []
+    if setup.quant in ("int8", "nf4", "fp4") and setup.compute_dtype != "bf16":
+        extra.append(f"compute-{setup.compute_dtype}")
+    if setup.prepare_kbit_training:
+        extra.append("kbit-prep")
+    if setup.method == "lora" and setup.lora_dropout:
+        extra.append(f"dropout{setup.lora_dropout:g}")
+    return " ".join([setup.label(), *extra])
+
+
 def peak_frame(records: list[dict[str, Any]]) -> Any:
     """One row per record: family, claimed, label, outcome, predicted/measured steady peak and
     weights, and their relative errors (`memplan.measure.compare`'s definition)."""
@@ -213,8 +225,8 @@ def peak_frame(records: list[dict[str, Any]]) -> Any:
     for r in records:
         config = (r.get("model_info") or {}).get("config") or {}
         family = str(config.get("model_type", "?"))
-        row: dict[str, Any] = {"family": family, "claimed": family in CLAIMED_FAMILIES,
-                               "label": Setup.from_dict(r["setup"]).label(layers=r.get("layers")), "outcome": r["outcome"],
+        row: dict[str, Any] = {"family": family, "claimed": family in CLAIMED_FAMILIES, "label": _label(Setup.from_dict(r["setup"])),
+                               "outcome": r["outcome"],
                                "error_message": (r.get("error") or {}).get("message")}
         for c in compare_record(r) if r["outcome"] == "ok" else []:
             if c["component"] in ("peak", "weights"):

@@ -47,6 +47,12 @@ __all__ = [
     "STRATEGY_TITLES",
     "plan_caption",
     "strategy_cards",
+    "CARD_FIGURES",
+    "strategy_table",
+    "coinciding",
+    "AXIS_UNITS",
+    "axis_unit",
+    "in_unit",
     "crossover_rows",
     "crossover_text",
     "assumption_rows",
@@ -74,8 +80,23 @@ class BreakdownPart:
     key: str
     label: str
     bytes: int
-    gib: float  # the same bytes in GiB (2**30), for the chart's axis
+    gib: float  # the same bytes in GiB (2**30)
     text: str  # format_bytes(bytes)
+    value: float = 0.0  # the same bytes in the chart axis' unit (`axis_unit`)
+
+
+# The breakdown chart's axis: GiB, or TiB once the bar or the GPU reaches 1 TiB (a "1.20 TiB"
+# segment on a GiB axis read as a misprint).
+AXIS_UNITS = {"GiB": 2**30, "TiB": 2**40}
+
+
+def axis_unit(largest_bytes: int) -> str:
+    return "TiB" if largest_bytes >= AXIS_UNITS["TiB"] else "GiB"
+
+
+def in_unit(n: int, unit: str) -> float:
+    """Bytes as a number of `unit` (an `AXIS_UNITS` key), for a chart axis; text goes through `format_bytes`."""
+    return n / AXIS_UNITS[unit]
 
 
 def catalog_names() -> list[str]:
@@ -83,7 +104,8 @@ def catalog_names() -> list[str]:
 
 
 def gpu_label(gpu: GPU) -> str:
-    return f"{gpu.key}: {gpu.name} ({format_bytes(gpu.usable_bytes)} usable)"
+    """Short enough for the sidebar's select box (the full name is in the page and the tables)."""
+    return f"{gpu.key} ({format_bytes(gpu.usable_bytes)})"
 
 
 def spec_from_upload(filename: str, data: bytes) -> ModelSpec:
@@ -126,9 +148,10 @@ def spec_from_upload(filename: str, data: bytes) -> ModelSpec:
     return spec
 
 
-def breakdown(est: Estimate) -> list[BreakdownPart]:
+def breakdown(est: Estimate, *, unit: str = "GiB") -> list[BreakdownPart]:
     """The peak's parts (they sum to `est.memory.peak`), in stacking order, zeros left out."""
-    parts = [BreakdownPart(k, PART_LABELS[k], v, to_gib(v), format_bytes(v)) for k, v in est.peak_parts.items() if v]
+    parts = [BreakdownPart(k, PART_LABELS[k], v, to_gib(v), format_bytes(v), in_unit(v, unit))
+             for k, v in est.peak_parts.items() if v]
     return sorted(parts, key=lambda p: list(PART_LABELS).index(p.key))
 
 
@@ -157,7 +180,8 @@ def fit_rows(est: Estimate, gpus: GPUCatalog) -> list[dict[str, Any]]:
 
 # ---- fleet and cost -----------------------------------------------------------------------
 
-STRATEGY_TITLES = {"full_finetune": "Full fine-tuning", "lora": "LoRA (merged)", "lorax": "LoRAX (shared base)"}
+STRATEGY_TITLES = {"full_finetune": "Full fine-tuning", "lora": "LoRA (merged)", "lorax": "LoRAX (shared base)",
+                   "vllm_multi_lora": "vLLM multi-LoRA (shared base)"}
 
 
 def price_rows(gpus: GPUCatalog) -> list[dict[str, Any]]:
@@ -175,15 +199,11 @@ def catalog_with_price_rows(gpus: GPUCatalog, rows: Iterable[dict[str, Any]], *,
         key, price = row.get("GPU"), row.get("usd_per_hour")
         if key not in current:
             continue
-        if isinstance(price, bool) or not isinstance(price, (int, float)) or not 0 <= price < float("inf"):
-            raise MemplanError(f"the price of {key} must be a non-negative number of USD per GPU-hour, got {price!r}")
-        if float(price) != current[key]:
-            changed[str(key)] = float(price)
+        if price != current[key]:
+            changed[str(key)] = price  # checked by with_prices (check_gpu_price)
     out = gpus.with_prices(changed) if changed else gpus
     if storage_usd_per_gb_month is not None and storage_usd_per_gb_month != out.storage_usd_per_gb_month:
-        if not 0 <= storage_usd_per_gb_month < float("inf"):
-            raise MemplanError(f"the storage price must be a non-negative USD per GB-month, got {storage_usd_per_gb_month!r}")
-        out = replace(out, storage_usd_per_gb_month=float(storage_usd_per_gb_month))
+        out = out.with_storage_price(storage_usd_per_gb_month)
     return out
 
 
@@ -212,7 +232,8 @@ def plan_caption(p: Plan) -> str:
     inp, g = p.inputs, p.gpu
     pop = "uniform" if inp.popularity == "uniform" else f"Zipf s = {inp.zipf_exponent:g}"
     return (f"{inp.model}: {inp.variants:,} variants, {inp.rps:g} requests/s in all ({pop}), {inp.prompt_tokens:,} + "
-            f"{inp.output_tokens:,} tokens per request, served in {inp.quant} on {g.key} at ${g.usd_per_hour:g}/GPU-hour. "
+            f"{inp.output_tokens:,} tokens per request, served in {inp.quant} "
+            + (f"on {g.key} at ${g.usd_per_hour:g}/GPU-hour. " if g is not None else "on each strategy's cheapest GPU. ") +
             f"Checkpoint {format_bytes(p.checkpoint_bytes, decimal=True)}, LoRA r = {inp.lora_rank} adapter "
             f"{format_bytes(p.adapter_file_bytes, decimal=True)}. GB = 10⁹ bytes.")
 
@@ -224,7 +245,7 @@ def strategy_cards(p: Plan) -> list[dict[str, Any]]:
     for name, s in p.strategies.items():
         cards.append({
             "strategy": name,
-            "title": STRATEGY_TITLES.get(name, name) + (f" on {s.engine}" if name == "lorax" and s.engine != "lorax" else ""),
+            "title": STRATEGY_TITLES.get(name, name),
             "cheapest": name == cheapest,
             "GPUs": gpus_text(s.gpus),
             "$/month": usd(s.usd_per_month),
@@ -232,10 +253,32 @@ def strategy_cards(p: Plan) -> list[dict[str, Any]]:
             "Cold start": seconds(s.cold_start_s),
             "Adapter swap": seconds(s.swap_latency_s),
             "Training (one-time)": usd(s.training_usd),
-            "replica": f"{s.replicas:g} replica(s) of {s.memory.tp} x {p.gpu.key} on {s.engine}",
+            "replica": f"{gpus_text(s.replicas)} replica(s) of {s.memory.tp} x {s.gpu.key if s.gpu else ''} on {s.engine}",
             "note": s.note,
         })
     return cards
+
+
+# The figures of a strategy card, in the order the fleet page's table lists them, with their hints.
+CARD_FIGURES = (("$/month", "GPUs x hours per month + storage"), ("GPUs", "GPUs running (a time average with scale-to-zero)"),
+                ("Storage", "checkpoints and adapters; GB = 10⁹ bytes"), ("Training (one-time)", "fine-tuning all N variants once"),
+                ("Cold start", "bring up one replica: the bytes it loads / storage bandwidth"),
+                ("Adapter swap", "one adapter from disk to the GPU"))
+
+
+def strategy_table(cards: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The cards side by side as a table: one row per figure, one column per strategy ("n/a" for a
+    figure that does not apply: a lone "-" would render as a markdown bullet)."""
+    return [{"": label, **{c["title"]: "n/a" if c[label] == "-" else c[label] for c in cards}} for label, _ in CARD_FIGURES]
+
+
+def coinciding(rows: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
+    """Pairs of strategies whose $/month is the same at every N of `crossover_rows` (their lines overlap)."""
+    by: dict[str, list[tuple[int, float]]] = {}
+    for r in rows:
+        by.setdefault(r["strategy"], []).append((r["variants"], r["usd_per_month"]))
+    names = list(by)
+    return [(a, b) for i, a in enumerate(names) for b in names[i + 1:] if sorted(by[a]) == sorted(by[b])]
 
 
 def crossover_rows(sw: VariantSweep) -> list[dict[str, Any]]:

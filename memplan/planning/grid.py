@@ -77,7 +77,6 @@ _FLEET_KINDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "dataset_tokens": ("dataset_tokens", "int", ()),
     "epochs": ("epochs", "float", ()),
     "train_gpu": ("train_gpu", "gpu", ()),
-    "engine": ("engine", "choice", ("lorax", "vllm")),
 }
 # Setup's fields in its own order (a field added to Setup is sweepable once it has a kind above).
 SETUP_KEYS: tuple[str, ...] = tuple(f.name for f in fields(Setup) if f.name in _SETUP_KINDS)

@@ -1,7 +1,7 @@
 """Words, option lists and defaults that the CLI and the web app both show, kept in one place.
 
 The option lists come from the library's own tuples (`QUANTS`, `OPTIMIZERS`, ...), the
-fleet defaults from `PlanInputs`' fields, so a new choice or a changed default reaches
+defaults from `Setup`'s and `PlanInputs`' fields, so a new choice or a changed default reaches
 `--help`, the renderers and the app's widgets at once.
 """
 
@@ -11,8 +11,9 @@ from dataclasses import MISSING, fields
 from typing import Any, Iterable
 
 from memplan.serving.fleet import PlanInputs
+from memplan.training.setup import Setup
 
-__all__ = ["PART_LABELS", "PLAN_DEFAULTS", "choices_text", "fit_verdict"]
+__all__ = ["PART_LABELS", "PLAN_DEFAULTS", "SETUP_DEFAULTS", "choices_text", "fit_verdict"]
 
 # The peak's parts: `Estimate.peak_parts` keys, in the order the app stacks them and
 # `memplan estimate` lists them.
@@ -26,6 +27,10 @@ PART_LABELS: dict[str, str] = {
     "transients": "transients",
     "overhead": "device overhead",
 }
+
+# `memplan estimate`/`fit`'s flag defaults and the fine-tune page's starting values: `Setup`'s own
+# (tests/app/test_app.py checks that the CLI's flags and the page start from these).
+SETUP_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(Setup) if f.default is not MISSING}
 
 # `memplan plan`'s flag defaults and the fleet page's starting values: `PlanInputs`' own.
 PLAN_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(PlanInputs) if f.default is not MISSING}

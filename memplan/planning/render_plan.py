@@ -52,11 +52,17 @@ def render_plan(p: Plan, fmt: str) -> str:
     inp, g = p.inputs, p.gpu
     names = list(p.strategies)
     pop = "uniform" if inp.popularity == "uniform" else f"zipf s={inp.zipf_exponent:g}"
+    if g is not None:
+        serving = (f"serving on {g.key} ({g.name}, {format_bytes(g.usable_bytes)} usable, ${g.usd_per_hour:g}/h "
+                   f"{g.price_provider} {g.price_date}".rstrip() + ")")
+    else:
+        gpus = sorted({c.gpu for ch in p.choices.values() for c in ch.candidates})
+        serving = (f"serving on the cheapest of {len(gpus)} GPUs and tensor-parallel degrees per strategy "
+                   "(--gpu restricts the choice; every candidate: --format json, key 'choices')")
     lines = [
         f"{inp.model}: {inp.variants:,} variants, {inp.rps:g} req/s overall ({pop}), {inp.prompt_tokens}+{inp.output_tokens} "
         f"tokens per request, target utilisation {inp.utilization:.0%}",
-        f"serving on {g.key} ({g.name}, {format_bytes(g.usable_bytes)} usable, ${g.usd_per_hour:g}/h "
-        f"{g.price_provider} {g.price_date}".rstrip() + f"), weights in {inp.quant}",
+        f"{serving}, weights in {inp.quant}",
         f"checkpoint {format_bytes(p.checkpoint_bytes, decimal=True)}; LoRA r={inp.lora_rank}: "
         f"{p.lora_trainable_parameters:,} parameters, adapter file {format_bytes(p.adapter_file_bytes, decimal=True)}",
         "",
@@ -69,10 +75,11 @@ def render_plan(p: Plan, fmt: str) -> str:
 
     rows: list[tuple[str, list[str]]] = [
         ("GPUs", [format_gpus(s.gpus) for s in S]),
-        ("replica", [f"{s.memory.tp} x {g.key}, {s.engine}" for s in S]),
+        ("replica", [f"{s.memory.tp} x {s.gpu.key if s.gpu else ''}, {s.engine}" for s in S]),
         ("replica capacity", [f"{s.throughput.requests_per_s:.2f} req/s, batch {s.throughput.batch}" for s in S]),
         ("$/hour (GPUs)", [format_usd(s.usd_per_hour) for s in S]),
         ("$/month (GPUs + storage)", [format_usd(s.usd_per_month) for s in S]),
+        *([("runner-up", [_runner_up(p, n) for n in names])] if g is None else []),
         ("training, one-time", [format_usd(s.training_usd) for s in S]),
         ("storage", [format_bytes(s.storage_bytes, decimal=True) for s in S]),
         ("cold start (load)", [format_seconds(s.cold_start_s) for s in S]),
@@ -94,6 +101,12 @@ def render_plan(p: Plan, fmt: str) -> str:
     return "\n".join(lines)
 
 
+def _runner_up(p: Plan, name: str) -> str:
+    """The second-cheapest candidate of a strategy: `tp x gpu: $/month`."""
+    r = p.choices[name].runner_up if name in p.choices else None
+    return "-" if r is None else f"{r.tp} x {r.gpu}: {format_usd(r.usd_per_month)}"
+
+
 def render_sweep(sw: VariantSweep, fmt: str) -> str:
     """Plans over N (`memplan plan --sweep-variants`): GPUs, $/month and storage per strategy, and the crossovers."""
     from memplan.serving.fleet import frame_rows
@@ -103,10 +116,15 @@ def render_sweep(sw: VariantSweep, fmt: str) -> str:
     if fmt == "csv":
         return csv_text(frame_rows(sw))
     names = list(sw.plans[0].strategies)
+    several = sw.plans[0].gpu is None  # each strategy chose its GPU: say which
+
+    def gpus(s: Any) -> str:
+        return f"{format_gpus(s.gpus)} x {s.gpu.key}" if several and s.gpu is not None else format_gpus(s.gpus)
+
     header = ["variants"] + [f"{n} {col}" for n in names for col in ("GPUs", "$/month", "storage")]
     body = [
         [f"{p.inputs.variants:,}"] + [cell for s in p.strategies.values()
-                                      for cell in (format_gpus(s.gpus), format_usd(s.usd_per_month),
+                                      for cell in (gpus(s), format_usd(s.usd_per_month),
                                                    format_bytes(s.storage_bytes, decimal=True))]
         for p in sw.plans
     ]

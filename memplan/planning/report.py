@@ -3,7 +3,7 @@ nothing is fetched when the file is opened; each chart is a JSON block that one 
 
 Sections: a summary table per model; peak memory against sequence length, one line
 per base format; a heatmap of the share of setups that fit on each GPU; $/month
-against the number of variants for the three fleet strategies; the estimator's
+against the number of variants for the four fleet strategies; the estimator's
 accuracy on the measured runs in `profiles/`; the assumptions and the memplan
 version. Every number is a column of `memplan.planning.sweep` or a field of a library result
 (`memplan.measure.compare`, `memplan.measure.calibrate`); bytes become text only through `memplan.units`.
@@ -260,17 +260,19 @@ def _cost_chart(frame: "pd.DataFrame") -> tuple[str, str]:
 
     if "variants" not in frame.columns:
         return "", ('<p class="note">No fleet inputs in the grid: add <code>variants</code>, <code>rps</code> and '
-                    "<code>serve_gpu</code> to compare full fine-tuning, LoRA and LoRAX by $/month.</p>")
+                    "<code>serve_gpu</code> to compare full fine-tuning, LoRA, LoRAX and vLLM multi-LoRA by $/month.</p>")
     ok = frame[frame["fleet_error"].isna()]
     models = [m for m in frame["model"].cat.categories if (ok["model"] == m).any()]
     fig = _facets(len(models), models)
     # full_finetune and lora often cost the same (both one deployment per variant): the first is a wide pale
     # line with round markers, the second a narrow dashed line with open diamonds drawn on top, so both show.
     lines = {"full_finetune": dict(color="rgba(214,39,40,0.45)", width=7), "lora": dict(color="#ff7f0e", width=2.5, dash="dash"),
-             "lorax": dict(color="#2ca02c", width=2.5)}
+             # lorax and vllm_multi_lora (one shared base either way) coincide too: the same pattern in blue.
+             "lorax": dict(color="rgba(44,160,44,0.45)", width=7), "vllm_multi_lora": dict(color="#1f77b4", width=2.5, dash="dot")}
     markers = {"full_finetune": dict(symbol="circle", size=11, color="rgba(214,39,40,0.6)"),
                "lora": dict(symbol="diamond-open", size=9, color="#ff7f0e", line=dict(width=2)),
-               "lorax": dict(symbol="square", size=7, color="#2ca02c")}
+               "lorax": dict(symbol="square", size=10, color="rgba(44,160,44,0.6)"),
+               "vllm_multi_lora": dict(symbol="triangle-up-open", size=9, color="#1f77b4", line=dict(width=2))}
     notes: list[str] = []
     costs: list[float] = []
     dims = ["method", "quant", "lora_rank", "lora_targets", *[c for c in ("rps", "serve_gpu", "serve_quant", "popularity",
@@ -301,7 +303,8 @@ def _cost_chart(frame: "pd.DataFrame") -> tuple[str, str]:
     refused = frame["fleet_error"].dropna().unique().tolist()
     extra = "".join(f"<li>refused by the fleet planner: {_e(r)}</li>" for r in refused)
     extra += ("<li>full_finetune (wide pale line, round markers) and lora (dashed line, open diamonds, drawn on top) "
-              "often cost the same, one deployment per variant either way: where their lines coincide, both are drawn.</li>")
+              "often cost the same, one deployment per variant either way; so do lorax (wide pale green line) and "
+              "vllm_multi_lora (dotted line, open triangles), one shared base either way: where lines coincide, both are drawn.</li>")
     note = f'<p class="note">Other inputs held at one value per model (the value that keeps the most lines):</p><ul class="note">{"".join(notes)}{extra}</ul>'
     return _figure_html(fig, CHART_IDS["cost"]), note
 

@@ -36,7 +36,7 @@ first appearance):
 | headroom_bytes.{gpu} | Int64 | usable - peak (negative: does not fit); NA on device cpu |
 | smallest_gpu, cheapest_gpu | category | among the grid's GPUs (order of `memplan.training.search`); NA if none fits |
 | cheapest_usd_per_hour | float64 | price of cheapest_gpu |
-| gpus.{strategy}, usd_per_month.{strategy} | float64 | fleet plan per strategy (full_finetune, lora, lorax); LoRA strategies NA on full rows |
+| gpus.{strategy}, usd_per_month.{strategy} | float64 | fleet plan per strategy (full_finetune, lora, lorax, vllm_multi_lora); LoRA strategies NA on full rows |
 | fleet_error | category | why the fleet planner refused the row (NA when it did not) |
 """
 

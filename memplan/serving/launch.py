@@ -1,9 +1,11 @@
-"""Launch settings that implement a plan's shared-base (`lorax`) strategy.
+"""Launch settings that implement a plan's shared-base strategies.
 
-- `lorax-launcher` flags, as defined in LoRAX `launcher/src/main.rs` (Args).
-- `vllm serve` arguments, as defined in vLLM's `EngineArgs` (`vllm/engine/arg_utils.py`).
-The values are the plan's: the KV budget it computed, the adapter slots it sized, the
-context it was asked for. Nothing here computes; it only names.
+- `lorax-launcher` flags for the `lorax` strategy, as defined in LoRAX `launcher/src/main.rs` (Args).
+- `vllm serve` arguments for the `vllm_multi_lora` strategy, as defined in vLLM's `EngineArgs`
+  (`vllm/engine/arg_utils.py`).
+The values are the strategy's: its GPU and tensor-parallel degree, the KV budget it computed,
+the adapter slots and CPU cache it sized, the context it was asked for. Nothing here computes;
+it only names.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ from dataclasses import dataclass
 from memplan.model.catalog import catalog
 from memplan.errors import SetupError
 from memplan.serving.fleet import Plan
-from memplan.serving.memory import vllm_max_lora_rank
 
-__all__ = ["Launch", "launch_settings", "ENGINES"]
+__all__ = ["Launch", "launch_settings", "ENGINES", "ENGINE_STRATEGY"]
 
 ENGINES = ("lorax", "vllm")
+# The plan's strategy each engine launches.
+ENGINE_STRATEGY = {"lorax": "lorax", "vllm": "vllm_multi_lora"}
 # LoRAX `--quantize` values (launcher Quantization enum) and vLLM `--quantization`.
 _LORAX_QUANTIZE = {"int8": "bitsandbytes", "nf4": "bitsandbytes-nf4", "fp4": "bitsandbytes-fp4"}
 _DTYPE = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
@@ -32,6 +35,7 @@ class Launch:
     flags: tuple[tuple[str, str | None], ...]  # (flag, value or None for a switch)
     replicas: int  # how many of these to run (each on `tp` GPUs)
     tp: int
+    gpu: str = ""  # the catalog GPU the strategy chose
 
     @property
     def argv(self) -> list[str]:
@@ -48,7 +52,7 @@ class Launch:
         ])
 
     def to_dict(self) -> dict:
-        return {"engine": self.engine, "replicas": self.replicas, "tensor_parallel": self.tp, "argv": self.argv,
+        return {"engine": self.engine, "gpu": self.gpu, "replicas": self.replicas, "tensor_parallel": self.tp, "argv": self.argv,
                 "flags": {f: v for f, v in self.flags}}
 
 
@@ -60,13 +64,12 @@ def _model_id(name: str) -> str:
 
 
 def launch_settings(p: Plan, engine: str) -> Launch:
-    """The engine flags for `p`'s shared-base replica. The plan must have been made for `engine`."""
+    """The engine flags of `p`'s shared-base strategy for `engine`: `lorax` or `vllm_multi_lora`, on the GPU it chose."""
     if engine not in ENGINES:
         raise SetupError(f"--emit must be one of {', '.join(ENGINES)}, got {engine!r}")
-    s = p.strategies["lorax"]
-    if s.engine != engine:
-        raise SetupError(f"this plan sized its shared-base replica for {s.engine}; plan again with --engine {engine}")
+    s = p.strategies[ENGINE_STRATEGY[engine]]
     inp, mem = p.inputs, s.memory
+    gpu = s.gpu.key if s.gpu is not None else ""
     model = _model_id(p.inputs.model)
     replicas = max(1, math.ceil(s.replicas - 1e-9))
     if engine == "lorax":
@@ -88,13 +91,13 @@ def launch_settings(p: Plan, engine: str) -> Launch:
         ]
         if a["lorax_cuda_memory_fraction"]["value"] != 1.0:
             flags.append(("--cuda-memory-fraction", f"{a['lorax_cuda_memory_fraction']['value']:g}"))
-        return Launch(engine="lorax", program=("lorax-launcher",), flags=tuple(flags), replicas=replicas, tp=mem.tp)
+        return Launch(engine="lorax", program=("lorax-launcher",), flags=tuple(flags), replicas=replicas, tp=mem.tp, gpu=gpu)
     a = p.assumptions
     res = s.adapters_resident or {}
     flags = [
         ("--enable-lora", None),
         ("--max-loras", str(mem.max_loras)),
-        ("--max-lora-rank", str(vllm_max_lora_rank(inp.lora_rank))),
+        ("--max-lora-rank", str(mem.max_lora_rank)),
         ("--max-cpu-loras", str(max(mem.max_loras, res.get("gpu", 0) + res.get("cpu", 0)))),
         ("--gpu-memory-utilization", f"{a['vllm_gpu_memory_utilization']['value']:g}"),
         ("--max-model-len", str(inp.context_tokens)),
@@ -107,4 +110,4 @@ def launch_settings(p: Plan, engine: str) -> Launch:
         flags.append(("--quantization", "bitsandbytes"))
     elif inp.quant in _DTYPE:
         flags.append(("--dtype", _DTYPE[inp.quant]))
-    return Launch(engine="vllm", program=("vllm", "serve", model), flags=tuple(flags), replicas=replicas, tp=mem.tp)
+    return Launch(engine="vllm", program=("vllm", "serve", model), flags=tuple(flags), replicas=replicas, tp=mem.tp, gpu=gpu)

@@ -35,9 +35,10 @@ __all__ = [
     "kv_bytes_per_token",
     "vllm_lora_slot_bytes",
     "smallest_tensor_parallel_fit",
+    "tensor_parallel_replicas",
+    "no_fit_message",
     "TP_DEGREES",
     "VLLM_MAX_LORA_RANKS",
-    "check_catalog",
     "assumptions_payload",
 ]
 
@@ -59,7 +60,7 @@ _CEILINGS: dict[str, float] = {
     "prefill_batch_tokens": 10**7, "max_batch_sequences": 10**6, "lorax_max_active_adapters": 10**7,
     "host_adapter_cache_bytes": 2**50, "pcie_gen3_bytes_per_s": 1e13, "pcie_gen4_bytes_per_s": 1e13,
     "pcie_gen5_bytes_per_s": 1e13, "storage_bytes_per_s": 1e13, "adapter_swap_overhead_s": 3600.0,
-    "lorax_adapter_batch_overhead": 100.0, "train_seq_len": 10**7, "train_batch_size": 10**6, "hours_per_month": 744.0,
+    "lorax_adapter_batch_overhead": 100.0, "vllm_lora_kernel_overhead": 100.0, "train_seq_len": 10**7, "train_batch_size": 10**6, "hours_per_month": 744.0,
     "scale_to_zero_idle_s": 31 * 86400.0,
 }
 
@@ -89,6 +90,7 @@ class Assumptions:
     decode_bandwidth_efficiency: float
     prefill_compute_efficiency: float
     lorax_adapter_batch_overhead: float
+    vllm_lora_kernel_overhead: float
     training_mfu: float
     train_seq_len: int
     train_batch_size: int
@@ -113,7 +115,7 @@ class Assumptions:
             if getattr(self, name) <= 0:
                 raise ServingError(f"{name} must be positive, got {getattr(self, name)!r}")
         for name in ("cuda_context_bytes", "cuda_graph_bytes", "host_adapter_cache_bytes", "adapter_swap_overhead_s",
-                     "lorax_adapter_batch_overhead", "scale_to_zero_idle_s"):
+                     "lorax_adapter_batch_overhead", "vllm_lora_kernel_overhead", "scale_to_zero_idle_s"):
             if getattr(self, name) < 0:
                 raise ServingError(f"{name} must be >= 0, got {getattr(self, name)!r}")
         for name in ("adapter_save_dtype", "checkpoint_dtype"):
@@ -212,21 +214,10 @@ def assumptions() -> Assumptions:
     )
 
 
-def check_catalog(gpus: "tuple[GPU, ...]") -> None:
-    """The GPU fields the planner divides by must be positive numbers (a user catalog may hold anything)."""
-    for g in gpus:
-        for name in ("key", "name", "price_provider", "price_date"):
-            if not isinstance(getattr(g, name), str) or (name in ("key", "name") and not getattr(g, name).strip()):
-                raise ServingError(f"GPU catalog entry {g.key!r}: {name} must be a string, got {getattr(g, name)!r}")
-        for name in ("bf16_tflops", "bandwidth_bytes_per_s", "usable_bytes", "usd_per_hour"):
-            v = getattr(g, name)
-            ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and (v > 0 or (v == 0 and name == "usd_per_hour"))
-            if not ok:
-                raise ServingError(f"GPU catalog entry '{g.key}': {name} must be a positive number, got {v!r}")
-
-
-def assumptions_payload(a: Assumptions, catalog: GPUCatalog, gpu: GPU, train_gpus: "list[str]") -> dict[str, dict[str, Any]]:
-    """Every number a plan used, with unit and source: the constants, the GPU's datasheet and prices."""
+def assumptions_payload(a: Assumptions, catalog: GPUCatalog, gpus: "GPU | tuple[GPU, ...]",
+                        train_gpus: "list[str]") -> dict[str, dict[str, Any]]:
+    """Every number a plan used, with unit and source: the constants, the GPUs' datasheets and prices
+    (names such as `gpu_usd_per_hour` for one serving GPU; `gpu_usd_per_hour[KEY]` for each of several)."""
     sheet = f"GPU catalog ({catalog.source})"
 
     def price(g: GPU) -> dict[str, Any]:
@@ -237,14 +228,17 @@ def assumptions_payload(a: Assumptions, catalog: GPUCatalog, gpu: GPU, train_gpu
     if catalog.source == builtin.source and catalog.storage_usd_per_gb_month == builtin.storage_usd_per_gb_month:
         storage_src = str(json.loads((data_dir() / "gpus.json").read_text(encoding="utf-8")).get("storage_source", sheet))
     out = a.to_dict()
-    out.update({
-        "gpu_usd_per_hour": price(gpu),
-        "gpu_usable_bytes": {"value": gpu.usable_bytes, "unit": "bytes", "source": sheet},
-        "gpu_bandwidth_bytes_per_s": {"value": gpu.bandwidth_bytes_per_s, "unit": "bytes/s", "source": sheet},
-        "gpu_bf16_tflops": {"value": gpu.bf16_tflops, "unit": "TFLOP/s dense", "source": sheet},
-        "gpu_pcie_gen": {"value": gpu.pcie_gen, "unit": "generation", "source": sheet},
-        "storage_usd_per_gb_month": {"value": catalog.storage_usd_per_gb_month, "unit": "USD per GB-month", "source": storage_src},
-    })
+    several = isinstance(gpus, tuple)
+    for gpu in gpus if isinstance(gpus, tuple) else (gpus,):
+        tag = f"[{gpu.key}]" if several else ""
+        out.update({
+            f"gpu_usd_per_hour{tag}": price(gpu),
+            f"gpu_usable_bytes{tag}": {"value": gpu.usable_bytes, "unit": "bytes", "source": sheet},
+            f"gpu_bandwidth_bytes_per_s{tag}": {"value": gpu.bandwidth_bytes_per_s, "unit": "bytes/s", "source": sheet},
+            f"gpu_bf16_tflops{tag}": {"value": gpu.bf16_tflops, "unit": "TFLOP/s dense", "source": sheet},
+            f"gpu_pcie_gen{tag}": {"value": gpu.pcie_gen, "unit": "generation", "source": sheet},
+        })
+    out["storage_usd_per_gb_month"] = {"value": catalog.storage_usd_per_gb_month, "unit": "USD per GB-month", "source": storage_src}
     for key in dict.fromkeys(train_gpus):
         out[f"train_gpu_usd_per_hour[{key}]"] = price(catalog.get(key))
     return out
@@ -321,6 +315,7 @@ class ServingMemory:
     kv_bytes_per_token: int
     kv_block_bytes: int
     max_loras: int  # vLLM slots (0 without LoRA / for LoRAX)
+    max_lora_rank: int = 0  # vLLM --max-lora-rank of the slots (0 without LoRA / for LoRAX)
 
     @property
     def kv_blocks(self) -> int:
@@ -361,9 +356,11 @@ def serving_memory(
     quant: str = "bf16",
     lora: LoraPlan | None = None,
     max_loras: int = 0,
+    max_lora_rank: int | None = None,
 ) -> ServingMemory:
-    """Memory of one replica on `tp` x `gpu`. `lora` (with `max_loras` for vLLM) turns on
-    adapter memory; without it the replica serves one merged model."""
+    """Memory of one replica on `tp` x `gpu`. `lora` (with `max_loras` slots of `max_lora_rank`,
+    default the adapter's rank rounded up by `vllm_max_lora_rank`, for vLLM) turns on adapter
+    memory; without it the replica serves one merged model."""
     if tp not in TP_DEGREES:
         raise ServingError(f"tensor-parallel degree must be one of {TP_DEGREES}, got {tp!r}")
     total = tp * gpu.usable_bytes
@@ -372,12 +369,14 @@ def serving_memory(
     act = activation_workspace_bytes(spec, a, tp=tp)
     kv_tok = kv_bytes_per_token(spec, a, tp=tp)
     block = a.kv_block_tokens * kv_tok
+    slot_rank = 0
     if engine == "vllm":
         graphs = tp * a.cuda_graph_bytes
         adapters = 0
         if lora is not None:
+            slot_rank = vllm_max_lora_rank(max_lora_rank if max_lora_rank is not None else lora.rank)
             # lora_dtype='auto' is the model dtype (bf16): 2 bytes.
-            slot = vllm_lora_slot_bytes(spec, max_lora_rank=vllm_max_lora_rank(lora.rank), dtype_bytes=FLOAT_BYTES["bf16"])
+            slot = vllm_lora_slot_bytes(spec, max_lora_rank=slot_rank, dtype_bytes=FLOAT_BYTES["bf16"])
             adapters = max(1, max_loras) * slot
         # determine_available_memory: requested (total x gpu_memory_utilization) minus the
         # non-KV memory measured after the profiling run (weights, activation peak, graphs, LoRA).
@@ -398,7 +397,7 @@ def serving_memory(
         engine=engine, tp=tp, gpu_bytes=total, weights_bytes=weights, cuda_context_bytes=context,
         cuda_graph_bytes=graphs, activation_bytes=act, adapter_bytes=adapters, kv_cache_bytes=kv,
         unallocated_bytes=rest, kv_bytes_per_token=kv_tok, kv_block_bytes=block,
-        max_loras=max(1, max_loras) if engine == "vllm" and lora is not None else 0,
+        max_loras=max(1, max_loras) if engine == "vllm" and lora is not None else 0, max_lora_rank=slot_rank,
     )
 
 
@@ -410,26 +409,44 @@ def vllm_max_lora_rank(rank: int) -> int:
     raise ServingError(f"LoRA rank {rank} exceeds vLLM's largest --max-lora-rank {VLLM_MAX_LORA_RANKS[-1]}")
 
 
+def tensor_parallel_replicas(
+    spec: ModelSpec, gpu: GPU, a: Assumptions, *, engine: Engine, quant: str = "bf16", lora: LoraPlan | None = None,
+    max_loras: int = 0, max_lora_rank: int | None = None,
+) -> tuple[tuple[int, ServingMemory | str], ...]:
+    """(tp, the replica's memory) for every degree in TP_DEGREES on `gpu`, or (tp, why not) where
+    the heads do not split: vLLM checks num_attention_heads % tp == 0 and splits the KV heads
+    evenly or replicates them (tp a multiple of them) in
+    `vllm/config/model.py::ModelConfig.verify_with_parallel_config`."""
+    if engine == "vllm" and quant == "fp4":
+        raise ServingError("vLLM's bitsandbytes support has no fp4; use --quant nf4 or bf16")
+    out: list[tuple[int, ServingMemory | str]] = []
+    for tp in TP_DEGREES:
+        if spec.num_heads % tp or (spec.num_kv_heads % tp and tp % spec.num_kv_heads):
+            out.append((tp, f"{spec.num_heads} attention heads / {spec.num_kv_heads} KV heads do not split over {tp} GPUs"))
+            continue
+        out.append((tp, serving_memory(spec, gpu, a, engine=engine, tp=tp, quant=quant, lora=lora, max_loras=max_loras,
+                                       max_lora_rank=max_lora_rank)))
+    return tuple(out)
+
+
+def no_fit_message(spec: ModelSpec, gpu: GPU, *, quant: str, context_tokens: int, largest: ServingMemory | None) -> str:
+    """Why no tensor-parallel degree of `gpu` holds the weights plus one full-context sequence."""
+    need = "" if largest is None else f" (8 GPUs leave {largest.kv_cache_bytes:,} bytes of KV cache)"
+    return (f"{spec.name} in {quant} with {context_tokens}-token contexts does not fit on up to 8 x {gpu.key}{need}; "
+            "pick a larger --gpu, a smaller --quant or shorter --prompt-tokens/--output-tokens")
+
+
 def smallest_tensor_parallel_fit(
     spec: ModelSpec, gpu: GPU, a: Assumptions, *, engine: Engine, context_tokens: int, quant: str = "bf16",
     lora: LoraPlan | None = None, max_loras: int = 0,
 ) -> ServingMemory:
     """The replica on the fewest GPUs (1, 2, 4 or 8) that holds the weights plus the KV of one
-    full-context sequence. TP needs the attention heads to split evenly (vLLM checks
-    num_attention_heads % tp == 0 in `vllm/config/model.py::ModelConfig.verify_with_parallel_config`)."""
-    if engine == "vllm" and quant == "fp4":
-        raise ServingError("vLLM's bitsandbytes support has no fp4; use --quant nf4 or bf16")
+    full-context sequence (`tensor_parallel_replicas`)."""
     last = None
-    for tp in TP_DEGREES:
-        # vLLM: heads split evenly; KV heads split evenly or are replicated (tp a multiple of them).
-        if spec.num_heads % tp or (spec.num_kv_heads % tp and tp % spec.num_kv_heads):
+    for _, mem in tensor_parallel_replicas(spec, gpu, a, engine=engine, quant=quant, lora=lora, max_loras=max_loras):
+        if isinstance(mem, str):
             continue
-        mem = serving_memory(spec, gpu, a, engine=engine, tp=tp, quant=quant, lora=lora, max_loras=max_loras)
         last = mem
         if mem.max_sequences(context_tokens) >= 1:
             return mem
-    need = "" if last is None else f" (8 GPUs leave {last.kv_cache_bytes:,} bytes of KV cache)"
-    raise ServingError(
-        f"{spec.name} in {quant} with {context_tokens}-token contexts does not fit on up to 8 x {gpu.key}{need}; "
-        "pick a larger --gpu, a smaller --quant or shorter --prompt-tokens/--output-tokens"
-    )
+    raise ServingError(no_fit_message(spec, gpu, quant=quant, context_tokens=context_tokens, largest=last))

@@ -89,15 +89,16 @@ class ReplicaThroughput:
 
 def replica_throughput(
     spec: ModelSpec, gpu: GPU, a: Assumptions, mem: ServingMemory, *, prompt_tokens: int, output_tokens: int,
-    distinct_adapters: float = 0.0, adapter_bytes: int = 0, adapter_overhead: float = 0.0,
+    distinct_adapters: float = 0.0, adapter_bytes: int = 0, adapter_overhead: float = 0.0, max_batch: int | None = None,
 ) -> ReplicaThroughput:
     """Continuous batching: a request costs its prefill plus output_tokens / batch decode steps.
 
     GPU-seconds per request = prefill + output x step(batch) / batch; capacity is its inverse.
-    The mean context during decode is prompt + output / 2.
+    The mean context during decode is prompt + output / 2. `max_batch` caps the batch below
+    what the KV cache and max_num_seqs allow (vLLM's scheduler limit on distinct LoRAs per step).
     """
     concurrent = mem.max_sequences(prompt_tokens + output_tokens)
-    batch = max(1, min(concurrent, a.max_batch_sequences))
+    batch = max(1, min(concurrent, a.max_batch_sequences, max_batch if max_batch is not None else concurrent))
     step, bound = decode_step_seconds(
         spec, gpu, a, mem, batch=batch, mean_context=prompt_tokens + output_tokens / 2,
         adapter_bytes_read=min(distinct_adapters, batch) * adapter_bytes, adapter_overhead=adapter_overhead,

@@ -85,7 +85,10 @@ def check_fine_tune_page(at: AppTest, spec) -> None:
     assert m["Adapter file (fp32)"] == (format_bytes(adapter, decimal=True) if adapter else "none")
     assert m[f"Batch (seq {setup.seq_len:,})"] == f"{lim.max_batch_size:,}"
     assert m[f"Sequence (batch {setup.batch_size:,})"] == f"{lim.max_seq_len:,}"
-    assert m["LoRA rank"] == ("n/a" if lim.max_lora_rank is None else f"{lim.max_lora_rank:,}")
+    if setup.method == "full":  # no rank to grow: no "LoRA rank 0"
+        assert lim.max_lora_rank is None and "LoRA rank" not in m
+    else:
+        assert m["LoRA rank"] == (f"{lim.max_lora_rank:,}" if lim.max_lora_rank else "none fits")
     # The stacked bar: its segments are the peak's parts, to the byte, against the GPU's usable memory.
     fig = plotly(at)
     bars = [t for t in fig["data"] if t["type"] == "bar"]
@@ -138,6 +141,10 @@ def test_fine_tune_widgets_drive_the_estimate() -> None:
 
 def test_quantization_options_follow_the_quant() -> None:
     at = start()
+    assert not any(c.key == "ft_double_quant" for c in at.checkbox)  # bf16: `memplan estimate`'s default
+    at.selectbox(key="ft_quant").set_value("nf4").run()
+    at.checkbox(key="ft_double_quant").check().run()
+    check_fine_tune_page(at, load_model("llama2-7b"))
     at.checkbox(key="ft_double_quant").uncheck().run()
     check_fine_tune_page(at, load_model("llama2-7b"))
     at.checkbox(key="ft_prepare_kbit").check().run()
@@ -289,7 +296,7 @@ def fleet_inputs(at: AppTest):
                       prompt_tokens=int(s["fleet_prompt_tokens"]), output_tokens=int(s["fleet_output_tokens"]),
                       utilization=float(s["fleet_utilization"]), quant=s["fleet_quant"], lora_rank=int(s["fleet_lora_rank"]),
                       train_quant=s["fleet_train_quant"], scale_to_zero=s["fleet_scale_to_zero"],
-                      dataset_tokens=int(s["fleet_dataset_tokens"]), epochs=float(s["fleet_epochs"]), engine=s["fleet_engine"])
+                      dataset_tokens=int(s["fleet_dataset_tokens"]), epochs=float(s["fleet_epochs"]))
 
 
 def check_fleet_page(at: AppTest, catalog=None) -> None:
@@ -298,13 +305,16 @@ def check_fleet_page(at: AppTest, catalog=None) -> None:
 
     assert not at.exception and not at.error
     p = plan(fleet_inputs(at), catalog=catalog or gpu_catalog())
-    values = [m.value for m in at.metric]
-    expected = []
-    for s in p.strategies.values():  # each card: GPUs, $/month / storage, training / cold start, swap
-        expected += [appdata.gpus_text(s.gpus), appdata.usd(s.usd_per_month), format_bytes(s.storage_bytes, decimal=True),
-                     appdata.usd(s.training_usd), appdata.seconds(s.cold_start_s), appdata.seconds(s.swap_latency_s)]
-    assert values == expected
-    launch = launch_settings(p, p.inputs.engine)
+    # One card per strategy with its $/month; then the table: one column per strategy, one row per figure.
+    assert [m.value for m in at.metric] == [appdata.usd(s.usd_per_month) for s in p.strategies.values()]
+    shown = at.table[0].value
+    for name, s in p.strategies.items():
+        column = next(c for c in shown.columns if str(c).startswith(appdata.STRATEGY_TITLES[name]))
+        na = lambda text: "n/a" if text == "-" else text  # noqa: E731
+        assert shown[column].tolist() == [appdata.usd(s.usd_per_month), appdata.gpus_text(s.gpus),
+                                          format_bytes(s.storage_bytes, decimal=True), appdata.usd(s.training_usd),
+                                          na(appdata.seconds(s.cold_start_s)), na(appdata.seconds(s.swap_latency_s))]
+    launch = launch_settings(p, at.session_state["fleet_engine"])
     assert at.code[0].value.endswith(launch.command())
     assert at.code[0].value.startswith(f"# {launch.replicas} replica(s) of {launch.tp} x {p.gpu.key}")
 
@@ -332,6 +342,12 @@ def test_crossover_chart_is_the_library_sweep() -> None:
         assert trace["x"] == list(grid)
         assert trace["y"] == [p.strategies[name].usd_per_month for p in sw.plans]
     assert appdata.crossover_text(sw.crossovers, variants=grid) in [c.value for c in at.caption]
+    # Strategies that cost the same at every N overlap: the page says so, and the lines differ in width and dash.
+    for a, b in appdata.coinciding(appdata.crossover_rows(sw)):
+        ta, tb = (next(t for t in fig["data"] if t["name"] == appdata.STRATEGY_TITLES[k]) for k in (a, b))
+        assert ta["line"]["width"] != tb["line"]["width"] and ta["line"].get("dash") != tb["line"].get("dash")
+        assert ta["marker"]["symbol"] != tb["marker"]["symbol"]
+        assert any(f"{appdata.STRATEGY_TITLES[a]} (" in c.value and "their lines coincide" in c.value for c in at.caption)
 
 
 def test_fleet_widgets_drive_the_plan() -> None:
@@ -359,7 +375,7 @@ def test_edited_prices_move_the_plan() -> None:
 def test_price_table_rejects_a_negative_price() -> None:
     rows = appdata.price_rows(gpu_catalog())
     rows[0] = {**rows[0], "usd_per_hour": -1.0}
-    with pytest.raises(MemplanError, match="non-negative"):
+    with pytest.raises(MemplanError, match="positive number of USD"):
         appdata.catalog_with_price_rows(gpu_catalog(), rows)
 
 
@@ -491,12 +507,11 @@ def test_report_asks_for_every_dimension_and_caps_the_grid() -> None:
 
 
 def test_memplan_app_runs_streamlit_on_the_app(monkeypatch: pytest.MonkeyPatch) -> None:
-    import subprocess
-
     from memplan.cli import main
+    from memplan.commands import app as app_command
 
     calls: list[list[str]] = []
-    monkeypatch.setattr(subprocess, "call", lambda argv, env: calls.append(argv) or 0)
+    monkeypatch.setattr(app_command, "serve", lambda argv, env: calls.append(argv) or (0, None))
     assert main(["app", "--port", "8765", "--headless"]) == 0
     argv = calls[0]
     assert argv[1:4] == ["-m", "streamlit", "run"] and argv[4] == ENTRY
@@ -505,11 +520,67 @@ def test_memplan_app_runs_streamlit_on_the_app(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_memplan_app_hands_the_profiles_folder_to_the_app(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    import subprocess
-
     from memplan.cli import main
+    from memplan.commands import app as app_command
 
     envs: list[dict[str, str]] = []
-    monkeypatch.setattr(subprocess, "call", lambda argv, env: envs.append(env) or 0)
+    monkeypatch.setattr(app_command, "serve", lambda argv, env: envs.append(env) or (0, None))
     assert main(["app", "--headless", "--profiles", str(tmp_path)]) == 0
     assert envs[0][appdata.PROFILES_ENV] == str(tmp_path.resolve())
+
+
+# ---- defaults shared with the CLI ------------------------------------------------------------------
+
+
+def test_fine_tune_page_starts_on_the_cli_defaults() -> None:
+    """`memplan estimate`'s flag defaults, `Setup`'s fields and the page's starting values are one set."""
+    from memplan.commands.options import SETUP_FLAGS
+    from memplan.planning.labels import SETUP_DEFAULTS
+
+    flags = {decls[0].lstrip("-").split("/")[0].replace("-", "_"): kw.get("default") for decls, kw in SETUP_FLAGS}
+    flags["prepare_kbit_training"] = flags.pop("prepare_kbit_training", None)
+    for name, value in SETUP_DEFAULTS.items():
+        if name in ("lora_targets", "attention"):  # None on the CLI: PEFT's and transformers' per-family defaults
+            continue
+        assert flags[name] == value, name
+    at = start()
+    s = at.session_state
+    page = {"method": s["ft_method"], "quant": s["ft_quant"], "lora_rank": s["ft_lora_rank"], "seq_len": s["ft_seq_len"],
+            "batch_size": s["ft_batch_size"], "grad_checkpointing": s["ft_grad_checkpointing"], "optimizer": s["ft_optimizer"],
+            "compute_dtype": s["ft_compute_dtype"], "lora_dropout": s["ft_lora_dropout"]}
+    assert page == {k: SETUP_DEFAULTS[k] for k in page}
+    check_fine_tune_page(at, load_model("llama2-7b"))
+
+
+def test_full_fine_tuning_says_it_swapped_the_quant_and_lora_gets_it_back() -> None:
+    at = start()
+    at.selectbox(key="ft_quant").set_value("nf4").run()
+    at.radio(key="ft_method").set_value("full").run()
+    assert at.session_state["ft_quant"] == "bf16"
+    assert any("cannot train a nf4 base" in c.value and "LoRA gets nf4 back" in c.value for c in at.caption)
+    check_fine_tune_page(at, load_model("llama2-7b"))
+    at.radio(key="ft_method").set_value("lora").run()
+    assert at.session_state["ft_quant"] == "nf4"
+    assert not any("cannot train" in c.value for c in at.caption)
+    check_fine_tune_page(at, load_model("llama2-7b"))
+    # A format picked while on full fine-tuning is the user's choice: kept on the way back.
+    at.radio(key="ft_method").set_value("full").run()
+    at.selectbox(key="ft_quant").set_value("fp16").run()
+    at.radio(key="ft_method").set_value("lora").run()
+    assert at.session_state["ft_quant"] == "fp16"
+
+
+def test_fleet_storage_equals_memplan_plan(capsys: pytest.CaptureFixture[str]) -> None:
+    """The same question (llama2-7b, 100 variants, the page's rps and GPU) gives the same storage as `memplan plan`."""
+    from memplan.cli import main
+
+    at = start("fleet")
+    s = at.session_state
+    assert main(["plan", "--model", s["fleet_model"], "--variants", str(s["fleet_variants"]), "--gpu", s["fleet_gpu"],
+                 "--rps", str(s["fleet_rps"]), "--format", "json"]) == 0
+    cli = json.loads(capsys.readouterr().out)
+    storage = next(c for c in at.table[0].value.to_dict("records") if c[""] == "Storage")
+    assert cli["strategies"]
+    for name, strategy in cli["strategies"].items():
+        column = next(c for c in storage if str(c).startswith(appdata.STRATEGY_TITLES[name]))
+        assert storage[column] == format_bytes(strategy["storage_bytes"], decimal=True), name

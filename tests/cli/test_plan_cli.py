@@ -25,7 +25,7 @@ def test_table_puts_the_strategies_side_by_side(capsys: pytest.CaptureFixture[st
     status, out, err = run(capsys, *BASE)
     assert status == 0 and err == ""
     header = next(line for line in out.splitlines() if "full_finetune" in line)
-    assert header.split() == ["full_finetune", "lora", "lorax"]
+    assert header.split() == ["full_finetune", "lora", "lorax", "vllm_multi_lora"]
     for label in ("GPUs", "$/hour", "$/month", "training, one-time", "storage", "cold start", "adapter swap", "adapters resident"):
         assert any(line.startswith(label) for line in out.splitlines()), label
 
@@ -33,7 +33,7 @@ def test_table_puts_the_strategies_side_by_side(capsys: pytest.CaptureFixture[st
 def test_json_has_the_promised_keys(capsys: pytest.CaptureFixture[str]) -> None:
     status, out, _ = run(capsys, *BASE, "--format", "json")
     d = json.loads(out)
-    assert status == 0 and set(d["strategies"]) == {"full_finetune", "lora", "lorax"}
+    assert status == 0 and set(d["strategies"]) == {"full_finetune", "lora", "lorax", "vllm_multi_lora"}
     for s in d["strategies"].values():
         assert {"gpus", "usd_per_month", "storage_bytes", "training_usd"} <= set(s)
         assert isinstance(s["storage_bytes"], int)
@@ -44,7 +44,7 @@ def test_json_has_the_promised_keys(capsys: pytest.CaptureFixture[str]) -> None:
 def test_csv_has_one_row_per_strategy(capsys: pytest.CaptureFixture[str]) -> None:
     status, out, _ = run(capsys, *BASE, "--format", "csv")
     rows = list(csv.DictReader(io.StringIO(out)))
-    assert status == 0 and [r["strategy"] for r in rows] == ["full_finetune", "lora", "lorax"]
+    assert status == 0 and [r["strategy"] for r in rows] == ["full_finetune", "lora", "lorax", "vllm_multi_lora"]
 
 
 def test_sweep_prints_the_table_over_n_and_the_crossovers(capsys: pytest.CaptureFixture[str]) -> None:
@@ -117,7 +117,8 @@ def test_own_gpu_catalog(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> 
         (["--set", "mfu=0.4"], "unknown assumption 'mfu'"),
         (["--set", "training_mfu"], "--set 'training_mfu' must look like NAME=VALUE"),
         (["--sweep-variants", "1,0"], "--sweep-variants must be positive integers"),
-        (["--emit", "lorax", "--engine", "vllm"], "disagree"),
+        (["--max-cpu-loras", "2", "--max-loras", "4"], "--max-cpu-loras (2) must be at least --max-loras (4)"),
+        (["--max-lora-rank", "4", "--lora-rank", "8"], "--max-lora-rank (4) must hold --lora-rank (8)"),
         (["--utilization", "0"], "--utilization must be in (0, 1]"),
     ],
 )
@@ -141,7 +142,7 @@ def test_bad_input_is_one_line_and_status_2(capsys: pytest.CaptureFixture[str], 
         ('{"gpus": []}', "non-empty 'gpus' list"),
         ('{"gpus": [{"key": "a10g"}]}', "is missing"),
         ('{"storage_usd_per_gb_month": "free", "gpus": [{"key": "a10g", "name": "A10G", "memory_bytes": 1, '
-         '"usable_bytes": 24000000000, "bandwidth_bytes_per_s": 600000000000, "bf16_tflops": 70}]}', "storage_usd_per_gb_month must be a non-negative number"),
+         '"usable_bytes": 24000000000, "bandwidth_bytes_per_s": 600000000000, "bf16_tflops": 70}]}', "storage_usd_per_gb_month must be a number of USD per GB-month from 0"),
         ('{"gpus": [{"key": "a10g", "name": "A10G", "memory_bytes": 1, "usable_bytes": 24000000000, '
          '"bandwidth_bytes_per_s": 600000000000, "bf16_tflops": "fast"}]}', "bf16_tflops must be a positive number"),
     ],
@@ -152,3 +153,58 @@ def test_malformed_catalog_file_is_one_line_and_status_2(capsys: pytest.CaptureF
     path.write_text(content)
     status, out, err = run(capsys, *BASE, "--gpu-catalog", str(path))
     assert status == 2 and out == "" and err.count("\n") == 1 and message in err
+
+
+# ---- the plan picks the hardware; vLLM multi-LoRA is a strategy of its own ------------------------------
+
+NO_GPU = ["plan", "--model", "llama2-7b", "--variants", "100", "--rps", "5"]
+
+
+def test_without_gpu_every_strategy_is_on_its_cheapest_catalog_gpu(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, err = run(capsys, *NO_GPU)
+    assert status == 0 and err == ""
+    header = next(line for line in out.splitlines() if "full_finetune" in line)
+    assert header.split() == ["full_finetune", "lora", "lorax", "vllm_multi_lora"]
+    assert any(line.startswith("runner-up") for line in out.splitlines())
+    status, out, _ = run(capsys, *NO_GPU, "--format", "json")
+    d = json.loads(out)
+    catalog = json.loads((data_dir() / "gpus.json").read_text())["gpus"]
+    for name, choice in d["choices"].items():
+        # Every catalog GPU at every tensor-parallel degree vLLM and LoRAX take (1, 2, 4, 8) is listed,
+        # priced or with the reason it cannot serve.
+        assert {(c["gpu"], c["tp"]) for c in choice["candidates"]} == {(g["key"], tp) for g in catalog for tp in (1, 2, 4, 8)}
+        priced = [c for c in choice["candidates"] if "reason" not in c]
+        assert all(c["reason"] for c in choice["candidates"] if "usd_per_month" not in c)
+        cheapest = min(c["usd_per_month"] for c in priced)
+        assert choice["chosen"]["usd_per_month"] == cheapest == d["strategies"][name]["usd_per_month"]
+        assert d["strategies"][name]["gpu"] == choice["chosen"]["gpu"]
+        assert choice["runner_up"]["usd_per_month"] >= cheapest
+
+
+def test_repeated_gpu_restricts_the_choice(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, _ = run(capsys, *NO_GPU, "--gpu", "a10g", "--gpu", "h100", "--format", "json")
+    d = json.loads(out)
+    assert status == 0
+    for choice in d["choices"].values():
+        assert {c["gpu"] for c in choice["candidates"]} == {"a10g", "h100"}
+    assert {"gpu_usd_per_hour[a10g]", "gpu_usd_per_hour[h100]"} <= set(d["assumptions"])
+
+
+def test_one_gpu_lists_no_choices(capsys: pytest.CaptureFixture[str]) -> None:
+    # One --gpu keeps the output of a single-GPU plan: no 'choices', no per-strategy 'gpu'.
+    status, out, _ = run(capsys, *BASE, "--format", "json")
+    d = json.loads(out)
+    assert status == 0 and "choices" not in d and "gpu" not in d["strategies"]["lorax"]
+
+
+def test_engine_flag_is_deprecated_and_ignored(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, err = run(capsys, *BASE, "--engine", "vllm")
+    assert status == 0 and "--engine is deprecated" in err and "vllm_multi_lora" in out
+
+
+def test_emit_vllm_uses_the_given_slots_rounded_to_vllms_ranks(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, _ = run(capsys, *BASE, "--emit", "vllm", "--max-loras", "4", "--max-lora-rank", "12",
+                         "--max-cpu-loras", "20", "--format", "json")
+    flags = json.loads(out)["flags"]
+    # vllm/config/lora.py: max_lora_rank must be one of 8, 16, 32, ...: 12 becomes 16.
+    assert status == 0 and (flags["--max-loras"], flags["--max-lora-rank"], flags["--max-cpu-loras"]) == ("4", "16", "20")

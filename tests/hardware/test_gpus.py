@@ -85,10 +85,16 @@ def test_price_overrides_replace_only_the_named_gpu_and_are_marked() -> None:
     assert [g.key for g in cheap.gpus] == [g.key for g in base.gpus]  # order kept
 
 
-@pytest.mark.parametrize("item", ["a100-80gb", "a100-80gb=", "=1.0", "a100-80gb=cheap", "a100-80gb=-1", "a100-80gb=nan",
-                                  "a100-80gb=inf"])
+@pytest.mark.parametrize("item", ["a100-80gb", "a100-80gb=", "=1.0", "a100-80gb=cheap"])
 def test_bad_price_override_is_an_error(item: str) -> None:
     with pytest.raises(MemplanError, match="must look like GPU=USD_PER_HOUR"):
+        parse_price_overrides([item])
+
+
+@pytest.mark.parametrize("item", ["a100-80gb=-1", "a100-80gb=0", "a100-80gb=nan", "a100-80gb=inf", "a100-80gb=1e6"])
+def test_price_out_of_range_names_the_range(item: str) -> None:
+    # A well-formed override with an impossible price says what range a price takes, not that the form is wrong.
+    with pytest.raises(MemplanError, match=r"a GPU-hour price must be a positive number of USD up to 1,000"):
         parse_price_overrides([item])
 
 
@@ -132,14 +138,14 @@ def test_no_path_is_the_builtin_catalog() -> None:
         ({"gpus": []}, "non-empty 'gpus' list"),
         ({"gpus": ["h100"]}, r"gpus\[0\] must be an object"),
         ({"gpus": [{k: v for k, v in _entry().items() if k != "usable_bytes"}]}, r"gpus\[0\] is missing usable_bytes"),
-        ({"gpus": [_entry(key=" ")]}, r"gpus\[0\].key must be a non-empty string"),
+        ({"gpus": [_entry(key=" ")]}, r"gpus\[0\]: GPU ' ': key must be a non-empty string"),
         ({"gpus": [_entry(memory_bytes=-1)]}, r"memory_bytes must be a positive integer"),
         ({"gpus": [_entry(usable_bytes=1.5e10)]}, r"usable_bytes must be a positive integer"),
         ({"gpus": [_entry(pcie_gen=True)]}, r"pcie_gen must be a positive integer"),
         ({"gpus": [_entry(bf16_tflops=0)]}, r"bf16_tflops must be a positive number"),
-        ({"gpus": [_entry(usd_per_hour=-2)]}, r"usd_per_hour must be a non-negative number"),
+        ({"gpus": [_entry(usd_per_hour=-2)]}, r"usd_per_hour: a GPU-hour price must be a positive number"),
         ({"gpus": [_entry(), _entry(name="Other")]}, "GPU keys must be unique"),
-        ({"gpus": [_entry()], "storage_usd_per_gb_month": "cheap"}, "storage_usd_per_gb_month must be a non-negative number"),
+        ({"gpus": [_entry()], "storage_usd_per_gb_month": "cheap"}, "storage_usd_per_gb_month must be a number of USD per GB-month from 0"),
     ],
 )
 def test_malformed_catalog_is_a_memplan_error(tmp_path: Path, raw: object, message: str) -> None:

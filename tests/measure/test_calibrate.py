@@ -147,3 +147,32 @@ def test_committed_terms_are_what_calibrate_fits_from_the_committed_records() ->
     # workspace and slack are medians of residuals: allow 1 MiB / 0.005 of drift from estimator changes
     assert abs(cal.terms.workspace_bytes - committed["workspace_bytes"]) <= 2**20
     assert cal.terms.allocator_fraction == pytest.approx(committed["allocator_fraction"], abs=0.005)
+
+
+def test_calibrate_and_compare_predict_the_same_bytes_for_every_committed_record() -> None:
+    """One record, one prediction: calibrate's allocated/NVML prediction under the fitted terms
+    equals what `memplan validate` (compare_record) predicts for the same record under the same
+    terms. They share `records.record_spec`; this pins that they also share the peak they read
+    (allocated excludes paged optimizer state, the device peak includes it)."""
+    from unittest import mock
+
+    from memplan.measure import compare
+    from memplan.measure.records import read_records
+    from memplan.paths import profiles_dir
+
+    files = sorted(profiles_dir().glob("cuda-*.jsonl"))
+    if not files:
+        pytest.skip("no committed CUDA records")
+    records = read_records(files)
+    cal = calibrate(records)
+    by_id = {r["id"]: r for r in records}
+    real_estimate = estimate
+
+    def with_fitted_terms(setup, *, model=None, terms=None):
+        return real_estimate(setup, model=model, terms=cal.terms)
+
+    with mock.patch("memplan.training.estimate.estimate", with_fitted_terms):
+        for row in cal.rows:
+            parts = {r["component"]: r["predicted_bytes"] for r in compare.compare_record(by_id[row.record_id])}
+            assert parts["peak"] == row.predicted_allocated, row.label
+            assert parts["device_peak"] == row.predicted_nvml, row.label

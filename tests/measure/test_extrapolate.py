@@ -78,5 +78,9 @@ def test_cli_prints_the_table_and_csv(capsys: pytest.CaptureFixture[str], tmp_pa
     assert {r["metric"] for r in rows} == {"steady_peak_bytes", "nvml_peak_bytes"}
     empty = tmp_path / "none.jsonl"
     empty.write_text("")
-    assert main(["validate", "--extrapolate", str(empty)]) == 0
+    assert main(["validate", "--extrapolate", str(empty)]) == 2  # no records at all: say so, exit 2
+    assert "no profile records in" in capsys.readouterr().err
+    one_depth = tmp_path / "one.jsonl"  # records, but none measured at two truncated depths
+    one_depth.write_text(next(line for line in H100.read_text().splitlines() if '"layers":null' in line) + "\n")
+    assert main(["validate", "--extrapolate", str(one_depth)]) == 0
     assert "no setup was measured at two or more truncated depths" in capsys.readouterr().out

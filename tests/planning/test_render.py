@@ -278,10 +278,10 @@ def test_records_and_comparison_renderings() -> None:
 
 
 def test_plan_defaults_are_planinputs_defaults() -> None:
-    inp = PlanInputs(model="llama2-7b", variants=1, gpu="a10g", rps=1.0)
+    inp = PlanInputs(model="llama2-7b", variants=1, rps=1.0)
     for name, value in PLAN_DEFAULTS.items():
         assert getattr(inp, name) == value, name
-    assert PLAN_DEFAULTS["prompt_tokens"] == 1024 and PLAN_DEFAULTS["engine"] == "lorax"
+    assert PLAN_DEFAULTS["prompt_tokens"] == 1024 and "engine" not in PLAN_DEFAULTS
 
 
 def test_plan_flags_default_to_plan_defaults() -> None:

@@ -156,8 +156,8 @@ def test_column_names_are_stable() -> None:
         "peak_breakdown_bytes.transients", "peak_breakdown_bytes.overhead",
         "adapter_file_bytes.fp32", "adapter_file_bytes.fp16", "adapter_file_bytes.bf16",
         "fits.a10g", "fits.h100", "headroom_bytes.a10g", "headroom_bytes.h100", "smallest_gpu", "cheapest_gpu",
-        "cheapest_usd_per_hour", "gpus.full_finetune", "gpus.lora", "gpus.lorax",
-        "usd_per_month.full_finetune", "usd_per_month.lora", "usd_per_month.lorax", "fleet_error",
+        "cheapest_usd_per_hour", "gpus.full_finetune", "gpus.lora", "gpus.lorax", "gpus.vllm_multi_lora",
+        "usd_per_month.full_finetune", "usd_per_month.lora", "usd_per_month.lorax", "usd_per_month.vllm_multi_lora", "fleet_error",
     ]
 
 
@@ -169,13 +169,13 @@ def test_llama2_trainable_parameters_match_the_published_count() -> None:
 
 def test_fleet_columns_equal_the_fleet_plan() -> None:
     f = sweep(model="llama2-7b", method=["full", "lora"], quant="bf16", lora_rank=16, variants=[1, 100], rps=2.0,
-              serve_gpu="a10g", fleet_options={"engine": "vllm"})
+              serve_gpu="a10g", fleet_options={"popularity": "zipf"})
     assert len(f) == 4 and f["fleet_error"].isna().all()
     for row in f.to_dict("records"):
         lora = row["method"] == "lora"
         kw = dict(lora_rank=16) if lora else {}
         p = plan(PlanInputs(model="llama2-7b", variants=int(row["variants"]), gpu="a10g", rps=2.0, train_quant="bf16",
-                            engine="vllm", **kw))
+                            popularity="zipf", **kw))
         for s, r in p.strategies.items():
             if lora or s == "full_finetune":
                 assert (row[f"gpus.{s}"], row[f"usd_per_month.{s}"]) == (r.gpus, r.usd_per_month)

@@ -109,7 +109,7 @@ _inputs = st.fixed_dictionaries(
         "popularity": st.sampled_from(["uniform", "zipf"]),
         "zipf_exponent": st.floats(0.3, 3.0),
         "scale_to_zero": st.booleans(),
-        "engine": st.sampled_from(["lorax", "vllm"]),
+        "max_loras": st.sampled_from([None, 4]),
     }
 )
 
@@ -156,7 +156,7 @@ def test_swap_latency_is_adapter_bytes_over_the_slower_link_plus_overhead() -> N
 
 
 def test_vllm_engine_sizes_max_loras_within_the_variants() -> None:
-    s = _plan(variants=3, rps=2.0, engine="vllm").strategies["lorax"]
+    s = _plan(variants=3, rps=2.0).strategies["vllm_multi_lora"]
     assert s.engine == "vllm" and 1 <= s.memory.max_loras <= 3
     assert s.adapters_resident["gpu"] == s.memory.max_loras
 
@@ -166,7 +166,7 @@ def test_vllm_engine_sizes_max_loras_within_the_variants() -> None:
 
 def test_every_assumption_is_in_the_output() -> None:
     d = _plan().to_dict()
-    assert set(d["strategies"]) == {"full_finetune", "lora", "lorax"}
+    assert set(d["strategies"]) == {"full_finetune", "lora", "lorax", "vllm_multi_lora"}
     for entry in d["strategies"].values():
         assert {"gpus", "usd_per_month", "storage_bytes", "training_usd"} <= set(entry)
     names = set(Assumptions.names()) | {"gpu_usd_per_hour", "gpu_bandwidth_bytes_per_s", "gpu_bf16_tflops",
@@ -193,7 +193,7 @@ def test_sweep_finds_the_crossover_exactly() -> None:
 def test_plan_frame_is_a_dataframe_and_pandas_loads_lazily() -> None:
     sw = sweep_variants(PlanInputs(model="llama2-7b", variants=1, gpu="a10g", rps=1.0), [1, 10])
     df = plan_frame(sw)
-    assert list(df["strategy"]) == list(STRATEGIES) * 2 and list(df["variants"]) == [1, 1, 1, 10, 10, 10]
+    assert list(df["strategy"]) == list(STRATEGIES) * 2 and list(df["variants"]) == [1] * 4 + [10] * 4
     code = "import sys, memplan.serving.fleet, memplan.serving.launch, memplan.commands.plan; print('pandas' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
 
@@ -202,10 +202,11 @@ def test_plan_frame_is_a_dataframe_and_pandas_loads_lazily() -> None:
 
 _ONCE_CASES = [
     {},
-    {"engine": "vllm"},
+    {"max_loras": 4, "max_cpu_loras": 10, "max_lora_rank": 16},
     {"popularity": "zipf", "zipf_exponent": 1.1, "scale_to_zero": True},
     {"quant": "nf4", "train_quant": "nf4", "lora_rank": 64, "lora_targets": ("q_proj", "k_proj", "v_proj", "o_proj")},
-    {"model": "mistral-7b", "gpu": "l4", "engine": "vllm", "popularity": "zipf", "rps": 40.0},
+    {"model": "mistral-7b", "gpu": "l4", "popularity": "zipf", "rps": 40.0},
+    {"gpu": ("a10g", "l4", "h100"), "popularity": "zipf"},
     {"model": "llama3-70b", "gpu": "a100-80gb", "train_gpu": "h100"},
 ]
 
@@ -258,3 +259,88 @@ def test_full_finetune_and_lora_share_one_serving_memory() -> None:
     p = _plan()
     full, lora = p.strategies["full_finetune"], p.strategies["lora"]
     assert full.memory is lora.memory and full.throughput is lora.throughput
+
+
+# ---- the plan picks the hardware ----------------------------------------------------------------------
+
+
+def test_without_gpu_each_strategy_costs_what_its_cheapest_single_gpu_plan_costs() -> None:
+    # The choice is the minimum over catalog GPUs: plan each GPU alone (a plain single-GPU plan) and compare.
+    from memplan.hardware.gpus import gpu_catalog
+    from memplan.serving.memory import ServingError
+
+    inp = PlanInputs(model="llama2-7b", variants=100, rps=5.0)
+    chosen = plan(inp)
+    assert chosen.gpu is None
+    for name in STRATEGIES:
+        alone = []
+        for g in gpu_catalog().gpus:
+            try:
+                alone.append(plan(replace(inp, gpu=g.key)).strategies[name].usd_per_month)
+            except ServingError:
+                continue
+        assert chosen.strategies[name].usd_per_month == min(alone), name
+        runner = chosen.choices[name].runner_up
+        assert runner is not None and runner.usd_per_month >= chosen.strategies[name].usd_per_month
+
+
+def test_a_gpu_tuple_restricts_the_candidates() -> None:
+    p = plan(PlanInputs(model="llama2-7b", variants=10, rps=1.0, gpu=("l4", "a100-80gb")))
+    for name in STRATEGIES:
+        assert {c.gpu for c in p.choices[name].candidates} == {"l4", "a100-80gb"}
+        assert p.strategies[name].gpu.key in ("l4", "a100-80gb")
+
+
+# ---- vllm_multi_lora --------------------------------------------------------------------------------
+
+# REFERENCE.md serving formulas: vLLM reserves max_loras x max_lora_rank x layers x sum over wrapped
+# linears of (d_in + d_out) x bytes. Llama-2-7B per layer: q,k,v,o 4 x (4096 + 4096), gate, up
+# 2 x (4096 + 11008), down 11008 + 4096 = 78,080.
+LLAMA2_7B_WRAPPED_PER_LAYER = 4 * (4096 + 4096) + 2 * (4096 + 11008) + (11008 + 4096)
+
+
+def test_vllm_slots_are_preallocated_at_max_lora_rank_for_every_wrapped_linear() -> None:
+    s = _plan(variants=100, max_loras=4, max_lora_rank=12, lora_targets=("q_proj", "v_proj")).strategies["vllm_multi_lora"]
+    # --max-lora-rank 12 is rounded up to 16 (vllm/config/lora.py allowed ranks); the slots cover every
+    # linear vLLM wraps, not only the adapter's q_proj, v_proj; bf16 = 2 bytes.
+    assert (s.memory.max_loras, s.memory.max_lora_rank) == (4, 16)
+    assert s.memory.adapter_bytes == 4 * 16 * 32 * LLAMA2_7B_WRAPPED_PER_LAYER * 2 == 319_815_680
+
+
+def test_vllm_cpu_cache_is_an_lru_of_max_cpu_loras() -> None:
+    s = _plan(variants=100, max_loras=4, max_cpu_loras=10).strategies["vllm_multi_lora"]
+    t = s.adapters
+    assert (t.on_gpu, t.in_cpu_ram, t.on_disk) == (4, 6, 100)
+    # Uniform popularity: an LRU cache of C of N items hits C / N exactly (Che's approximation is exact here).
+    assert t.gpu_miss_rate == pytest.approx(1 - 4 / 100, abs=1e-6)
+    assert t.disk_miss_rate == pytest.approx(1 - 10 / 100, abs=1e-6)
+
+
+def test_vllm_default_cpu_cache_is_the_host_budget_in_bf16() -> None:
+    # 32 GiB (data/serving.json host_adapter_cache_bytes) / (4,194,304 parameters x 2 bytes) = 4,096 adapters.
+    s = _plan(variants=5000).strategies["vllm_multi_lora"]
+    assert s.adapters.on_gpu + s.adapters.in_cpu_ram == 34_359_738_368 // (4_194_304 * 2) == 4096
+
+
+def test_vllm_batch_holds_at_most_max_loras_distinct_adapters() -> None:
+    # vllm/v1/core/sched/scheduler.py: a request whose LoRA is not among the step's waits once the step has
+    # max_loras of them. One slot, 100 uniform variants: two requests hold 100 x (1 - 0.99^2) = 1.99
+    # distinct adapters on average, more than one slot, so the batch is a single sequence.
+    s = _plan(variants=100, max_loras=1).strategies["vllm_multi_lora"]
+    assert s.throughput.batch == 1
+
+
+def test_vllm_kernel_overhead_stretches_the_decode_step() -> None:
+    # data/serving.json vllm_lora_kernel_overhead = 0.25: the step takes 1.25 x as long as without it.
+    base = dict(model="llama2-7b", variants=100, gpu="a10g", rps=1.0, max_loras=8)
+    with_k = plan(PlanInputs(**base)).strategies["vllm_multi_lora"]
+    without = plan(PlanInputs(**base), assumptions=assumptions().override({"vllm_lora_kernel_overhead": 0})).strategies["vllm_multi_lora"]
+    assert with_k.throughput.batch == without.throughput.batch
+    assert with_k.throughput.decode_step_s == pytest.approx(1.25 * without.throughput.decode_step_s, rel=1e-12)
+
+
+def test_vllm_max_cpu_loras_below_max_loras_is_refused() -> None:
+    from memplan.errors import SetupError
+
+    with pytest.raises(SetupError, match="must be at least --max-loras"):
+        PlanInputs(model="llama2-7b", variants=10, rps=1.0, max_loras=8, max_cpu_loras=4)

@@ -53,16 +53,16 @@ def _serving_default(name: str):
 
 @pytest.mark.parametrize("rank", [4, 8, 12, 16, 64, 200])
 def test_vllm_max_lora_rank_is_the_smallest_allowed_value_that_holds_the_rank(rank: int) -> None:
-    p = _plan(engine="vllm", lora_rank=rank, gpu="a100-80gb")
+    p = _plan(lora_rank=rank, gpu="a100-80gb")
     f = _flags(launch_settings(p, "vllm"))
     assert int(f["--max-lora-rank"]) == min(r for r in VLLM_RANKS if r >= rank)
 
 
 @pytest.mark.parametrize("gpu, rank", [("a10g", 16), ("a100-80gb", 8), ("h100", 64)])
 def test_vllm_flags_implement_the_plan(gpu: str, rank: int) -> None:
-    p = _plan(engine="vllm", gpu=gpu, lora_rank=rank, prompt_tokens=1000, output_tokens=200)
+    p = _plan(gpu=gpu, lora_rank=rank, prompt_tokens=1000, output_tokens=200)
     launch = launch_settings(p, "vllm")
-    f, s = _flags(launch), p.strategies["lorax"]
+    f, s = _flags(launch), p.strategies["vllm_multi_lora"]
     assert launch.program == ("vllm", "serve", _hf_id("llama2-7b"))
     assert "--enable-lora" in f and f["--enable-lora"] is None
     max_loras, max_rank = int(f["--max-loras"]), int(f["--max-lora-rank"])
@@ -72,22 +72,24 @@ def test_vllm_flags_implement_the_plan(gpu: str, rank: int) -> None:
     # memory, and stay within the plan's adapter budget (0.1 of the GPU, as LoRAX reserves)
     slots = max_loras * max_rank * 32 * LLAMA2_7B_WRAPPED_PER_LAYER * 2
     assert slots == s.memory.adapter_bytes
-    assert slots <= _serving_default("adapter_memory_fraction") * p.gpu.usable_bytes
+    assert slots <= _serving_default("adapter_memory_fraction") * s.memory.tp * p.gpu.usable_bytes
     assert int(f["--max-cpu-loras"]) >= max_loras
     assert int(f["--max-model-len"]) == 1200
     assert float(f["--gpu-memory-utilization"]) == _serving_default("vllm_gpu_memory_utilization")
     assert int(f["--max-num-seqs"]) == _serving_default("max_batch_sequences")
     assert int(f["--max-num-batched-tokens"]) == _serving_default("prefill_batch_tokens")
     assert f["--dtype"] == "bfloat16"
-    assert "--tensor-parallel-size" not in f and launch.tp == 1
+    assert launch.tp == s.memory.tp and f.get("--tensor-parallel-size", "1") == str(s.memory.tp)
+    assert launch.gpu == gpu
     assert launch.replicas == math.ceil(s.replicas - 1e-9) >= 1
 
 
 def test_vllm_quantized_and_tensor_parallel() -> None:
     # Llama-3-70B in bf16: 141 GB of weights needs 2 x 80 GB (tests/serving/test_serving.py).
-    f = _flags(launch_settings(_plan(model="llama3-70b", engine="vllm", gpu="a100-80gb"), "vllm"))
-    assert f["--tensor-parallel-size"] == "2"
-    q = _flags(launch_settings(_plan(engine="vllm", quant="nf4"), "vllm"))
+    p = _plan(model="llama3-70b", gpu="a100-80gb")
+    f = _flags(launch_settings(p, "vllm"))
+    assert int(f["--tensor-parallel-size"]) == p.strategies["vllm_multi_lora"].memory.tp >= 2
+    q = _flags(launch_settings(_plan(quant="nf4"), "vllm"))
     assert q["--quantization"] == "bitsandbytes" and "--dtype" not in q
 
 
@@ -104,7 +106,7 @@ def test_lorax_flags_implement_the_plan(gpu: str, rank: int) -> None:
     assert float(f["--adapter-memory-fraction"]) == 0.1  # LoRAX launcher default (REFERENCE.md)
     # An adapter costs its file (fp32 safetensors: 4 bytes x trainable params + header) against
     # the 0.1 x total reservation: as many as fit, and one more would not.
-    reservation = int(0.1 * p.gpu.usable_bytes)
+    reservation = int(0.1 * s.memory.tp * p.gpu.usable_bytes)  # the replica's tp GPUs together
     active = int(f["--max-active-adapters"])
     file_bytes = p.adapter_file_bytes
     assert 4 * p.lora_trainable_parameters < file_bytes < 4 * p.lora_trainable_parameters + 64 * KIB
@@ -142,16 +144,18 @@ def test_prompt_longer_than_the_prefill_batch_raises_it() -> None:
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_command_text_parses_back_to_argv(engine: str) -> None:
-    launch = launch_settings(_plan(engine=engine), engine)
+    launch = launch_settings(_plan(), engine)
     text = launch.command().replace("\\\n", " ")
     assert shlex.split(text) == launch.argv
     d = launch.to_dict()
     assert d["argv"] == launch.argv and d["engine"] == engine and d["replicas"] == launch.replicas
 
 
-def test_engine_must_match_the_plan() -> None:
-    p = _plan(engine="lorax")
-    with pytest.raises(SetupError, match="plan again with --engine vllm"):
-        launch_settings(p, "vllm")
+def test_each_engine_launches_its_own_strategy() -> None:
+    # One plan holds both shared-base strategies: --emit lorax launches `lorax`, --emit vllm `vllm_multi_lora`.
+    p = _plan()
+    for engine, name in (("lorax", "lorax"), ("vllm", "vllm_multi_lora")):
+        launch, s = launch_settings(p, engine), p.strategies[name]
+        assert (launch.engine, launch.tp, launch.gpu) == (s.engine, s.memory.tp, s.gpu.key)
     with pytest.raises(SetupError, match="--emit must be one of lorax, vllm"):
         launch_settings(p, "tgi")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -82,11 +83,25 @@ def _peak(spec, setup) -> int:
 def test_more_rank_means_more_memory(d, extra) -> None:
     # Every drawn setup is a LoRA one (a full fine-tune has no rank), and the bigger rank is
     # strictly bigger: more adapter weights, gradients and optimizer state, so strictly more memory.
+    # Not for bnb's 8-bit optimizers: see test_8bit_state_threshold_can_make_a_larger_rank_smaller.
     spec, setup = _build(dict(d, method="lora"))
+    assume(setup.optimizer not in ("adamw_8bit", "paged_adamw_8bit"))
     assert setup.method == "lora"
     bigger = replace(setup, lora_rank=setup.lora_rank + extra)
     small = _peak(spec, setup)
     assert _peak(spec, bigger) > small
+
+
+@pytest.mark.parametrize("optimizer", ["adamw_8bit", "paged_adamw_8bit"])
+def test_8bit_state_threshold_can_make_a_larger_rank_smaller(optimizer: str) -> None:
+    """bitsandbytes keeps fp32 states for a tensor under min_8bit_size = 4096 elements
+    (REFERENCE.md, `bitsandbytes/optim/optimizer.py::init_state`). GPT-2's LoRA A on c_attn is
+    r x 512: 3,584 elements at r = 7 (fp32 states, 8 bytes each) and 4,096 at r = 8 (uint8 states),
+    so rank 8 needs less optimizer state than rank 7: memory is not monotone in rank there."""
+    spec = spec_from_config(dict(FAMILIES["gpt2"], vocab_size=256), name="gpt2")
+    r7, r8 = (estimate(Setup(model="gpt2", lora_rank=r, optimizer=optimizer), model=spec).memory for r in (7, 8))
+    assert r8.optimizer_states < r7.optimizer_states
+    assert r8.adapters > r7.adapters
 
 
 @settings(max_examples=150, deadline=None)
