@@ -1,6 +1,9 @@
-"""Regenerate docs/app.png: serve the app, open it in headless Chromium, save the fine-tune page.
+"""Screenshot a page of the app: serve it, open it in headless Chromium, save the page.
 
     python docs/make_screenshot.py [--page fleet] [--out docs/app.png]
+
+README's docs/app.png is written by tests/app/test_app_browser.py (after it checks the page's numbers
+against the library's), so it cannot go stale; this script is for other pages and sizes.
 
 Needs Debian's `chromium` (/usr/bin/chromium) and `pip install playwright` (never `playwright install`).
 """

@@ -24,13 +24,17 @@ def to_gib(n: int | float) -> float:
 
 
 def format_bytes(n: int | float, *, decimal: bool = False, digits: int = 2) -> str:
-    """Render a byte count with the largest unit that keeps it >= 1, except that a binary count of
-    1000 or more of a unit moves up one (0.98 GiB, not 1000.00 MiB: at most three digits before the point)."""
+    """Render a byte count with at most three integer digits.
+
+    Decimal units step every 1000, so the largest unit that keeps the value >= 1 does it.
+    Binary units step every 1024: a value of 1000-1023 of one unit is shown in the next
+    (1000 MiB is "0.98 GiB", never "1000.00 MiB")."""
     units = _DECIMAL if decimal else _BINARY
     sign = "-" if n < 0 else ""
     a = abs(n)
     for size, label in units:
-        if a >= size or (not decimal and a >= size * 1000 / 1024):
+        # binary: the next smaller unit would print 1000.00 or more (rounding included)
+        if a >= (size if decimal else size * (1000 - 0.5 * 10**-digits) / 1024):
             return f"{sign}{a / size:.{digits}f} {label}"
     return f"{sign}{int(a)} B"
 

@@ -1,4 +1,4 @@
-"""Calibration: the estimator against measured runs in profiles/, per device kind."""
+"""Calibration: the estimator against measured runs (the shipped profiles/ plus ./profiles/), per device kind."""
 
 from __future__ import annotations
 
@@ -27,11 +27,12 @@ def _load(files: tuple[str, ...], stamps: tuple[float, ...]) -> tuple[list[dict]
 
 
 st.title("Calibration: predicted vs measured")
-folder = str(appdata.profiles_folder())
-st.caption(f"Profile records from {folder} (`memplan app --profiles PATH` reads another folder or file).")
+folders = appdata.profiles_folders()
+folder = " + ".join(map(str, folders)) or "the shipped profiles or ./profiles/"
+st.caption(appdata.profiles_caption(folders))
 
 with shown_errors():
-    files = tuple(str(f) for f in record_files([folder]))
+    files = tuple(str(f) for f in record_files(folders))
     records, rows, cuda = _load(files, tuple(Path(f).stat().st_mtime for f in files))
 
 if not records:
@@ -39,7 +40,7 @@ if not records:
             "Measure runs with `memplan profile`; each run appends one line to a .jsonl file there.", icon=":material/info:")
     st.stop()
 if cuda is None:
-    st.info("No GPU profiles yet: this folder has fewer than two successful CUDA runs, so the CUDA device terms "
+    st.info("No GPU profiles yet: these records hold fewer than two successful CUDA runs, so the CUDA device terms "
             "(context, workspace, allocator slack) are not calibrated and GPU estimates leave them out. "
             "Measure runs on a GPU with `memplan profile --device cuda`, then run `memplan calibrate`.",
             icon=":material/info:")

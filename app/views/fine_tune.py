@@ -22,6 +22,13 @@ from memplan.units import format_bytes, format_count
 
 gpus = gpu_catalog()
 
+
+def _follow_peft_checkpointing() -> None:
+    """Ticking prepare_model_for_kbit_training turns checkpointing on, as PEFT's default does."""
+    if st.session_state.get("ft_prepare_kbit"):
+        st.session_state["ft_grad_checkpointing"] = True
+
+
 with st.sidebar:
     st.header("Model")
     spec = model_spec("ft_")
@@ -66,7 +73,7 @@ with st.sidebar:
     seq_len = int(st.number_input("Sequence length (tokens)", min_value=1, max_value=MAX_SEQ_LEN, step=256, key="ft_seq_len"))
     init("ft_batch_size", DEFAULTS["batch_size"])
     batch_size = int(st.number_input("Batch size (sequences)", min_value=1, max_value=MAX_BATCH, step=1, key="ft_batch_size"))
-    init("ft_grad_checkpointing", DEFAULTS["grad_checkpointing"])
+    init("ft_grad_checkpointing", bool(DEFAULTS["grad_checkpointing"]))  # None: off, unless prepare_kbit (below)
     checkpointing = st.toggle("Gradient checkpointing", key="ft_grad_checkpointing")
     init("ft_optimizer", DEFAULTS["optimizer"], OPTIMIZERS)
     optimizer = st.selectbox("Optimizer", OPTIMIZERS, key="ft_optimizer")
@@ -81,8 +88,9 @@ with st.sidebar:
         prepare_kbit = False
         if prepare_kbit_applies(quant):
             init("ft_prepare_kbit", DEFAULTS["prepare_kbit_training"])
-            prepare_kbit = st.checkbox("prepare_model_for_kbit_training", key="ft_prepare_kbit",
-                                       help="PEFT's preparation of a quantized base (casts the rest to fp32, turns on checkpointing).")
+            prepare_kbit = st.checkbox("prepare_model_for_kbit_training", key="ft_prepare_kbit", on_change=_follow_peft_checkpointing,
+                                       help="PEFT's preparation of a quantized base (casts the rest to fp32; its default "
+                                            "use_gradient_checkpointing=True turns checkpointing on, which the toggle above can undo).")
         autocast = "none"
         if autocast_applies(quant):
             init("ft_autocast", DEFAULTS["autocast"], AUTOCASTS)
@@ -112,6 +120,8 @@ with shown_errors():
 st.title(f"Fine-tune {spec.name}")
 st.caption(f"{spec.architecture} ({spec.model_type}), {spec.num_layers} layers, hidden {spec.hidden_size}. "
            f"Source: {spec.source or 'uploaded'}")
+if est.notes:  # the library behaviours behind the number (memplan.training.notes)
+    st.markdown("\n".join(f"- {n}" for n in est.notes), help="Notes: library behaviours that drive this estimate.")
 
 # Two rows of three: six cards side by side clip "12.55 GiB" at 1280 px.
 cols = [c for row in (st.columns(3), st.columns(3)) for c in row]

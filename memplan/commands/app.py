@@ -102,7 +102,8 @@ def serve(argv: list[str], *, env: dict[str, str] | None = None, grace_s: float 
 @click.option("--address", default="localhost", show_default=True, help="Address to listen on (0.0.0.0 to share it on your network).")
 @click.option("--headless/--no-headless", default=False, show_default=True, help="Do not open a browser.")
 @click.option("--profiles", "profiles_path", type=click.Path(exists=True, path_type=Path), default=None,
-              help="Profile records for the calibration page: a .jsonl file or a folder of them [default: profiles/].")
+              help="Profile records for the calibration page: a .jsonl file or a folder of them "
+                   "[default: the shipped records plus ./profiles/].")
 def app_command(port: int | None, address: str, headless: bool, profiles_path: Path | None) -> None:
     """Open the web app: fit, fleet cost, calibration and reports, on the built-in catalogs."""
     from importlib.util import find_spec

@@ -15,7 +15,7 @@ import click
 from memplan.model.storage import QUANTS
 from memplan.planning.labels import choices_text
 from memplan.serving.launch import ENGINES
-from memplan.training.setup import ATTENTIONS, AUTOCASTS, DEVICES, METHODS, OPTIMIZERS, Setup
+from memplan.training.setup import ATTENTIONS, AUTOCASTS, DEVICES, METHODS, OPTIMIZERS, RECIPES, Setup
 
 __all__ = ["MODEL_HELP", "setup_options", "setup_from_kwargs", "SETUP_FLAGS", "output_format", "GRID_FLAGS", "grid_options", "grid_from_options",
            "note_terms"]
@@ -34,12 +34,13 @@ SETUP_FLAGS: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = (
     (("--lora-dropout",), dict(default=0.0, type=float, show_default=True, help="LoRA dropout p (copies each adapted input when > 0).")),
     (("--seq-len", "-s"), dict(default=512, type=int, show_default=True, help="Tokens per sequence.")),
     (("--batch-size", "-b"), dict(default=1, type=int, show_default=True, help="Sequences per step (micro-batch).")),
-    (("--grad-checkpointing/--no-grad-checkpointing",), dict(default=False, show_default=True, help="Gradient checkpointing.")),
+    (("--grad-checkpointing/--no-grad-checkpointing",), dict(default=None, help="Gradient checkpointing.  [default: on with --prepare-kbit-training (PEFT's default), else off]")),
     (("--optimizer",), dict(default="adamw", show_default=True, help=choices_text(OPTIMIZERS))),
     (("--attention",), dict(default=None, help=choices_text(ATTENTIONS) + "  [default: transformers' own choice: sdpa, or eager for gemma2]")),
     (("--device",), dict(default="cuda", show_default=True, help=choices_text(DEVICES))),
     (("--prepare-kbit-training/--no-prepare-kbit-training",), dict(default=False, show_default=True, help="PEFT prepare_model_for_kbit_training.")),
     (("--autocast",), dict(default="none", show_default=True, help=choices_text(AUTOCASTS) + ": fp32 master weights (--quant fp32) with the forward under torch.autocast (Trainer's bf16=True / fp16=True).")),
+    (("--recipe",), dict(default="plain", show_default=True, help=choices_text(RECIPES) + ": who runs the step (memplan's loop, transformers Trainer, TRL SFTTrainer, axolotl).")),
 )
 
 
@@ -69,7 +70,7 @@ def setup_from_kwargs(kwargs: dict[str, Any]) -> Setup:
 
     targets = parse_lora_targets(kwargs.pop("lora_targets"))
     names = ("model", "method", "quant", "double_quant", "compute_dtype", "lora_rank", "lora_dropout", "seq_len",
-             "batch_size", "grad_checkpointing", "optimizer", "attention", "device", "prepare_kbit_training", "autocast")
+             "batch_size", "grad_checkpointing", "optimizer", "attention", "device", "prepare_kbit_training", "autocast", "recipe")
     values = {n: kwargs.pop(n) for n in names}
     if values["attention"] is None:
         from memplan.model.architectures import default_attention

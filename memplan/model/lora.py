@@ -35,6 +35,7 @@ __all__ = [
     "resolve_targets",
     "resolve_param_targets",
     "plan_lora",
+    "rank_above_capacity",
     "adapter_file_bytes",
     "SAFETENSORS_DTYPE",
 ]
@@ -185,13 +186,10 @@ def plan_lora(spec: ModelSpec, rank: int, targets: str | Sequence[str] | None) -
         raise SetupError(f"--lora-rank must be a positive integer, got {rank!r}")
     lins = resolve_targets(spec, targets)
     params = resolve_param_targets(spec, targets)
-    for name, d_in, d_out in [(lin.name, lin.in_features, lin.out_features) for lin in lins]:
-        # rank(B @ A) <= min(in, out): a larger r only adds parameters that cannot help.
-        if rank > min(d_in, d_out):
-            raise SetupError(
-                f"--lora-rank {rank} exceeds {name} ({d_in}x{d_out}); "
-                f"use a rank <= {min(d_in, d_out)} or drop {name} from --lora-targets"
-            )
+    # A rank above a linear's min(in, out) is accepted, as PEFT accepts it
+    # (peft/tuners/lora/layer.py::LoraLayer.update_layer checks only r > 0): rank(B @ A) <=
+    # min(in, out), so the extra parameters add memory but no capacity; `rank_above_capacity`
+    # names those linears for the estimate's notes.
     for p in params:
         # Mixtral's router (hidden x 8) is targeted by every `all-linear` recipe at r = 16-64;
         # PEFT accepts it, so only a rank beyond both of its sides is refused.
@@ -201,6 +199,15 @@ def plan_lora(spec: ModelSpec, rank: int, targets: str | Sequence[str] | None) -
                 f"use a rank <= {max(p.in_features, p.out_features)}"
             )
     return LoraPlan(rank=rank, targets=lins, param_targets=params)
+
+
+def rank_above_capacity(plan: LoraPlan) -> tuple[Linear, ...]:
+    """The target linears whose min(in, out) is below the plan's rank (one per name)."""
+    out: dict[str, Linear] = {}
+    for lin in plan.targets:
+        if plan.rank > min(lin.in_features, lin.out_features) and lin.name not in out:
+            out[lin.name] = lin
+    return tuple(out.values())
 
 
 # peft/utils/constants.py::EMBEDDING_LAYER_NAMES: targeting one of these makes

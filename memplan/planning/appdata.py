@@ -57,7 +57,8 @@ __all__ = [
     "crossover_text",
     "assumption_rows",
     "PROFILES_ENV",
-    "profiles_folder",
+    "profiles_folders",
+    "profiles_caption",
     "comparison_rows",
     "calibration_points",
     "error_stats",
@@ -306,14 +307,31 @@ def assumption_rows(p: Plan) -> list[dict[str, Any]]:
 PROFILES_ENV = "MEMPLAN_APP_PROFILES"
 
 
-def profiles_folder() -> Path:
-    """The profile records the calibration page reads: `--profiles`, else `profiles/`."""
+def profiles_folders() -> list[Path]:
+    """The profile records the calibration page reads: `memplan app --profiles PATH`, else what
+    `memplan validate`, `calibrate` and `report` read (`memplan.measure.records.default_record_folders`:
+    the shipped records plus the user's `./profiles/` in the working directory, when it exists)."""
+    import os
+
+    from memplan.measure.records import default_record_folders
+
+    given = os.environ.get(PROFILES_ENV)
+    return [Path(given)] if given else default_record_folders()
+
+
+def profiles_caption(folders: Sequence[Path]) -> str:
+    """Which folders the calibration page read, each saying whose it is."""
     import os
 
     from memplan.paths import profiles_dir
 
-    given = os.environ.get(PROFILES_ENV)
-    return Path(given) if given else profiles_dir()
+    if os.environ.get(PROFILES_ENV):
+        return f"Profile records from {', '.join(map(str, folders))} (given to `memplan app --profiles`)."
+    if not folders:
+        return "No profile records: memplan ships none here and there is no ./profiles/ in the working directory."
+    named = [f"{f} (shipped with memplan)" if f == profiles_dir() else f"{f} (yours: ./profiles/)" for f in folders]
+    return (f"Profile records from {' + '.join(named)}, as `memplan validate` reads them "
+            "(`memplan app --profiles PATH` reads another folder or file instead).")
 
 
 

@@ -31,6 +31,8 @@ PART_LABELS: dict[str, str] = {
 # `memplan estimate`/`fit`'s flag defaults and the fine-tune page's starting values: `Setup`'s own
 # (tests/app/test_app.py checks that the CLI's flags and the page start from these).
 SETUP_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(Setup) if f.default is not MISSING}
+# Setup's None means PEFT's default: off unless prepare_kbit_training (also off by default).
+SETUP_DEFAULTS["grad_checkpointing"] = bool(SETUP_DEFAULTS["prepare_kbit_training"])
 
 # `memplan plan`'s flag defaults and the fleet page's starting values: `PlanInputs`' own.
 PLAN_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(PlanInputs) if f.default is not MISSING}

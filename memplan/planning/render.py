@@ -87,6 +87,10 @@ def _table(est: Estimate, payload: dict, gpu: GPU | None) -> str:
         lines.append(f"fits on: {', '.join(payload['fits_on']) or 'no single catalog GPU'}")
     if est.device_terms.source == "none" and s.device == "cuda":
         lines.append("note: no CUDA device terms calibrated yet; the peak excludes the CUDA context")
+    if payload["notes"]:
+        lines.append("")
+        lines.append("notes:")
+        lines += [f"  - {n}" for n in payload["notes"]]
     return "\n".join(lines)
 
 

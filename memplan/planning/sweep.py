@@ -113,7 +113,7 @@ def sweep(
     lora_dropout: float | Sequence[float] = 0.0,
     seq_len: int | Sequence[int] = 512,
     batch_size: int | Sequence[int] = 1,
-    grad_checkpointing: bool | Sequence[bool] = False,
+    grad_checkpointing: bool | Sequence[bool] | None = None,
     optimizer: str | Sequence[str] = "adamw",
     attention: str | Sequence[str | None] | None = None,
     device: str | Sequence[str] = "cuda",
@@ -141,6 +141,8 @@ def sweep(
         "device": device, "prepare_kbit_training": prepare_kbit_training,
         "autocast": autocast,
     }
+    if grad_checkpointing is None:  # PEFT's default, per prepare_kbit_training (the grid's default)
+        del raw["grad_checkpointing"]
     for key, value in (("gpu", gpu), ("variants", variants), ("rps", rps), ("serve_gpu", serve_gpu)):
         if value is not None:
             raw[key] = value
@@ -162,7 +164,7 @@ def _points(grid: Grid, default_attention: Mapping[str, str]) -> Iterator[tuple[
     An option that cannot apply to a (model, method, quant) takes Setup's default, once:
     full fine-tuning has no rank, targets or dropout; compute_dtype is a quantized base's;
     double quantization needs nf4/fp4; prepare_kbit_training needs a quantized base, and
-    turns checkpointing on (Setup's rule), so it comes with checkpointing only."""
+    an unset grad_checkpointing follows PEFT's default (on with it, Setup's rule)."""
     from dataclasses import fields
 
     from memplan.training.setup import Setup
@@ -182,8 +184,8 @@ def _points(grid: Grid, default_attention: Mapping[str, str]) -> Iterator[tuple[
             values.update({k: (defaults[k],) for k in _QUANTIZED_ONLY}, prepare_kbit_training=(False,))
         for kbit in values["prepare_kbit_training"]:
             inner = dict(values, prepare_kbit_training=(kbit,))
-            if kbit:
-                inner["grad_checkpointing"] = (True,)
+            # Unset (None) follows PEFT's default: on with prepare_kbit_training, else off.
+            inner["grad_checkpointing"] = tuple(dict.fromkeys(kbit if v is None else v for v in values["grad_checkpointing"]))
             yield from product(*(inner[k] for k in SETUP_KEYS))
 
 
@@ -385,15 +387,42 @@ def write_sweep(frame: "pd.DataFrame", path: Any) -> None:
     elif suffix == ".parquet":
         frame.to_parquet(path, index=False)
     else:
-        # xlsxwriter streams the sheet out (about 8x faster than openpyxl on a 10,000-row sweep,
-        # benchmarks/bench_report.py); openpyxl, which `read_sweep` needs anyway, is the fallback.
-        from importlib.util import find_spec
+        _write_xlsx(frame, path)
 
-        engine = "xlsxwriter" if find_spec("xlsxwriter") is not None else "openpyxl"
+
+def _write_xlsx(frame: "pd.DataFrame", path: Any) -> None:
+    """One sheet named `sweep`: a bold, frozen header row with a filter, then one row per setup.
+
+    Written row by row with xlsxwriter in constant_memory mode (each row goes to disk as it is
+    done) rather than through `DataFrame.to_excel`, which builds a styled cell object per value:
+    about 2x faster on the 9,600-row example sweep (benchmarks/README.md, `bench_report.py`). Cells are
+    typed (numbers, booleans, text) and NA is a blank cell, which `read_sweep` reads back as NA.
+    Text is never turned into a formula, a link or a number. openpyxl, which `read_sweep` needs
+    anyway, is the fallback."""
+    try:
+        import xlsxwriter
+    except ImportError:
         try:
-            frame.to_excel(path, index=False, sheet_name="sweep", engine=engine)
+            frame.to_excel(path, index=False, sheet_name="sweep", engine="openpyxl")
         except ImportError:
             raise MemplanError("writing .xlsx needs xlsxwriter (or openpyxl): pip install xlsxwriter") from None
+        return
+
+    # Plain Python values per column (int, float, bool, str; None for NA and NaN), then rows.
+    columns = [frame[c].to_numpy(dtype=object, na_value=None).tolist() for c in frame.columns]
+    workbook = xlsxwriter.Workbook(str(path), {"constant_memory": True, "strings_to_formulas": False,
+                                               "strings_to_urls": False, "strings_to_numbers": False})
+    try:
+        sheet = workbook.add_worksheet("sweep")
+        sheet.write_row(0, 0, [str(c) for c in frame.columns], workbook.add_format({"bold": True}))
+        sheet.freeze_panes(1, 0)
+        if len(frame.columns):
+            sheet.autofilter(0, 0, len(frame), len(frame.columns) - 1)
+        write_row = sheet.write_row
+        for i, row in enumerate(zip(*columns), 1):
+            write_row(i, 0, row)
+    finally:
+        workbook.close()
 
 
 def read_sweep(path: Any) -> "pd.DataFrame":

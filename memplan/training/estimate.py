@@ -9,6 +9,7 @@ over the phases of a steady-state step (step >= 2: optimizer state exists and
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import cached_property
 
 from memplan.training.activations import activation_bytes, compute_bytes, residual_bytes
 from memplan.training.activations_autocast import AUTOCAST_FAMILIES, layer_weight_copies
@@ -58,6 +59,13 @@ class Estimate:
     peak_parts: dict[str, int]
     device_terms: DeviceTerms
 
+    @cached_property  # computed where rendered, never in the sweep's hot loop
+    def notes(self) -> tuple[str, ...]:
+        """The library behaviours that drive this estimate non-obviously (memplan.training.notes)."""
+        from memplan.training.notes import estimate_notes
+
+        return estimate_notes(self)
+
     def to_dict(self) -> dict:
         m = self.memory
         return {
@@ -94,6 +102,7 @@ class Estimate:
             "peak_phase": m.peak_phase,
             "peak_breakdown_bytes": self.peak_parts,
             "device_terms": asdict(self.device_terms),
+            "notes": list(self.notes),
         }
 
 
@@ -256,7 +265,13 @@ def estimate(setup: Setup, *, model: ModelSpec | None = None, terms: DeviceTerms
     )
     first_layer_grads = f.first_layer_grads
     # (phase, gradients, activations, logits, transients) alive on top of the persistent bytes.
-    layer_transients = max(act.layer_backward_extra, dequant + e_tokens_inter)
+    # Inside a layer's MLP backward, in autograd's order (activations.py::_down_adapter_input):
+    # down_proj's lora_A runs first, holding its saved input and the fp32 gradient of it; then
+    # that input (and its dropout mask) is freed, before the SwiGLU multiply allocates its
+    # branch gradients (`layer_backward_extra`). Without a down_proj adapter nothing is freed.
+    tokens = setup.batch_size * setup.seq_len
+    down_lora_a = FP32 * tokens * spec.intermediate_size + residual_bytes(setup) * tokens * spec.hidden_size if act.down_adapter_input else 0
+    layer_transients = max(act.layer_backward_extra - act.down_adapter_input, down_lora_a, dequant + e_tokens_inter)
     phases: tuple[tuple[str, int, int, int, int], ...] = (
         ("forward", 0, acts, act.logits_saved, max(act.logits_forward_extra, dequant) + weight_cache),
         ("backward_loss", 0, acts, act.logits_saved, max(act.logits_backward_extra, dequant)),

@@ -63,6 +63,8 @@ def limits_on(setup: Setup, gpu: GPU, *, spec: ModelSpec | None = None) -> Limit
     if setup.method == "lora":
         from memplan.model.lora import resolve_targets
 
+        # PEFT trains any rank, but above a target's min(in, out) the extra rank adds memory and no
+        # capacity (rank(B @ A) <= min(in, out)): the highest rank worth training is capped there.
         cap = min(min(lin.in_features, lin.out_features) for lin in resolve_targets(spec, setup.lora_targets))
         rank = _largest(lambda n: _fits(replace(setup, lora_rank=n), spec, gpu), cap)
     return Limits(gpu=gpu.key, fits_as_given=_fits(setup, spec, gpu), max_batch_size=batch, max_seq_len=seq, max_lora_rank=rank)

@@ -16,7 +16,7 @@ from memplan.units import with_article
 from memplan.model.storage import FLOAT_BYTES, QUANTS, Quant, FloatDtype, is_four_bit, is_quantized
 
 __all__ = ["Setup", "Method", "Optimizer", "Attention", "Device", "OPTIMIZERS", "ATTENTIONS", "METHODS", "DEVICES", "Autocast", "AUTOCASTS",
-           "quants_for_method", "double_quant_applies", "prepare_kbit_applies", "autocast_applies"]
+           "Recipe", "RECIPES", "quants_for_method", "double_quant_applies", "prepare_kbit_applies", "autocast_applies"]
 
 Method = Literal["full", "lora"]
 # Names follow transformers' TrainingArguments.optim where one exists.
@@ -24,6 +24,10 @@ Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bi
 Attention = Literal["sdpa", "eager", "flash"]
 Device = Literal["cuda", "cpu"]
 Autocast = Literal["none", "bf16", "fp16"]
+# Who runs the step: memplan's own loop, transformers' Trainer, TRL's SFTTrainer, axolotl
+# (memplan.training.recipes says what each one changes).
+Recipe = Literal["plain", "trainer", "trl-sft", "axolotl"]
+RECIPES: tuple[str, ...] = get_args(Recipe)
 METHODS: tuple[str, ...] = get_args(Method)
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 ATTENTIONS: tuple[str, ...] = get_args(Attention)
@@ -34,8 +38,8 @@ _OPTIMIZER_ALIASES = {"adamw_torch": "adamw", "adamw_bnb_8bit": "adamw_8bit", "p
 # Hard ceilings that catch typos (seq 10**9) before they reach arithmetic.
 MAX_SEQ_LEN = 10_000_000
 MAX_BATCH = 1_000_000
-# Above every model width memplan knows (the widest hidden size is ~25k); the estimator also
-# refuses a rank wider than the adapted layer.
+# Above every model width memplan knows (the widest hidden size is ~25k). A rank wider than an
+# adapted layer is accepted, as PEFT accepts it, with a note (memplan.model.lora.rank_above_capacity).
 MAX_LORA_RANK = 65_536
 
 
@@ -88,7 +92,9 @@ class Setup:
     lora_dropout: float = 0.0
     seq_len: int = 512
     batch_size: int = 1
-    grad_checkpointing: bool = False
+    # None: PEFT's default, on with prepare_kbit_training (`prepare_model_for_kbit_training(
+    # use_gradient_checkpointing=True)`, peft/utils/other.py), off otherwise. Resolved to a bool.
+    grad_checkpointing: bool | None = None
     optimizer: Optimizer = "adamw"
     attention: Attention = "sdpa"
     device: Device = "cuda"
@@ -96,8 +102,10 @@ class Setup:
     # Mixed precision: fp32 master weights (`--quant fp32`) with the forward under
     # torch.autocast in this dtype, as Trainer's bf16=True / fp16=True runs it.
     autocast: Autocast = "none"
+    recipe: Recipe = "plain"
 
     def __post_init__(self) -> None:
+        _choice("recipe", self.recipe, RECIPES)
         _choice("method", self.method, METHODS)
         _choice("quant", self.quant, QUANTS)
         _choice("compute_dtype", self.compute_dtype, tuple(FLOAT_BYTES))
@@ -118,9 +126,16 @@ class Setup:
             )
         if self.prepare_kbit_training and not prepare_kbit_applies(self.quant):
             raise SetupError("--prepare-kbit-training only applies to int8/nf4/fp4 bases; drop it or pick a quantized --quant")
-        if self.prepare_kbit_training and not self.grad_checkpointing:
-            # prepare_model_for_kbit_training(use_gradient_checkpointing=True) is PEFT's default.
-            object.__setattr__(self, "grad_checkpointing", True)
+        if self.recipe == "axolotl" and prepare_kbit_applies(self.quant):
+            # axolotl prepares every 8/4-bit base (memplan.training.recipes.RECIPE_BEHAVIOURS).
+            object.__setattr__(self, "prepare_kbit_training", True)
+        if self.grad_checkpointing is None:
+            # prepare_model_for_kbit_training(use_gradient_checkpointing=True) is PEFT's default;
+            # TRL's SFTConfig turns checkpointing on by default (trl/trainer/sft_config.py::SFTConfig);
+            # an explicit False is honoured (the profiler passes it on to PEFT / the trainer).
+            object.__setattr__(self, "grad_checkpointing", bool(self.prepare_kbit_training) or self.recipe == "trl-sft")
+        elif not isinstance(self.grad_checkpointing, bool):
+            raise SetupError(f"--grad-checkpointing must be true or false, got {self.grad_checkpointing!r}")
         if self.double_quant and not double_quant_applies(self.quant):
             raise SetupError(f"--double-quant only applies to nf4/fp4, not {self.quant}; drop it or use --quant nf4")
         _choice("autocast", self.autocast, AUTOCASTS)
@@ -156,6 +171,8 @@ class Setup:
         parts.append(self.optimizer)
         if self.attention != "sdpa":
             parts.append(self.attention)
+        if self.recipe != "plain":
+            parts.append(self.recipe)
         return " ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:

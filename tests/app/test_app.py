@@ -442,6 +442,25 @@ def test_calibration_page_shows_the_library_comparison(tmp_path: Path, monkeypat
     assert not at.exception and len(plotly(at)["data"]) == 3
 
 
+def test_calibration_reads_the_shipped_and_the_users_profiles(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The CLI's default (`memplan validate`): the shipped records plus ./profiles/ in the working directory.
+    from memplan.measure.records import read_records
+    from memplan.paths import profiles_dir
+
+    shipped = read_records([profiles_dir()])
+    first = (ROOT / "profiles" / "cuda-h100.jsonl").read_text(encoding="utf-8").splitlines()[0]
+    (tmp_path / "profiles").mkdir()
+    (tmp_path / "profiles" / "mine.jsonl").write_text(first + "\n", encoding="utf-8")
+    monkeypatch.delenv(appdata.PROFILES_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)
+    at = start("calibration")
+    assert not at.error
+    caption = at.caption[0].value
+    assert f"{profiles_dir()} (shipped with memplan)" in caption and f"{tmp_path / 'profiles'} (yours: ./profiles/)" in caption
+    files = len(list(profiles_dir().glob("*.jsonl"))) + 1
+    assert any(c.value.startswith(f"{len(shipped) + 1} record(s) from {files} file(s)") for c in at.caption)
+
+
 def test_calibration_reports_a_broken_record_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "bad.jsonl").write_text('{"id": 1}\nnot json\n')
     monkeypatch.setenv(appdata.PROFILES_ENV, str(tmp_path))
@@ -541,6 +560,9 @@ def test_fine_tune_page_starts_on_the_cli_defaults() -> None:
     flags["prepare_kbit_training"] = flags.pop("prepare_kbit_training", None)
     for name, value in SETUP_DEFAULTS.items():
         if name in ("lora_targets", "attention"):  # None on the CLI: PEFT's and transformers' per-family defaults
+            continue
+        if name == "grad_checkpointing":  # None on the CLI: PEFT's default, off without prepare_kbit_training
+            assert flags[name] is None and value is False
             continue
         assert flags[name] == value, name
     at = start()

@@ -159,7 +159,6 @@ BAD = [
     (["-m", "llama2-7b", "-b", "0"], r"--batch-size must be a positive integer"),
     (["-m", "llama2-7b", "-b", "-2"], r"--batch-size must be a positive integer"),
     (["-m", "llama2-7b", "-s", "0"], r"--seq-len must be a positive integer"),
-    (["-m", "llama2-7b", "-r", "5000"], r"--lora-rank 5000 exceeds q_proj \(4096x4096\)"),
     (["-m", "llama2-7b", "--lora-targets", "q_proj,c_attn"], r"'c_attn' is not a linear module of llama2-7b"),
     (["-m", "llama2-7b", "--lora-targets", " , "], r"--lora-targets is empty"),
     (["-m", "llama2-7b", "--method", "full", "--quant", "nf4"], r"full fine-tuning cannot train an nf4 base"),
@@ -189,3 +188,12 @@ def test_bad_input_is_one_line_and_status_2(capsys, bad_configs, args: list[str]
     assert out == ""
     assert err.count("\n") == 1 and err.startswith("memplan: error: "), err
     assert re.search(message, err), err
+
+
+def test_rank_above_a_targets_width_is_estimated_with_a_note(capsys: pytest.CaptureFixture[str]) -> None:
+    # PEFT trains it (lora/layer.py::update_layer checks only r > 0); the note says it adds no capacity.
+    status, out, _ = run(capsys, "estimate", "-m", "llama2-7b", "-r", "5000")
+    assert status == 0
+    assert "rank 5000 exceeds min(in, out) of q_proj (4096×4096): PEFT trains it, but it adds no capacity" in out
+    notes = run_json(capsys, "-m", "llama2-7b", "-r", "5000")["notes"]
+    assert any(n.startswith("rank 5000 exceeds") for n in notes)

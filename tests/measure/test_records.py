@@ -91,7 +91,7 @@ def test_two_concurrent_writers_never_interleave(tmp_path: Path) -> None:
     path = tmp_path / "runs.jsonl"
     start = str(time.time() + 3.0)
     procs = [subprocess.Popen([sys.executable, "-c", _WRITER, str(path), tag, start]) for tag in ("a", "b")]
-    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    assert [p.wait(timeout=600) for p in procs] == [0, 0]
     records = read_records(path)  # raises if any line were corrupt
     assert len(records) == 300
     assert sorted(r["env"]["tag"] for r in records) == ["a"] * 150 + ["b"] * 150

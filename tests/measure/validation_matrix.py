@@ -41,6 +41,11 @@ def matrix() -> list[Setup]:
         dict(model=_m("tiny-llama"), lora_rank=8, seq_len=256, batch_size=2, attention="eager"),
         dict(model=_m("tiny-llama"), lora_rank=8, seq_len=128, batch_size=2, lora_dropout=0.1),
         dict(model=_m("tiny-llama"), quant="nf4", lora_rank=8, seq_len=256, batch_size=2, prepare_kbit_training=True),
+        # prepare_model_for_kbit_training with all-linear targets (down_proj's adapter input freed
+        # before the SwiGLU backward), with and without checkpointing: ledger -0.0% and +0.0%.
+        dict(model=_m("tiny-mistral"), quant="nf4", lora_rank=8, lora_targets=("all-linear",), seq_len=256, batch_size=2, prepare_kbit_training=True),
+        dict(model=_m("tiny-qwen2"), quant="nf4", lora_rank=8, lora_targets=("all-linear",), seq_len=128, batch_size=2, prepare_kbit_training=True,
+             grad_checkpointing=False),
     ]
     # mistral: GQA (8 query heads over 2 KV heads), 32k vocabulary.
     rows += [

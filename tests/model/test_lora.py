@@ -17,7 +17,7 @@ from conftest import TINY_CONFIGS, build_model
 from memplan.model.architectures import spec_from_config
 from memplan.errors import SetupError
 from memplan.training.estimate import estimate
-from memplan.model.lora import adapter_file_bytes, plan_lora
+from memplan.model.lora import adapter_file_bytes, plan_lora, rank_above_capacity
 from memplan.training.setup import Setup
 
 ALL7 = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -50,8 +50,12 @@ def test_bad_targets_and_ranks() -> None:
     spec = spec_from_config(TINY_CONFIGS["llama"], name="tiny")
     with pytest.raises(SetupError, match="'c_attn' is not a linear module.*choose from q_proj"):
         plan_lora(spec, 8, ["q_proj", "c_attn"])
-    with pytest.raises(SetupError, match="exceeds q_proj"):
-        plan_lora(spec, 73, ["q_proj"])  # q_proj is 72 x 72
+    # PEFT trains a rank above min(in, out) (lora/layer.py::update_layer checks only r > 0): accepted,
+    # with r * (in + out) parameters, and named for the estimate's notes.
+    wide = plan_lora(spec, 73, ["q_proj"])  # q_proj is 72 x 72
+    assert wide.trainable_parameters == 73 * (72 + 72) * spec.num_layers
+    assert [lin.name for lin in rank_above_capacity(wide)] == ["q_proj"]
+    assert rank_above_capacity(plan_lora(spec, 72, ["q_proj"])) == ()
     for rank in (0, -1, 2.5, True):
         with pytest.raises(SetupError, match="positive integer"):
             plan_lora(spec, rank, ["q_proj"])  # type: ignore[arg-type]

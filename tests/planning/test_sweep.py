@@ -263,3 +263,18 @@ def test_cli_import_stays_light() -> None:
     code = "import sys, memplan.cli; print(sorted(m for m in ('pandas', 'plotly', 'yaml', 'rich', 'torch') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+def test_xlsx_is_one_typed_sheet_with_a_frozen_header(tmp_path: Path) -> None:
+    import openpyxl
+
+    f = sweep(model="llama2-7b", method=["full", "lora"], gpu="a10g")
+    path = tmp_path / "s.xlsx"
+    write_sweep(f, path)
+    sheet = openpyxl.load_workbook(path)["sweep"]
+    assert sheet.freeze_panes == "A2" and sheet["A1"].font.b
+    header, full, lora = (list(r) for r in sheet.iter_rows(max_row=3, values_only=True))
+    assert header == list(f.columns)
+    at = header.index
+    assert full[at("lora_rank")] is None and lora[at("lora_rank")] == 8  # NA is a blank cell, numbers are numbers
+    assert full[at("peak_bytes")] == f["peak_bytes"].iloc[0] and full[at("fits.a10g")] is bool(f["fits.a10g"].iloc[0])

@@ -69,10 +69,8 @@ CASES = [
     ("mistral", "full", 3, 8, "sdpa", "bf16"),
     ("qwen2", "lora", 2, 16, "sdpa", "bf16"),
     # fp32 LoRA: `x.to(lora_A.weight.dtype)` is a no-op, so q_proj's and v_proj's lora_A save the
-    # same input storage; the estimate counts one fp32 copy per adapted module (over by 4 x t x h
-    # per layer here). Reported in the issue.
-    pytest.param("llama", "lora", 2, 16, "sdpa", "fp32",
-                 marks=pytest.mark.xfail(reason="fp32 LoRA: shared uncast input counted per module", strict=True)),
+    # same input storage (activations.py::_uncast_input), counted once.
+    ("llama", "lora", 2, 16, "sdpa", "fp32"),
 ]
 
 

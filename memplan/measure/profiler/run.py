@@ -251,7 +251,14 @@ def profile_setup(
         session = _Session(setup)
         if session.meter is not None:
             env.update(session.meter.identity())
-        _run(setup, spec, steps, ckpt, session, measured)
+        if setup.recipe in ("trainer", "trl-sft"):
+            from memplan.measure.profiler.trainer import run_trainer
+
+            run_trainer(setup, spec, steps, ckpt, session, measured)
+        elif setup.recipe == "axolotl":
+            raise ProfileError("--recipe axolotl is modelled from axolotl's documented config, not run; profile with trl-sft or trainer")
+        else:
+            _run(setup, spec, steps, ckpt, session, measured)
     except Exception as exc:  # every failure of the run becomes the record's outcome
         phase = session.ledger.phase if session is not None else "init"
         if session is not None and phase not in session.phases:

@@ -1,0 +1,117 @@
+"""Notes that explain an estimate: the library behaviours that drive its number non-obviously.
+
+`estimate_notes(est)` is computed on demand (`Estimate.notes`), never by the sweep, and
+only reads the estimate and its spec. Each note names the behaviour and its size; a note
+never replaces an error (the estimator refuses what it cannot model before any note exists).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from memplan.model.lora import plan_lora, rank_above_capacity
+from memplan.model.storage import FLOAT_BYTES, is_quantized, weight_bytes
+from memplan.units import format_bytes
+
+if TYPE_CHECKING:
+    from memplan.training.estimate import Estimate
+
+__all__ = ["estimate_notes"]
+
+FP32 = 4
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 // 10 else format_bytes(n)
+
+
+def _fused_experts(est: "Estimate") -> str | None:
+    # transformers 5 stores Mixtral's experts as 3-D parameters (`MixtralExperts.gate_up_proj`,
+    # `.down_proj`), which bitsandbytes' `replace_with_bnb_linear` skips (it swaps nn.Linear only):
+    # they stay in the load dtype (REFERENCE.md, checked with transformers 5.24 + bnb 0.50.2).
+    spec, s = est.model, est.setup
+    if not (is_quantized(s.quant) and spec.num_experts):
+        return None
+    experts = [t for t in spec.tensors if t.component == "experts"]
+    if not experts:
+        return None
+    unquantized = sum(t.numel * t.count for t in experts) * FLOAT_BYTES["fp32" if s.prepare_kbit_training else s.param_dtype]
+    total = est.weight_storage.by_component.get("experts", unquantized)
+    dtype = "fp32" if s.prepare_kbit_training else s.param_dtype
+    return (f"transformers 5 keeps {spec.name}'s fused experts in {dtype} under bitsandbytes: "
+            f"{_gib(unquantized)} of {_gib(total)} of expert weights stay unquantized (not {s.quant})")
+
+
+def _prepare_kbit(est: "Estimate") -> str | None:
+    # peft/utils/other.py::prepare_model_for_kbit_training casts every fp16/bf16 parameter to fp32.
+    s = est.setup
+    if not s.prepare_kbit_training:
+        return None
+    before = weight_bytes(est.model, s.quant, double_quant=s.double_quant, compute_dtype=s.compute_dtype).unquantized
+    upcast = est.weight_storage.unquantized  # the same parameters, now fp32
+    if upcast <= before:
+        return None
+    gc = "turns on gradient checkpointing (its default)" if s.grad_checkpointing else "leaves checkpointing off (use_gradient_checkpointing=False)"
+    what = "embeddings/norms/experts" if est.model.num_experts else "embeddings/norms"
+    return (f"prepare_model_for_kbit_training upcasts {_gib(upcast)} of {what} to fp32 "
+            f"(+{_gib(upcast - before)}), runs the residual stream in fp32, and {gc}")
+
+
+def _rank(est: "Estimate") -> list[str]:
+    s = est.setup
+    if s.method != "lora":
+        return []
+    plan = plan_lora(est.model, s.lora_rank, s.lora_targets)
+    return [f"rank {s.lora_rank} exceeds min(in, out) of {lin.name} ({lin.in_features}×{lin.out_features}): "
+            f"PEFT trains it, but it adds no capacity" for lin in rank_above_capacity(plan)]
+
+
+def _adapters(est: "Estimate") -> str | None:
+    # peft/tuners/tuners_utils.py::_cast_adapter_dtype (autocast_adapter_dtype=True).
+    s = est.setup
+    if s.method != "lora" or s.param_dtype == "fp32":
+        return None
+    return (f"PEFT's autocast_adapter_dtype=True keeps the adapters in fp32 on a {s.quant} base: "
+            f"16 bytes per trainable parameter with Adam ({_gib(est.memory.adapters)} of adapters)")
+
+
+def _paged(est: "Estimate") -> str | None:
+    m = est.memory
+    if not m.optimizer_paged or est.setup.device != "cuda":
+        return None
+    return (f"{est.setup.optimizer} keeps {_gib(m.optimizer_paged)} of optimizer state in CUDA unified memory, "
+            "outside torch's allocator (evictable; max_memory_allocated does not show it)")
+
+
+def _eager(est: "Estimate") -> str | None:
+    # modeling_*.py::eager_attention_forward: fp32 softmax and its compute-dtype copy, b x heads x s x s.
+    s, spec = est.setup, est.model
+    if s.attention != "eager":
+        return None
+    e = FP32 if s.prepare_kbit_training else FLOAT_BYTES[s.param_dtype if s.autocast == "none" else s.autocast]
+    per_layer = (FP32 + e) * s.batch_size * spec.num_heads * s.seq_len * s.seq_len
+    layers = 1 if s.grad_checkpointing else spec.num_layers
+    return (f"eager attention keeps b×heads×s×s scores (fp32 softmax + a copy): {_gib(per_layer)} per layer, "
+            f"{_gib(per_layer * layers)} alive at once{' (one rebuilt layer)' if s.grad_checkpointing else ''}")
+
+
+def _logits(est: "Estimate") -> str | None:
+    m = est.memory
+    at_peak = est.peak_parts.get("logits", 0) + (est.peak_parts.get("transients", 0) if m.peak_phase in ("forward", "backward_loss") else 0)
+    if at_peak * 2 < m.allocated_peak - m.weights - m.adapters - m.optimizer_states or m.peak_phase not in ("forward", "backward_loss"):
+        return None
+    return (f"the {est.model.vocab_size:,}-token vocabulary's logits dominate: {_gib(at_peak)} of logits and their fp32 "
+            "loss buffers at the peak (the loss upcasts them; transformers loss_utils.py::ForCausalLMLoss)")
+
+
+def _unvalidated(est: "Estimate") -> str | None:
+    if est.model.model_type in ("gpt2", "bert"):
+        return (f"unvalidated: {est.model.model_type} activations are modelled from modeling_{est.model.model_type}.py but "
+                "differ from the CPU ledger by up to -48% on random setups; treat the activations as a lower bound")
+    return None
+
+
+def estimate_notes(est: "Estimate") -> tuple[str, ...]:
+    """Every note that applies to `est`, most memory-relevant first."""
+    notes = [_fused_experts(est), _prepare_kbit(est), *_rank(est), _adapters(est), _paged(est), _eager(est), _logits(est), _unvalidated(est)]
+    return tuple(n for n in notes if n)
