@@ -2,7 +2,7 @@
 
 Every command that writes a file (`sweep --out`, `report --out`, `profile --out`,
 `calibrate --terms`) checks the path with `check_writable` before it runs anything, and
-writes whole files through `atomic_write_bytes` (a temporary file beside the target,
+writes whole files through `atomic_write` (a temporary file beside the target,
 fsync, rename), so a full disk or a crash leaves the previous file as it was.
 """
 
@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable
 
 from memplan.errors import MemplanError
 from memplan.paths import is_checkout, package_dir
 
-__all__ = ["check_writable", "atomic_write_bytes", "new_file_mode"]
+__all__ = ["check_writable", "atomic_write", "atomic_write_bytes", "new_file_mode"]
 
 
 def _is_inside_package(path: Path) -> bool:
@@ -62,19 +63,18 @@ def new_file_mode(path: Path) -> int:
         return 0o666 & ~mask
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to a temporary file beside `path`, fsync it, then rename it over `path`:
-    readers see the old file or the new one, never half of one."""
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
+    """Call `write(tmp)` on a temporary file beside `path` (same extension, so writers that
+    pick a format by suffix still do), then rename it over `path`: readers see the old file
+    or the new one, never half of one, and a failed write leaves the old file as it was."""
     import tempfile
 
     p = Path(path).expanduser()
-    fd, tmp = tempfile.mkstemp(dir=p.resolve().parent, prefix=f".{p.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=p.resolve().parent, prefix=f".{p.stem}.", suffix=p.suffix or ".tmp")
+    os.close(fd)
     try:
         os.chmod(tmp, new_file_mode(p))
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+        write(tmp)
         os.replace(tmp, p)
     except BaseException:
         try:
@@ -82,3 +82,15 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         except OSError:
             pass
         raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """`atomic_write` of `data`, fsynced before the rename."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    atomic_write(path, write)

@@ -24,7 +24,7 @@ MODEL_HELP = "Catalog name (see `memplan models`), a config.json path, or a fold
 
 # (flag declaration, keyword, click kwargs)
 SETUP_FLAGS: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = (
-    (("--model", "-m"), dict(required=True, help=MODEL_HELP)),
+    (("--model", "-m"), dict(default=None, help=MODEL_HELP + "  [required unless --from names one]")),
     (("--method",), dict(default="lora", show_default=True, help=choices_text(METHODS))),
     (("--quant", "-q"), dict(default="bf16", show_default=True, help=choices_text(QUANTS))),
     (("--double-quant/--no-double-quant",), dict(default=False, show_default=True, help="bnb_4bit_use_double_quant (nf4/fp4).")),
@@ -47,7 +47,10 @@ SETUP_FLAGS: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = (
 def setup_options(fn: Callable) -> Callable:
     for decls, kwargs in reversed(SETUP_FLAGS):
         fn = click.option(*decls, **kwargs)(fn)
-    return fn
+    # Not in SETUP_FLAGS: `profile` repeats those flags, and reads no config file (yet).
+    return click.option("--from", "from_file", default=None, type=click.Path(exists=True),
+                        help="Read the setup from an axolotl YAML, a TRL SFTConfig / TrainingArguments YAML or JSON, "
+                             "a PEFT adapter_config.json or a model folder; flags given override it.")(fn)
 
 
 def output_format(choices: tuple[str, ...] = ("table", "json", "csv")) -> Callable:
@@ -72,6 +75,24 @@ def setup_from_kwargs(kwargs: dict[str, Any]) -> Setup:
     names = ("model", "method", "quant", "double_quant", "compute_dtype", "lora_rank", "lora_dropout", "seq_len",
              "batch_size", "grad_checkpointing", "optimizer", "attention", "device", "prepare_kbit_training", "autocast", "recipe")
     values = {n: kwargs.pop(n) for n in names}
+    from_file = kwargs.pop("from_file", None)
+    if from_file is not None:
+        from memplan.training.config_files import read_config
+
+        plan = read_config(from_file)
+        ctx = click.get_current_context()
+        given = {n for n in names + ("lora_targets",)
+                 if ctx.get_parameter_source(n) in (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)}
+        for name, value in plan.fields.items():
+            if name == "lora_targets":
+                if "lora_targets" not in given:
+                    targets = value
+            elif name not in given:
+                values[name] = value
+        for line in plan.summary():
+            click.echo(line, err=True)
+    if values["model"] is None:
+        raise click.UsageError("Missing option '--model' / '-m' (or a --from file that names the model).")
     if values["attention"] is None:
         from memplan.model.architectures import default_attention
         from memplan.model.catalog import load_model

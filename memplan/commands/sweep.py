@@ -27,7 +27,7 @@ def sweep_command(grid_file: Path | None, out: Path | None, progress: bool | Non
     """Estimate a grid of setups: one row per setup, fits on every GPU, fleet $/month."""
     from memplan.planning.progress import progress_reporter
     from memplan.errors import MemplanError
-    from memplan.files import check_writable
+    from memplan.files import atomic_write, check_writable
     from memplan.planning.render_sweep import no_rows_message, plural, refused_lines, render_sweep_table
     from memplan.planning.sweep import check_output, sweep_grid, write_sweep
 
@@ -48,27 +48,5 @@ def sweep_command(grid_file: Path | None, out: Path | None, progress: bool | Non
     if out is None:
         click.echo(render_sweep_table(frame))
         return
-    _write_atomically(frame, out, write_sweep)
+    atomic_write(out, lambda tmp: write_sweep(frame, tmp))
     click.echo(f"wrote {plural(len(frame), 'row')} x {plural(len(grid.gpus), 'GPU')} to {out}")
-
-
-def _write_atomically(frame: Any, out: Path, write: Any) -> None:
-    """Write beside `out` under a temporary name with the same extension, then rename it
-    over `out`: a failed write (disk full) leaves the previous file as it was."""
-    import os
-    import tempfile
-
-    from memplan.files import new_file_mode
-
-    fd, tmp = tempfile.mkstemp(dir=out.expanduser().resolve().parent, prefix=f".{out.stem}.", suffix=out.suffix)
-    os.close(fd)
-    try:
-        os.chmod(tmp, new_file_mode(out))
-        write(frame, tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise

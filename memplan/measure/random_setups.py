@@ -9,7 +9,8 @@ vocabulary, tying, experts), each setup every flag `memplan estimate` takes. Onl
 valid combinations are kept: `Setup`'s own checks and `estimate()`'s refusals
 (gemma2 without SDPA, GPT-2/BERT positions, autocast outside its families, a LoRA
 rank beyond a target) reject a draw, and the setup is drawn again. Nothing here
-imports torch; the draw is a pure function of the seed.
+imports torch; the draw is a pure function of the seed and of those checks, so a seed
+reproduces a draw on the same memplan version (a new refusal changes later draws).
 """
 
 from __future__ import annotations
@@ -237,4 +238,5 @@ def peak_frame(records: list[dict[str, Any]]) -> Any:
         rows.append(row)
     columns = ["family", "claimed", "label", "outcome", "error_message", "peak_predicted_bytes", "peak_measured_bytes",
                "peak_rel_error", "weights_predicted_bytes", "weights_measured_bytes", "weights_rel_error"]
-    return pd.DataFrame(rows, columns=columns)
+    frame = pd.DataFrame(rows, columns=columns)
+    return frame.astype({"claimed": bool})  # an empty frame would hold object columns

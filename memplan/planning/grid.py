@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from memplan.errors import MemplanError
-from memplan.training.setup import ATTENTIONS, AUTOCASTS, DEVICES, METHODS, OPTIMIZERS, Setup
+from memplan.training.setup import ATTENTIONS, AUTOCASTS, DEVICES, METHODS, OPTIMIZERS, RECIPES, Setup
 from memplan.model.lora import parse_lora_targets
 from memplan.model.spec import ModelSpec
 from memplan.model.storage import FLOAT_BYTES, QUANTS
@@ -61,6 +61,7 @@ _SETUP_KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "device": ("choice", DEVICES),
     "prepare_kbit_training": ("bool", ()),
     "autocast": ("choice", AUTOCASTS),
+    "recipe": ("choice", RECIPES),
 }
 # Fleet keys -> PlanInputs field (memplan.serving.fleet), kind, choices.
 _FLEET_KINDS: dict[str, tuple[str, str, tuple[str, ...]]] = {

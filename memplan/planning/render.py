@@ -62,7 +62,8 @@ def _table(est: Estimate, payload: dict, gpu: GPU | None) -> str:
         + (f", LoRA r={s.lora_rank} on {_lora_targets(est)}" if s.method == "lora" else "")
         + f", seq {s.seq_len} x batch {s.batch_size}, {s.optimizer}, {s.attention}"
         + (", checkpointing" if s.grad_checkpointing else "")
-        + f", {s.device}",
+        + f", {s.device}"
+        + (f", recipe {s.recipe}" if s.recipe != "plain" else ""),
         f"trainable: {format_count(est.trainable_parameters)} ({est.trainable_parameters:,})"
         + (f"; adapter file {format_bytes(est.adapter_file_bytes['fp32'], decimal=True)} fp32 / "
            f"{format_bytes(est.adapter_file_bytes['bf16'], decimal=True)} bf16" if est.adapter_file_bytes else ""),

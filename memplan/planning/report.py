@@ -277,7 +277,7 @@ def _cost_chart(frame: "pd.DataFrame") -> tuple[str, str]:
     costs: list[float] = []
     dims = ["method", "quant", "lora_rank", "lora_targets", *[c for c in ("rps", "serve_gpu", "serve_quant", "popularity",
             "zipf_exponent", "prompt_tokens", "output_tokens", "utilization", "scale_to_zero", "dataset_tokens", "epochs",
-            "train_gpu", "engine") if c in frame.columns]]
+            "train_gpu") if c in frame.columns]]
     for i, model in enumerate(models):
         rows = ok[ok["model"] == model]
         lora = rows[rows["method"] == "lora"]

@@ -22,6 +22,7 @@ first appearance):
 | compute_dtype | category | a quantized base's compute dtype; NA for bf16/fp16/fp32 bases |
 | double_quant, grad_checkpointing, prepare_kbit_training | bool | the setup |
 | autocast | category | none, bf16, fp16: mixed precision over fp32 weights; `none` for every other base |
+| recipe | category | plain, trainer, trl-sft, axolotl: what the trainer does besides the loop (`memplan.training.recipes`) |
 | lora_rank | Int64 | NA for full fine-tuning |
 | lora_targets | category | comma list as given, `default` (PEFT's per-family default), NA for full |
 | lora_dropout | float64 | NaN for full fine-tuning |
@@ -67,8 +68,8 @@ ADAPTER_DTYPES = ("fp32", "fp16", "bf16")
 EXPORT_FORMATS = {".csv": "CSV", ".parquet": "Parquet", ".xlsx": "Excel"}
 MAX_EXCEL_ROWS = 1_048_575  # an Excel sheet holds 1,048,576 rows, one of them the header
 
-_CATEGORY = ("model", "method", "quant", "compute_dtype", "lora_targets", "optimizer", "attention", "device", "autocast",
-             "serve_gpu", "serve_quant", "popularity", "train_gpu", "engine", "peak_phase", "smallest_gpu", "cheapest_gpu",
+_CATEGORY = ("model", "method", "quant", "compute_dtype", "lora_targets", "optimizer", "attention", "device", "autocast", "recipe",
+             "serve_gpu", "serve_quant", "popularity", "train_gpu", "peak_phase", "smallest_gpu", "cheapest_gpu",
              "fleet_error")
 _BOOL = ("double_quant", "grad_checkpointing", "prepare_kbit_training", "scale_to_zero")
 _INT_NAMES = ("total_parameters", "trainable_parameters", *(f"{f}_bytes" for f in MEMORY_FIELDS),

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 from memplan.training.activations_autocast import autocast_head_bytes, autocast_layer_bytes, low_bytes
 from memplan.model.lora import LoraPlan
+from memplan.training.recipes import adapter_bytes, input_require_grads
 from memplan.training.setup import Setup
 from memplan.model.spec import ModelSpec
 from memplan.model.storage import FLOAT_BYTES, is_quantized
@@ -96,7 +97,8 @@ def _lora_bytes(spec: ModelSpec, plan: LoraPlan | None, setup: Setup, t: int, *,
     """Per-layer bytes the LoRA branches save (fp32 input copy, A's output, dropout mask)."""
     if plan is None:
         return 0
-    key = (id(plan), spec.num_layers, _uncast_input(setup), setup.lora_dropout > 0, _mask_bytes(setup, FP32), input_grad, masks_only)
+    key = (id(plan), spec.num_layers, _uncast_input(setup), setup.lora_dropout > 0, _mask_bytes(setup, FP32), input_grad, masks_only,
+           adapter_bytes(setup))
     hit = _LORA_PER_TOKEN.get(key)
     if hit is None or hit[0] is not plan:
         if len(_LORA_PER_TOKEN) >= 4096:
@@ -114,27 +116,29 @@ _LORA_PER_TOKEN: dict[tuple, tuple[LoraPlan, int]] = {}
 def _uncast_input(setup: Setup) -> bool:
     """Is the adapted modules' input fp32 already, so that PEFT's `_cast_input_dtype` returns it
     uncopied (`x.dtype == dtype`): under prepare_model_for_kbit_training, or on an fp32 base
-    without autocast."""
-    return setup.autocast == "none" and compute_bytes(setup) == FP32
+    without autocast; or bf16 adapters (SFTTrainer on a quantized base, memplan.training.recipes)
+    over a bf16 stream."""
+    return setup.autocast == "none" and compute_bytes(setup) == adapter_bytes(setup)
 
 
 def _lora_per_token(spec: ModelSpec, plan: LoraPlan, setup: Setup, *, input_grad: bool, masks_only: bool) -> int:
     total = 0
+    ab = adapter_bytes(setup)  # fp32 (PEFT's autocast_adapter_dtype), bf16 under SFTTrainer's QLoRA cast
     shared_inputs: set[str] = set()
     for lin in plan.targets:
         if lin.count != spec.num_layers:  # lm_head / MLM head: counted in the head
             continue
         if not masks_only:
-            total += FP32 * plan.rank  # A's output, saved by lora_B
+            total += ab * plan.rank  # A's output, saved by lora_B
             if not _uncast_input(setup):
-                total += FP32 * lin.in_features  # the fp32 cast of the input, saved by lora_A
+                total += ab * lin.in_features  # the cast of the input to the adapter dtype, saved by lora_A
             else:
                 # The input is already fp32: no cast copy; lora_A saves the module input itself,
                 # which q/k/v (and gate/up) share, and which SDPA already keeps for o_proj.
                 group = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}.get(lin.name, lin.name)
                 if group not in shared_inputs and lin.name != "o_proj":
                     shared_inputs.add(group)
-                    total += FP32 * lin.in_features
+                    total += ab * lin.in_features
         if setup.lora_dropout > 0 and (input_grad or lin.name not in ("q_proj", "k_proj", "v_proj", "qkv_proj", "c_attn", "query", "key", "value")):
             total += _mask_bytes(setup, FP32) * lin.in_features
     return total
@@ -190,7 +194,7 @@ def _first_layer_input_grad(setup: Setup) -> bool:
     `prepare_model_for_kbit_training`."""
     if setup.method == "full":
         return True
-    if setup.prepare_kbit_training:
+    if setup.prepare_kbit_training or input_require_grads(setup):  # SFTTrainer calls it itself
         return True
     return setup.grad_checkpointing and not is_quantized(setup.quant)
 

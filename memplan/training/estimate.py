@@ -8,7 +8,7 @@ over the phases of a steady-state step (step >= 2: optimizer state exists and
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 
 from memplan.training.activations import activation_bytes, compute_bytes, residual_bytes
@@ -17,6 +17,7 @@ from memplan.model.catalog import load_model
 from memplan.training.device_terms import DeviceTerms, device_terms
 from memplan.errors import SetupError
 from memplan.model.lora import LoraPlan, adapter_file_bytes, plan_lora
+from memplan.training.recipes import adapter_dtype, fused_head_bytes, fused_lm_head
 from memplan.training.optim import OptimizerBytes, gradient_bytes, optimizer_bytes
 from memplan.training.setup import Setup
 from memplan.model.spec import ModelSpec
@@ -167,9 +168,10 @@ def _fixed_parts(spec: ModelSpec, setup: Setup) -> _Fixed:
     load_dtype = "fp32" if setup.prepare_kbit_training else setup.compute_dtype
     wb = weight_bytes(spec, setup.quant, double_quant=setup.double_quant, compute_dtype=load_dtype)
     numels = trainable_numels(spec, plan)
-    # PEFT autocast_adapter_dtype=True: adapters are fp32 on fp16/bf16/quantized bases.
-    train_itemsize = FP32 if plan is not None else FLOAT_BYTES[setup.param_dtype]
-    adapters = sum(numels) * FP32 if plan is not None else 0
+    # PEFT autocast_adapter_dtype=True: adapters are fp32 on fp16/bf16/quantized bases; SFTTrainer
+    # casts them to bf16 on a quantized base (memplan.training.recipes.adapter_dtype).
+    train_itemsize = FLOAT_BYTES[adapter_dtype(setup)] if plan is not None else FLOAT_BYTES[setup.param_dtype]
+    adapters = sum(numels) * train_itemsize if plan is not None else 0
     grads = gradient_bytes(numels, train_itemsize)
     opt = optimizer_bytes(setup.optimizer, numels, train_itemsize, device=setup.device)
 
@@ -214,7 +216,7 @@ _FIXED_CACHE_SIZE = 4096
 
 def _fixed(spec: ModelSpec, setup: Setup) -> _Fixed:
     key = (id(spec), setup.method, setup.quant, setup.double_quant, setup.compute_dtype, setup.lora_rank,
-           setup.lora_targets, setup.optimizer, setup.device, setup.prepare_kbit_training)
+           setup.lora_targets, setup.optimizer, setup.device, setup.prepare_kbit_training, adapter_dtype(setup))
     hit = _FIXED_CACHE.get(key)
     if hit is not None and hit[0] is spec:
         return hit[1]
@@ -245,6 +247,13 @@ def estimate(setup: Setup, *, model: ModelSpec | None = None, terms: DeviceTerms
     plan, wb, numels, train_itemsize, adapters, grads, opt = f.plan, f.weights, f.numels, f.train_itemsize, f.adapters, f.gradients, f.optimizer
     dequant, opt_temp = f.dequant, f.opt_temp
     act = activation_bytes(spec, setup, plan)
+    if fused_lm_head(setup) and spec.is_causal_lm:
+        # TRL's fused LM head replaces the logits and the cross-entropy (memplan.training.recipes).
+        head_trainable = sum(lin.weight_numel for lin in spec.linears if lin.is_output and not lin.tied) if plan is None else 0
+        fh = fused_head_bytes(setup, hidden=spec.hidden_size, vocab=spec.vocab_size, compute=compute_bytes(setup),
+                              head_trainable=head_trainable)
+        act = replace(act, head=act.head + fh.saved, logits_saved=0, logits_forward_extra=fh.forward_extra,
+                      logits_backward_extra=fh.backward_extra)
     terms = terms if terms is not None else device_terms(setup.device)
     persistent = wb.total + adapters + opt.total
     # Phases of a steady-state step (the training loop drops the model outputs before
@@ -326,7 +335,7 @@ def estimate(setup: Setup, *, model: ModelSpec | None = None, terms: DeviceTerms
         trainable_parameters=f.trainable_parameters,
         active_parameters=f.active_parameters,
         weight_storage=wb,
-        adapter_dtype="fp32" if plan is not None else None,
+        adapter_dtype=adapter_dtype(setup) if plan is not None else None,
         adapter_file_bytes=adapter_sizes,
         memory=memory,
         peak_parts=peak_parts,

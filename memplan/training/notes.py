@@ -69,7 +69,7 @@ def _rank(est: "Estimate") -> list[str]:
 def _adapters(est: "Estimate") -> str | None:
     # peft/tuners/tuners_utils.py::_cast_adapter_dtype (autocast_adapter_dtype=True).
     s = est.setup
-    if s.method != "lora" or s.param_dtype == "fp32":
+    if s.method != "lora" or s.param_dtype == "fp32" or est.adapter_dtype != "fp32":
         return None
     return (f"PEFT's autocast_adapter_dtype=True keeps the adapters in fp32 on a {s.quant} base: "
             f"16 bytes per trainable parameter with Adam ({_gib(est.memory.adapters)} of adapters)")
@@ -95,8 +95,37 @@ def _eager(est: "Estimate") -> str | None:
             f"{_gib(per_layer * layers)} alive at once{' (one rebuilt layer)' if s.grad_checkpointing else ''}")
 
 
+def _recipe(est: "Estimate") -> list[str]:
+    # memplan.training.recipes: trl/trainer/sft_trainer.py::SFTTrainer.__init__ / compute_loss,
+    # transformers trainer.py::Trainer.__init__ (checkpointing), axolotl's documented load path.
+    s, out = est.setup, []
+    if s.recipe == "plain":
+        return out
+    if s.recipe == "trl-sft":
+        if est.adapter_dtype == "bf16":
+            out.append(f"SFTTrainer casts the trainable LoRA parameters to bf16 on a quantized base: adapters, gradients and "
+                       f"Adam states take 2 bytes each ({_gib(est.memory.adapters)} of adapters)")
+        out.append("SFTTrainer computes the loss, entropy and token accuracy through TRL's fused LM head: no b×s×vocab logits; "
+                   "[min(b·s, 4096) × 32768] compute-dtype tiles (trl/kernels/chunked_logprob.py), recomputed in backward")
+        if s.grad_checkpointing:
+            out.append("SFTConfig turns gradient checkpointing on by default (use_reentrant=False), and SFTTrainer calls "
+                       "enable_input_require_grads for PEFT models" if s.method == "lora" else
+                       "SFTConfig turns gradient checkpointing on by default (use_reentrant=False)")
+        if is_quantized(s.quant) and not s.prepare_kbit_training:
+            out.append("SFTTrainer does not call prepare_model_for_kbit_training: norms and embeddings stay in the compute dtype")
+    elif s.recipe == "trainer":
+        out.append("transformers Trainer: the model's own loss (logits upcast to fp32), no prepare_model_for_kbit_training "
+                   "unless your script calls it; gradient_checkpointing=True uses use_reentrant=False")
+    elif s.recipe == "axolotl":
+        out.append("axolotl (modelled from its config semantics, not run): quantized bases go through "
+                   "prepare_model_for_kbit_training; otherwise Trainer's behaviour")
+    return out
+
+
 def _logits(est: "Estimate") -> str | None:
     m = est.memory
+    if est.setup.recipe == "trl-sft":
+        return None
     at_peak = est.peak_parts.get("logits", 0) + (est.peak_parts.get("transients", 0) if m.peak_phase in ("forward", "backward_loss") else 0)
     if at_peak * 2 < m.allocated_peak - m.weights - m.adapters - m.optimizer_states or m.peak_phase not in ("forward", "backward_loss"):
         return None
@@ -113,5 +142,5 @@ def _unvalidated(est: "Estimate") -> str | None:
 
 def estimate_notes(est: "Estimate") -> tuple[str, ...]:
     """Every note that applies to `est`, most memory-relevant first."""
-    notes = [_fused_experts(est), _prepare_kbit(est), *_rank(est), _adapters(est), _paged(est), _eager(est), _logits(est), _unvalidated(est)]
+    notes = [_fused_experts(est), _prepare_kbit(est), *_rank(est), _adapters(est), *_recipe(est), _paged(est), _eager(est), _logits(est), _unvalidated(est)]
     return tuple(n for n in notes if n)

@@ -71,3 +71,18 @@ def test_drawing_never_imports_torch(tmp_path: Path) -> None:
     code = ("import sys; from memplan.measure.random_setups import draw_cases; "
             f"draw_cases(16, seed=5, folder={str(tmp_path)!r}); assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_validate_random_cli_prints_the_seed_and_the_summary(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`memplan validate --random N --seed S --workers W` hands its arguments to random_campaign
+    (the profiling itself is the slow tier's job) and prints the table's summary line."""
+    pytest.importorskip("torch")
+    from memplan.cli import main
+    from memplan.measure import random_setups
+
+    calls = []
+    monkeypatch.setattr(random_setups, "random_campaign", lambda n, **kw: calls.append((n, kw)) or ([], [], False))
+    assert main(["validate", "--random", "3", "--seed", "17", "--workers", "2"]) == 0
+    captured = capsys.readouterr()
+    assert calls[0][0] == 3 and calls[0][1]["seed"] == 17 and calls[0][1]["workers"] == 2
+    assert "seed 17" in captured.err and "steady-state peak |error|, seed 17 (0 ok of 0 runs)" in captured.out

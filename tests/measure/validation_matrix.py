@@ -118,3 +118,31 @@ PROFILE_CASES = {  # name -> setup fields beyond those defaults
 }
 PROFILE_DEFAULTS = {"device": "cpu", "seq_len": 24, "batch_size": 2}
 PROFILE_STEPS = 2
+
+
+# Real trainer steps (`--recipe trainer|trl-sft`, memplan.measure.profiler.trainer: transformers
+# Trainer / TRL 1.16 SFTTrainer, max_steps=3) on the tiny models, in the session's shared campaign;
+# checked by test_recipes_cpu.py (steady peak: median |error| <= 1%, max <= 3%). They cover nf4,
+# nf4 + double quant, int8 and bf16; LoRA and full fine-tuning; checkpointing on and off; TRL's bf16
+# adapter cast, fused LM head and enable_input_require_grads; Trainer + prepare_model_for_kbit_training.
+RECIPE_STEPS = 3
+
+
+def recipe_matrix() -> list[Setup]:
+    llama = _m("tiny-llama")
+    rows = [
+        dict(model=llama, recipe="trl-sft", quant="nf4", seq_len=128, batch_size=2),  # gc: SFTConfig's default
+        dict(model=llama, recipe="trl-sft", quant="nf4", double_quant=True, lora_targets=("all-linear",), seq_len=128, batch_size=2,
+             grad_checkpointing=False),
+        dict(model=llama, recipe="trl-sft", quant="int8", seq_len=128, batch_size=2),
+        dict(model=llama, recipe="trl-sft", quant="bf16", seq_len=128, batch_size=2),
+        dict(model=llama, recipe="trl-sft", method="full", quant="bf16", seq_len=64, batch_size=2, grad_checkpointing=False),
+        dict(model=llama, recipe="trl-sft", method="full", quant="bf16", seq_len=64, batch_size=2),
+        dict(model=_m("tiny-mistral"), recipe="trl-sft", quant="nf4", seq_len=64, batch_size=1),
+        dict(model=llama, recipe="trainer", quant="nf4", seq_len=128, batch_size=2),
+        dict(model=llama, recipe="trainer", quant="nf4", seq_len=128, batch_size=2, prepare_kbit_training=True),
+        dict(model=llama, recipe="trainer", quant="int8", seq_len=128, batch_size=2, grad_checkpointing=True),
+        dict(model=llama, recipe="trainer", quant="bf16", seq_len=128, batch_size=2, grad_checkpointing=True),
+        dict(model=llama, recipe="trainer", method="full", quant="bf16", seq_len=64, batch_size=2),
+    ]
+    return [Setup(device="cpu", **r) for r in rows]

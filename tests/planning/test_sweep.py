@@ -147,7 +147,7 @@ def test_column_names_are_stable() -> None:
     assert list(f.columns) == [
         "model", "method", "quant", "double_quant", "compute_dtype", "lora_rank", "lora_targets", "lora_dropout", "seq_len",
         "batch_size", "grad_checkpointing", "optimizer", "attention", "device", "prepare_kbit_training",
-        "autocast", "variants", "rps", "serve_gpu",
+        "autocast", "recipe", "variants", "rps", "serve_gpu",
         "total_parameters", "trainable_parameters", "weights_bytes", "quant_state_bytes", "adapters_bytes", "gradients_bytes",
         "optimizer_states_bytes", "optimizer_paged_bytes", "activations_bytes", "logits_bytes", "transients_bytes",
         "overhead_bytes", "allocated_peak_bytes", "peak_bytes", "peak_phase",

@@ -248,8 +248,10 @@ def test_sweep_loads_the_model_and_prices_training_once(monkeypatch: pytest.Monk
             return fn(*args, **kwargs)
         return wrapper
 
-    monkeypatch.setattr(fleet, "load_model", counted("load_model", fleet.load_model))
-    monkeypatch.setattr(fleet, "training_cost", counted("training_cost", fleet.training_cost))
+    from memplan.serving import strategies  # where the N-independent context is built
+
+    monkeypatch.setattr(strategies, "load_model", counted("load_model", strategies.load_model))
+    monkeypatch.setattr(strategies, "training_cost", counted("training_cost", strategies.training_cost))
     sw = sweep_variants(PlanInputs(model="llama2-7b", variants=1, gpu="a10g", rps=5.0), [1, 10, 100, 1000])
     assert sw.crossovers  # the bisection ran
     assert calls == {"load_model": 1, "training_cost": 2}
