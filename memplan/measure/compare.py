@@ -66,7 +66,8 @@ def compare_record(record: dict[str, Any]) -> list[dict[str, Any]]:
     ]
     if setup.device == "cuda":
         pairs.append(("device_peak", mem["peak"], m.get("nvml_peak_bytes")))
-    base = {"id": record["id"], "layers": record.get("layers"), "device_name": (record.get("env") or {}).get("device_name")}
+    base = {"id": record["id"], "label": setup.label(layers=record.get("layers")), "layers": record.get("layers"),
+            "device_name": (record.get("env") or {}).get("device_name")}
     d = setup.to_dict()
     for col in _SETUP_COLUMNS:
         base[col] = ",".join(d[col]) if col == "lora_targets" and d[col] else d[col]
@@ -89,5 +90,5 @@ def compare_records(records: Iterable[dict[str, Any]]) -> "pd.DataFrame":
     rows: list[dict[str, Any]] = []
     for r in records:
         rows += compare_record(r)
-    columns = ["id", *_SETUP_COLUMNS, "layers", "device_name", "component", "predicted_bytes", "measured_bytes", "rel_error"]
+    columns = ["id", "label", *_SETUP_COLUMNS, "layers", "device_name", "component", "predicted_bytes", "measured_bytes", "rel_error"]
     return pd.DataFrame(rows, columns=columns)

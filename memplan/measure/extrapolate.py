@@ -113,7 +113,7 @@ def depth_frame(records: Iterable[dict[str, Any]]) -> "pd.DataFrame":
     for f in depth_fits(records):
         s = f.setup
         rows.append({
-            "model": s.model, "method": s.method, "quant": s.quant, "double_quant": s.double_quant, "lora_rank": s.lora_rank,
+            "label": s.label(), "model": s.model, "method": s.method, "quant": s.quant, "double_quant": s.double_quant, "lora_rank": s.lora_rank,
             "lora_targets": ",".join(s.lora_targets) if s.lora_targets else None, "seq_len": s.seq_len, "batch_size": s.batch_size,
             "grad_checkpointing": s.grad_checkpointing, "optimizer": s.optimizer, "device_name": f.device_name, "metric": f.metric,
             "depths": ",".join(map(str, f.depths)), "full_depth": f.full_depth, "per_layer_bytes": round(f.per_layer_bytes),

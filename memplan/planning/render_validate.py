@@ -93,12 +93,7 @@ def render_comparison(frame: pd.DataFrame, fmt: str) -> str:
     out = []
     for run_id, group in frame.groupby("id", sort=False):
         first = group.iloc[0]
-        layers = "" if pd.isna(first["layers"]) else f" (first {int(first['layers'])} layers)"
-        quant = first["quant"] + ("+dq" if first["double_quant"] else "")
-        lora = f" r{first['lora_rank']}:{first['lora_targets'] or 'default'}" if first["method"] == "lora" else ""
-        gc = " gc" if first["grad_checkpointing"] else ""
-        out.append(f"{first['model']}{layers}  {first['method']} {quant}{lora}  seq {first['seq_len']} batch {first['batch_size']}{gc}  "
-                   f"{first['optimizer']}  on {first['device_name']}  [{run_id[:8]}]")
+        out.append(f"{first['label']}  on {first['device_name']}  [{run_id[:8]}]")
         rows = []
         for _, r in group.iterrows():
             rel = "-" if pd.isna(r["rel_error"]) else f"{100 * r['rel_error']:+.1f}%"
@@ -121,7 +116,7 @@ def render_extrapolation(records: list[dict[str, Any]], fmt: str) -> str:
         return "no setup was measured at two or more truncated depths (memplan profile --layers N --layers M)"
     rows = []
     for r in frame.to_dict("records"):
-        label = f"{r['model']} {r['method']} {r['quant']}{'+dq' if r['double_quant'] else ''} s{r['seq_len']} b{r['batch_size']}"
+        label = r["label"]
         full = "-" if r["measured_full_bytes"] is None or r["measured_full_bytes"] != r["measured_full_bytes"] else (
             f"{format_bytes(int(r['measured_full_bytes']))} ({100 * r['extrapolation_error']:+.2f}%)")
         rows.append([label, r["metric"].replace("_bytes", ""), f"L{r['depths']} -> {r['full_depth']}", format_bytes(r["per_layer_bytes"]),

@@ -164,6 +164,10 @@ class _Fixed:
 
 def _fixed_parts(spec: ModelSpec, setup: Setup) -> _Fixed:
     plan = plan_lora(spec, setup.lora_rank, setup.lora_targets) if setup.method == "lora" else None
+    if plan is not None and plan.param_targets and setup.lora_dropout:
+        # peft/tuners/lora/layer.py::ParamWrapper.__init__ refuses lora_dropout != 0.
+        raise SetupError(f"PEFT cannot put LoRA dropout on {', '.join(p.name for p in plan.param_targets)} (lora.ParamWrapper, "
+                         "a fused parameter, not an nn.Linear); use --lora-dropout 0 or leave those modules out of --lora-targets")
     # prepare_model_for_kbit_training casts every non-quantized fp16/bf16 parameter to fp32.
     load_dtype = "fp32" if setup.prepare_kbit_training else setup.compute_dtype
     wb = weight_bytes(spec, setup.quant, double_quant=setup.double_quant, compute_dtype=load_dtype)

@@ -10,7 +10,7 @@ session):
 - the regression subset of the fixed CPU matrix (validation_matrix.REGRESSION), checked by
   test_validation_cpu.py (the whole matrix is the `full_matrix` tier);
 - test_profiler.py's six acceptance setups (validation_matrix.PROFILE_CASES).
-- real transformers Trainer / TRL SFTTrainer steps (validation_matrix.recipe_matrix, when trl is
+- real transformers Trainer / TRL SFTTrainer steps (validation_matrix.recipe_regression, when trl is
   installed), checked by test_recipes_cpu.py.
 
 The ledger counts bytes, not time, so two runs side by side measure what one run alone does.
@@ -87,7 +87,7 @@ def cpu_campaign(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.
     pytest.importorskip("torch")
     pytest.importorskip("bitsandbytes")
     pytest.importorskip("peft")
-    from validation_matrix import PROFILE_CASES, PROFILE_DEFAULTS, PROFILE_STEPS, RECIPE_STEPS, recipe_matrix, regression
+    from validation_matrix import PROFILE_CASES, PROFILE_DEFAULTS, PROFILE_STEPS, RECIPE_STEPS, recipe_regression, regression
 
     from memplan.measure.profiler.campaign import Job, run_campaign
     from memplan.measure.profiler.device import collect_env
@@ -110,7 +110,7 @@ def cpu_campaign(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.
     jobs += [Job(s, None, 3) for s in regression()]
     jobs += [Job(Setup(model=str(profile_model), **PROFILE_DEFAULTS, **f), None, PROFILE_STEPS) for f in PROFILE_CASES.values()]
     if importlib.util.find_spec("trl") is not None:  # real Trainer / SFTTrainer steps (test_recipes_cpu.py)
-        jobs += [Job(s, None, RECIPE_STEPS) for s in recipe_matrix()]
+        jobs += [Job(s, None, RECIPE_STEPS) for s in recipe_regression()]
     campaign = CpuCampaign(out=root / "runs.jsonl", checkpoints=root / "checkpoints", seed=validation_seed, cases=cases,
                            profile_model=profile_model)
     result = run_campaign(jobs, out=campaign.out, env=collect_env("cpu"), workers=WORKERS, timeout_s=600,

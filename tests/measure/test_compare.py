@@ -87,7 +87,7 @@ def test_validate_cli_table_csv_and_measured(tmp_path: Path, capsys: pytest.Capt
     assert "weights" in out and "peak" in out and "%" in out
     assert main(["validate", str(path), "--format", "csv"]) == 0
     header, *rows = capsys.readouterr().out.strip().splitlines()
-    assert header.startswith("id,model,") and len(rows) == 7
+    assert header.startswith("id,label,model,") and len(rows) == 7
     assert main(["validate", str(path), "--measured"]) == 0
     out = capsys.readouterr().out
     assert "oom" in out and "ok" in out

@@ -8,7 +8,7 @@ most 1%; each category the ledger attributes within 5%.
 Two tiers run the same assertions:
 - `regression` (every CI run): the 12-run subset validation_matrix.REGRESSION, measured in
   the session's shared campaign (tests/measure/conftest.py);
-- `full` (`python -m pytest -m full_matrix`): all 51 runs of validation_matrix.matrix(), two
+- `full` (`python -m pytest -m full_matrix`): every run of validation_matrix.matrix() (53), two
   workers, the table kept as reports/validation_cpu.csv.
 The comparison table is printed in the terminal summary.
 """
