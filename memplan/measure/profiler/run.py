@@ -115,13 +115,46 @@ class _Session:
         return entry
 
 
-def _tensors_of_state(optimizer: Any) -> list[Any]:
+def optimizer_state_tensors(optimizer: Any) -> list[Any]:
+    """Every tensor the optimizer keeps as state (unwrapping accelerate's AcceleratedOptimizer)."""
     import torch
 
+    opt = getattr(optimizer, "optimizer", optimizer)
     out = []
-    for state in optimizer.state.values():
+    for state in opt.state.values():
         out += [v for v in state.values() if isinstance(v, torch.Tensor)]
     return out
+
+
+def adopt_model(led: Any, model: Any) -> None:
+    """Put every storage the model holds (parameters, buffers, bitsandbytes quant state) in the ledger."""
+    from memplan.measure.profiler import build
+
+    led.adopt(model.parameters(), "parameters")
+    led.adopt(model.buffers(), "parameters")
+    led.adopt(build.quant_state_tensors(model), "parameters")
+
+
+def load_phase(s: _Session, spec: ModelSpec, setup: Setup, ckpt: Path, measured: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The `load` phase: `from_pretrained` (quantized) of the random checkpoint, weights measured."""
+    from memplan.measure.profiler import build
+
+    s.begin("load")
+    model = build.load_model(spec, setup, ckpt)
+    adopt_model(s.ledger, model)
+    entry = s.end("load")
+    measured["weights_bytes"] = s.ledger.category_bytes("parameters")
+    return model, entry
+
+
+def record_trainable(led: Any, params: list[Any], measured: dict[str, Any]) -> None:
+    """What the setup made trainable, and every parameter byte after it."""
+    if not params:
+        raise ProfileError("the setup leaves no trainable parameter; check --lora-targets")
+    measured["trainable_parameters"] = sum(p.numel() for p in params)
+    measured["trainable_tensors"] = len(params)
+    measured["trainable_bytes"] = led.storage_bytes(params)
+    measured["parameters_bytes"] = led.category_bytes("parameters")
 
 
 def _run(setup: Setup, spec: ModelSpec, steps: int, ckpt: Path, s: _Session, measured: dict[str, Any]) -> None:
@@ -131,13 +164,7 @@ def _run(setup: Setup, spec: ModelSpec, steps: int, ckpt: Path, s: _Session, mea
 
     led = s.ledger
     with led:
-        s.begin("load")
-        model = build.load_model(spec, setup, ckpt)
-        led.adopt(model.parameters(), "parameters")
-        led.adopt(model.buffers(), "parameters")
-        led.adopt(build.quant_state_tensors(model), "parameters")
-        load = s.end("load")
-        measured["weights_bytes"] = led.category_bytes("parameters")
+        model, load = load_phase(s, spec, setup, ckpt, measured)
         if s.meter is not None:
             measured["weights_allocated_bytes"] = load["allocated_bytes"]
 
@@ -147,14 +174,9 @@ def _run(setup: Setup, spec: ModelSpec, steps: int, ckpt: Path, s: _Session, mea
         if not params:
             raise ProfileError("the setup leaves no trainable parameter; check --lora-targets")
         optimizer = build.make_optimizer(setup, params)
-        led.adopt(model.parameters(), "parameters")
-        led.adopt(model.buffers(), "parameters")
-        led.adopt(build.quant_state_tensors(model), "parameters")
+        adopt_model(led, model)
         s.end("setup")
-        measured["trainable_parameters"] = sum(p.numel() for p in params)
-        measured["trainable_tensors"] = len(params)
-        measured["trainable_bytes"] = led.storage_bytes(params)
-        measured["parameters_bytes"] = led.category_bytes("parameters")
+        record_trainable(led, params, measured)
 
         device = torch.device("cuda", 0) if setup.device == "cuda" else torch.device("cpu")
         forward = build.training_forward(model, setup)
@@ -182,14 +204,14 @@ def _run(setup: Setup, spec: ModelSpec, steps: int, ckpt: Path, s: _Session, mea
                 scaler.update()
             else:
                 optimizer.step()
-            led.adopt(_tensors_of_state(optimizer), "optimizer_state")
+            led.adopt(optimizer_state_tensors(optimizer), "optimizer_state")
             optimizer.zero_grad(set_to_none=True)
             s.end(prefix + "optimizer")
             if k == steps:
                 led.close_window()
                 measured["gradients_bytes"] = grads
                 measured["activations_bytes"] = fwd["ledger_by_category"]["activations"]
-                state = _tensors_of_state(optimizer)
+                state = optimizer_state_tensors(optimizer)
                 # bnb paged state lives in unified memory behind a CPU-side tensor
                 # (`bitsandbytes/functional.py::get_paged`): counted apart, added to the total.
                 paged = sum(t.untyped_storage().nbytes() for t in state if getattr(t, "is_paged", False))

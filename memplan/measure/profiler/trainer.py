@@ -79,6 +79,7 @@ def run_trainer(setup: Setup, spec: ModelSpec, steps: int, ckpt: Path, s: Any, m
     import transformers
 
     from memplan.measure.profiler import build
+    from memplan.measure.profiler.run import adopt_model, load_phase, optimizer_state_tensors, record_trainable
 
     if setup.optimizer not in _OPTIM:
         raise ProfileError(f"--recipe {setup.recipe} runs take TrainingArguments.optim names; {setup.optimizer} has none")
@@ -125,7 +126,7 @@ def run_trainer(setup: Setup, spec: ModelSpec, steps: int, ckpt: Path, s: Any, m
         def on_optimizer_step(self, args, tstate, control, **kwargs):  # noqa: ANN001
             opt = kwargs.get("optimizer")
             if opt is not None:
-                led.adopt(_state_tensors(opt), "optimizer_state")
+                led.adopt(optimizer_state_tensors(opt), "optimizer_state")
 
         def on_step_end(self, args, tstate, control, **kwargs):  # noqa: ANN001
             prefix = state["prefix"]
@@ -133,7 +134,7 @@ def run_trainer(setup: Setup, spec: ModelSpec, steps: int, ckpt: Path, s: Any, m
             if state["k"] == steps:
                 led.close_window()
                 opt = kwargs.get("optimizer")
-                tensors = _state_tensors(opt) if opt is not None else []
+                tensors = optimizer_state_tensors(opt) if opt is not None else []
                 paged = sum(t.untyped_storage().nbytes() for t in tensors if getattr(t, "is_paged", False))
                 measured["gradients_bytes"] = state["grads"]
                 measured["activations_bytes"] = state["fwd"]["ledger_by_category"]["activations"]
@@ -141,13 +142,7 @@ def run_trainer(setup: Setup, spec: ModelSpec, steps: int, ckpt: Path, s: Any, m
                 measured["optimizer_paged_bytes"] = paged
 
     with led:
-        s.begin("load")
-        model = build.load_model(spec, setup, ckpt)
-        led.adopt(model.parameters(), "parameters")
-        led.adopt(model.buffers(), "parameters")
-        led.adopt(build.quant_state_tensors(model), "parameters")
-        s.end("load")
-        measured["weights_bytes"] = led.category_bytes("parameters")
+        model, _ = load_phase(s, spec, setup, ckpt, measured)
 
         s.begin("setup")
         dataset = _dataset(setup, spec, steps)
@@ -170,17 +165,10 @@ def run_trainer(setup: Setup, spec: ModelSpec, steps: int, ckpt: Path, s: Any, m
             trainer = _mixin(transformers.Trainer)(model=model, args=args, train_dataset=dataset,
                                                    data_collator=transformers.default_data_collator, callbacks=[Phases()])
         model = trainer.model
-        led.adopt(model.parameters(), "parameters")
-        led.adopt(model.buffers(), "parameters")
-        led.adopt(build.quant_state_tensors(model), "parameters")
+        adopt_model(led, model)
         params = [p for p in model.parameters() if p.requires_grad]
-        if not params:
-            raise ProfileError("the setup leaves no trainable parameter; check --lora-targets")
         s.end("setup")
-        measured["trainable_parameters"] = sum(p.numel() for p in params)
-        measured["trainable_tensors"] = len(params)
-        measured["trainable_bytes"] = led.storage_bytes(params)
-        measured["parameters_bytes"] = led.category_bytes("parameters")
+        record_trainable(led, params, measured)
         measured["trainable_dtypes"] = sorted({str(p.dtype).replace("torch.", "") for p in params})
         torch.manual_seed(0)
         trainer.train()
@@ -193,13 +181,3 @@ def _no_ckpt(setup: Setup) -> Setup:
 
     # prepare_model_for_kbit_training stays (the user's script calls it); Trainer does the checkpointing.
     return dataclasses.replace(setup, grad_checkpointing=False, recipe="plain") if not setup.prepare_kbit_training else setup
-
-
-def _state_tensors(optimizer: Any) -> list[Any]:
-    import torch
-
-    opt = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
-    out = []
-    for st in opt.state.values():
-        out += [v for v in st.values() if isinstance(v, torch.Tensor)]
-    return out
