@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from memplan.model.lora import plan_lora, rank_above_capacity
 from memplan.model.storage import FLOAT_BYTES, is_quantized, weight_bytes
+from memplan.training.recipes import FUSED_TOKEN_CHUNK, FUSED_VOCAB_CHUNK
 from memplan.units import format_bytes
 
 if TYPE_CHECKING:
@@ -106,7 +107,8 @@ def _recipe(est: "Estimate") -> list[str]:
             out.append(f"SFTTrainer casts the trainable LoRA parameters to bf16 on a quantized base: adapters, gradients and "
                        f"Adam states take 2 bytes each ({_gib(est.memory.adapters)} of adapters)")
         out.append("SFTTrainer computes the loss, entropy and token accuracy through TRL's fused LM head: no b×s×vocab logits; "
-                   "[min(b·s, 4096) × 32768] compute-dtype tiles (trl/kernels/chunked_logprob.py), recomputed in backward")
+                   f"[min(b·s, {FUSED_TOKEN_CHUNK}) × {FUSED_VOCAB_CHUNK}] compute-dtype tiles (trl/kernels/chunked_logprob.py), "
+                   "recomputed in backward")
         if s.grad_checkpointing:
             out.append("SFTConfig turns gradient checkpointing on by default (use_reentrant=False), and SFTTrainer calls "
                        "enable_input_require_grads for PEFT models" if s.method == "lora" else
