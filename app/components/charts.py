@@ -16,6 +16,9 @@ PART_COLORS = {
     "adapters": "#72B7B2",
     "gradients": "#F58518",
     "optimizer_states": "#E45756",
+    "master_weights": "#FF9DA6",
+    "comm_buffers": "#BAB0AC",
+    "gathered": "#79706E",
     "activations": "#54A24B",
     "logits": "#EECA3B",
     "transients": "#B279A2",
@@ -49,8 +52,9 @@ def _layout(fig: go.Figure, *, height: int) -> go.Figure:
     return fig
 
 
-def breakdown_chart(parts: Sequence[BreakdownPart], *, capacity: float, unit: str, capacity_label: str) -> go.Figure:
-    """One horizontal stacked bar (the peak's parts) against the GPU's usable memory, both in `unit` (GiB or TiB)."""
+def breakdown_chart(parts: Sequence[BreakdownPart], *, capacity: float, unit: str, capacity_label: str, per_gpu: bool = False) -> go.Figure:
+    """One horizontal stacked bar (the peak's parts) against the GPU's usable memory, both in `unit` (GiB or TiB);
+    `per_gpu`: the bar is one GPU's share under a parallel layout, and the axis says so."""
     fig = go.Figure()
     for p in parts:
         fig.add_bar(
@@ -65,7 +69,8 @@ def breakdown_chart(parts: Sequence[BreakdownPart], *, capacity: float, unit: st
     _layout(fig, height=230)
     fig.update_layout(barmode="stack", uniformtext=dict(mode="hide", minsize=12), legend_traceorder="normal")
     # Room for whichever is longer, the bar or the capacity line (display only).
-    fig.update_xaxes(title_text={"GiB": "GiB (2³⁰ bytes)", "TiB": "TiB (2⁴⁰ bytes)"}[unit],
+    axis = {"GiB": "GiB (2³⁰ bytes)", "TiB": "TiB (2⁴⁰ bytes)"}[unit]
+    fig.update_xaxes(title_text=axis.replace(" (", " per GPU (", 1) if per_gpu else axis,
                      range=[0, 1.06 * max(capacity, sum(p.value for p in parts))])
     fig.update_yaxes(visible=False, range=[-0.6, 0.6])
     return fig

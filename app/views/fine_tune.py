@@ -101,6 +101,36 @@ with st.sidebar:
             init("ft_lora_dropout", DEFAULTS["lora_dropout"])
             dropout = float(st.number_input("LoRA dropout", min_value=0.0, max_value=0.99, step=0.05, key="ft_lora_dropout",
                                             help="lora_dropout: above 0 each adapted input is copied for backward."))
+    st.header("GPUs and sharding")
+    init("ft_gpus", DEFAULTS["gpus"])
+    n_gpus = int(st.number_input("GPUs", min_value=1, max_value=appdata.MAX_APP_GPUS, step=1, key="ft_gpus",
+                                 help="World size: GPUs in the job. The batch size stays per GPU."))
+    per_node = None
+    if n_gpus > 1:
+        init("ft_gpus_per_node", 8)
+        per_node = int(st.number_input("GPUs per node", min_value=1, max_value=appdata.MAX_APP_GPUS, step=1, key="ft_gpus_per_node",
+                                       help="GPUs per server (8 on p5/p4d/DGX); FSDP hybrid shards within a node."))
+    layouts = appdata.parallel_choices(n_gpus)
+    init("ft_parallel", DEFAULTS["parallel"] if n_gpus == 1 else "ddp", layouts)  # past one GPU a layout is needed
+    parallel = st.selectbox("Sharding", layouts, key="ft_parallel", format_func=appdata.parallel_label,
+                            help="DDP, FSDP (accelerate / Trainer fsdp) or DeepSpeed ZeRO stage.")
+    fsdp_version = DEFAULTS["fsdp_version"]
+    if appdata.fsdp_version_applies(parallel):
+        init("ft_fsdp_version", DEFAULTS["fsdp_version"], appdata.FSDP_VERSIONS)
+        fsdp_version = st.selectbox("FSDP version", appdata.FSDP_VERSIONS, key="ft_fsdp_version",
+                                    format_func={1: "1: FullyShardedDataParallel", 2: "2: fully_shard"}.get)
+    offload = DEFAULTS["offload"]
+    offloads = appdata.offload_choices(parallel)
+    if len(offloads) > 1:
+        init("ft_offload", DEFAULTS["offload"], offloads)
+        offload = st.selectbox("Offload to host RAM", offloads, key="ft_offload",
+                               help="FSDP CPUOffload / DeepSpeed offload_optimizer, offload_param.")
+    quant_storage = DEFAULTS["quant_storage"]
+    storages = appdata.quant_storage_choices(quant, parallel, compute_dtype)
+    if storages:
+        init("ft_quant_storage", DEFAULTS["quant_storage"] if DEFAULTS["quant_storage"] in storages else storages[0], storages)
+        quant_storage = st.selectbox("4-bit quant storage", storages, key="ft_quant_storage",
+                                     help="bnb_4bit_quant_storage: FSDP and ZeRO-3 flatten the base, so it must be the compute dtype.")
     st.header("GPU")
     gpu = gpu_choice("ft_gpu", gpus)
 
@@ -112,7 +142,8 @@ with shown_errors():
     setup = Setup(model=spec.name, method=method, quant=quant, double_quant=double_quant, compute_dtype=compute_dtype,
                   lora_rank=rank, lora_targets=targets, lora_dropout=dropout, seq_len=seq_len, batch_size=batch_size,
                   grad_checkpointing=checkpointing, optimizer=optimizer, attention=attention, device="cuda",
-                  prepare_kbit_training=prepare_kbit, autocast=autocast)
+                  prepare_kbit_training=prepare_kbit, autocast=autocast, gpus=n_gpus, gpus_per_node=per_node, parallel=parallel,
+                  fsdp_version=fsdp_version, offload=offload, quant_storage=quant_storage)
     est = estimate(setup, model=spec)
     fit = fit_on(est, gpu)
     limits = limits_on(setup, gpu, spec=spec)
@@ -120,12 +151,16 @@ with shown_errors():
 st.title(f"Fine-tune {spec.name}")
 st.caption(f"{spec.architecture} ({spec.model_type}), {spec.num_layers} layers, hidden {spec.hidden_size}. "
            f"Source: {spec.source or 'uploaded'}")
+per_gpu = appdata.is_per_gpu(est)
+if per_gpu:
+    st.info(appdata.layout_caption(est), icon=":material/memory:")
 if est.notes:  # the library behaviours behind the number (memplan.training.notes)
     st.markdown("\n".join(f"- {n}" for n in est.notes), help="Notes: library behaviours that drive this estimate.")
 
 # Two rows of three: six cards side by side clip "12.55 GiB" at 1280 px.
 cols = [c for row in (st.columns(3), st.columns(3)) for c in row]
-cols[0].metric("Peak memory", format_bytes(est.memory.peak), help=f"{est.memory.peak:,} bytes; peak phase: {est.memory.peak_phase}")
+cols[0].metric("Peak memory per GPU" if per_gpu else "Peak memory", format_bytes(est.memory.peak),
+               help=f"{est.memory.peak:,} bytes; peak phase: {est.memory.peak_phase}")
 cols[1].metric(f"{gpu.key} usable", format_bytes(fit.usable_bytes), help=f"{fit.usable_bytes:,} bytes (nvidia-smi total)")
 cols[2].metric("Headroom", format_bytes(fit.headroom_bytes), delta=fit_verdict(fit.fits),
                delta_color="normal" if fit.fits else "inverse", delta_arrow="off", help=f"{fit.headroom_bytes:,} bytes")
@@ -135,16 +170,22 @@ adapter = est.adapter_file_bytes.get("fp32")
 cols[5].metric("Adapter file (fp32)", format_bytes(adapter, decimal=True) if adapter else "none",
                help=f"adapter_model.safetensors: {adapter:,} bytes" if adapter else "full fine-tuning saves the whole model")
 
+host = appdata.host_rows(est)
+if host:  # offloaded state: host RAM is a limit too
+    for col, (label, value, hint) in zip(st.columns(3), host):
+        col.metric(label, value, help=hint)
+
 unit = appdata.axis_unit(max(est.memory.peak, fit.usable_bytes))
 st.plotly_chart(
     breakdown_chart(appdata.breakdown(est, unit=unit), capacity=appdata.in_unit(fit.usable_bytes, unit), unit=unit,
-                    capacity_label=f"{gpu.name} usable: {format_bytes(fit.usable_bytes)}"),
+                    capacity_label=f"{'one ' if per_gpu else ''}{gpu.name} usable: {format_bytes(fit.usable_bytes)}", per_gpu=per_gpu),
     key="ft_breakdown", config={"displayModeBar": False},
 )
 note = "" if est.device_terms.source != "none" else " No CUDA device terms calibrated yet: the peak leaves out the CUDA context."
-st.caption(f"Memory at the step's peak ({est.memory.peak_phase}); the parts add up to the peak. GiB = 2³⁰ bytes, GB = 10⁹ bytes.{note}")
+st.caption(f"Memory {'of one GPU ' if per_gpu else ''}at the step's peak ({est.memory.peak_phase}); the parts add up to the peak. "
+           f"GiB = 2³⁰ bytes, GB = 10⁹ bytes.{note}")
 
-st.subheader(f"Largest that fits on {gpu.key}")
+st.subheader(f"Largest that fits per GPU on {setup.gpus:,} x {gpu.key}" if per_gpu else f"Largest that fits on {gpu.key}")
 a, b, c = st.columns(3)
 # Full width: three cards in two fifths of the page clipped their labels.
 a.metric(f"Batch (seq {seq_len:,})", f"{limits.max_batch_size:,}")
@@ -157,7 +198,7 @@ if limits.max_batch_size == 0:
 
 left, right = st.columns([3, 2])
 with left:
-    st.subheader("Catalog GPUs")
+    st.subheader("Catalog GPUs (per GPU)" if per_gpu else "Catalog GPUs")
     st.dataframe(appdata.fit_rows(est, gpus), hide_index=True, height="content", key="ft_fits")
 with right:
     st.subheader("At the peak")

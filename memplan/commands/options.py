@@ -15,6 +15,7 @@ import click
 from memplan.model.storage import QUANTS
 from memplan.planning.labels import choices_text
 from memplan.serving.launch import ENGINES
+from memplan.training.parallel import OFFLOADS, PARALLELS, QUANT_STORAGES
 from memplan.training.setup import ATTENTIONS, AUTOCASTS, DEVICES, METHODS, OPTIMIZERS, RECIPES, Setup
 
 __all__ = ["MODEL_HELP", "setup_options", "setup_from_kwargs", "SETUP_FLAGS", "output_format", "GRID_FLAGS", "grid_options", "grid_from_options",
@@ -41,13 +42,20 @@ SETUP_FLAGS: tuple[tuple[tuple[str, ...], dict[str, Any]], ...] = (
     (("--prepare-kbit-training/--no-prepare-kbit-training",), dict(default=False, show_default=True, help="PEFT prepare_model_for_kbit_training.")),
     (("--autocast",), dict(default="none", show_default=True, help=choices_text(AUTOCASTS) + ": fp32 master weights (--quant fp32) with the forward under torch.autocast (Trainer's bf16=True / fp16=True).")),
     (("--recipe",), dict(default="plain", show_default=True, help=choices_text(RECIPES) + ": who runs the step (memplan's loop, transformers Trainer, TRL SFTTrainer, axolotl).")),
+    (("--modules-to-save",), dict(default=None, help="Comma list of modules PEFT trains as full copies beside the adapters (embed_tokens,lm_head).")),
+    (("--gpus",), dict(default=1, type=int, show_default=True, help="World size: GPUs in the job (--batch-size stays per GPU).")),
+    (("--gpus-per-node",), dict(default=None, type=int, help="GPUs per node  [default: min(--gpus, 8)]")),
+    (("--parallel",), dict(default="none", show_default=True, help=choices_text(PARALLELS) + ": DDP, FSDP (full shard, shard-grad-op, hybrid) or DeepSpeed ZeRO stage.")),
+    (("--fsdp-version",), dict(default=1, type=int, show_default=True, help="1: FullyShardedDataParallel (FlatParameter); 2: fully_shard (per-parameter).")),
+    (("--offload",), dict(default="none", show_default=True, help=choices_text(OFFLOADS) + ": FSDP CPUOffload / DeepSpeed offload_optimizer, offload_param.")),
+    (("--quant-storage",), dict(default="uint8", show_default=True, help=choices_text(QUANT_STORAGES) + ": bnb_4bit_quant_storage (FSDP and ZeRO-3 need the compute dtype).")),
 )
 
 
 def setup_options(fn: Callable) -> Callable:
     for decls, kwargs in reversed(SETUP_FLAGS):
         fn = click.option(*decls, **kwargs)(fn)
-    # Not in SETUP_FLAGS: `profile` repeats those flags, and reads no config file (yet).
+    # Not in SETUP_FLAGS: `profile` repeats those flags and takes its own --from (the campaign's base).
     return click.option("--from", "from_file", default=None, type=click.Path(exists=True),
                         help="Read the setup from an axolotl YAML, a TRL SFTConfig / TrainingArguments YAML or JSON, "
                              "a PEFT adapter_config.json or a model folder; flags given override it.")(fn)
@@ -73,7 +81,8 @@ def setup_from_kwargs(kwargs: dict[str, Any]) -> Setup:
 
     targets = parse_lora_targets(kwargs.pop("lora_targets"))
     names = ("model", "method", "quant", "double_quant", "compute_dtype", "lora_rank", "lora_dropout", "seq_len",
-             "batch_size", "grad_checkpointing", "optimizer", "attention", "device", "prepare_kbit_training", "autocast", "recipe")
+             "batch_size", "grad_checkpointing", "optimizer", "attention", "device", "prepare_kbit_training", "autocast", "recipe",
+             "modules_to_save", "gpus", "gpus_per_node", "parallel", "fsdp_version", "offload", "quant_storage")
     values = {n: kwargs.pop(n) for n in names}
     from_file = kwargs.pop("from_file", None)
     if from_file is not None:
@@ -93,6 +102,8 @@ def setup_from_kwargs(kwargs: dict[str, Any]) -> Setup:
             click.echo(line, err=True)
     if values["model"] is None:
         raise click.UsageError("Missing option '--model' / '-m' (or a --from file that names the model).")
+    if isinstance(values["modules_to_save"], str):
+        values["modules_to_save"] = tuple(n for n in values["modules_to_save"].split(","))
     if values["attention"] is None:
         from memplan.model.architectures import default_attention
         from memplan.model.catalog import load_model
@@ -121,6 +132,14 @@ GRID_FLAGS: dict[str, tuple[tuple[str, ...], str]] = {
     "device": (("--device",), choices_text(DEVICES, ", ") + "."),
     "prepare_kbit_training": (("--prepare-kbit-training",), "true, false."),
     "autocast": (("--autocast",), choices_text(AUTOCASTS, ", ") + " (fp32 bases only: mixed precision)."),
+    "recipe": (("--recipe",), choices_text(RECIPES, ", ") + " (who runs the step)."),
+    "modules_to_save": (("--modules-to-save",), "ONE set per flag: embed_tokens,lm_head | none (PEFT's trainable copies)."),
+    "gpus": (("--gpus",), "World sizes: GPUs per job (--batch-size stays per GPU; more than 1 needs --parallel)."),
+    "gpus_per_node": (("--gpus-per-node",), "GPUs per node [default: min(--gpus, 8)]."),
+    "parallel": (("--parallel",), choices_text(PARALLELS, ", ") + "."),
+    "fsdp_version": (("--fsdp-version",), "1, 2 (FSDP layouts only)."),
+    "offload": (("--offload",), choices_text(OFFLOADS, ", ") + " (FSDP / ZeRO layouts only)."),
+    "quant_storage": (("--quant-storage",), choices_text(QUANT_STORAGES, ", ") + " (bnb_4bit_quant_storage, nf4/fp4 only)."),
     "gpu": (("--gpu", "-g"), "GPUs to check every setup against [default: the whole catalog]."),
     "variants": (("--variants", "-n"), "Fleet: numbers of fine-tuned variants N."),
     "rps": (("--rps",), "Fleet: requests per second over all variants."),
@@ -130,17 +149,23 @@ GRID_FLAGS: dict[str, tuple[tuple[str, ...], str]] = {
 
 
 def grid_options(fn: Callable) -> Callable:
-    """Every grid flag, plus --grid FILE."""
+    """Every grid flag, plus --grid FILE and --from FILE (the base values)."""
     for key, (decls, help_text) in reversed(GRID_FLAGS.items()):
         fn = click.option(*decls, key, multiple=True, default=(), metavar="LIST", help=help_text)(fn)
+    fn = click.option("--from", "from_file", default=None, type=click.Path(exists=True),
+                      help="Base values from an axolotl YAML, a TRL SFTConfig / TrainingArguments YAML or JSON, a PEFT "
+                           "adapter_config.json or a model folder (as `memplan estimate --from`); --grid keys and flags override them.")(fn)
     return click.option("--grid", "grid_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
                         help="YAML or JSON grid file (keys: the flag names in snake_case).")(fn)
 
 
 def grid_from_options(grid_file: Path | None, kwargs: dict[str, Any]) -> Any:
-    """Pop the grid flags out of `kwargs`; read and check the grid (raises GridError before any work)."""
+    """Pop the grid flags out of `kwargs`; read and check the grid (raises GridError before any work).
+
+    Precedence, lowest first: a `--from` file's fields (its summary goes to stderr, as
+    `estimate --from` prints it), the `--grid` file's keys, the flags."""
     from memplan.errors import MemplanError
-    from memplan.planning.grid import load_grid, parse_grid, values_from_text
+    from memplan.planning.grid import config_base, load_grid, parse_grid, values_from_text
 
     flags = {}
     for key in GRID_FLAGS:
@@ -148,8 +173,20 @@ def grid_from_options(grid_file: Path | None, kwargs: dict[str, Any]) -> Any:
         if texts:
             values = values_from_text(key, texts)
             flags[key] = values if len(values) > 1 else values[0]
+    base: dict[str, Any] = {}
+    from_file = kwargs.pop("from_file", None)
+    if from_file is not None:
+        from memplan.training.config_files import read_config
+
+        plan = read_config(from_file)
+        base, left_out = config_base(plan.fields)
+        for line in plan.summary():
+            click.echo(line, err=True)
+        if left_out:
+            click.echo(f"not a grid key, left out of the grid: {', '.join(left_out)}", err=True)
+    source = f"--from {from_file}" if from_file is not None else ""
     if grid_file is not None:
-        return load_grid(grid_file, overrides=flags)
-    if not flags:
-        raise MemplanError("give a grid: --grid grid.yaml, or flags such as --model llama2-7b --quant bf16,nf4")
-    return parse_grid(flags, source="flags")
+        return load_grid(grid_file, overrides=flags, base=base, base_source=source)
+    if not flags and not base:
+        raise MemplanError("give a grid: --grid grid.yaml, --from a trainer config, or flags such as --model llama2-7b --quant bf16,nf4")
+    return parse_grid({**base, **flags}, source=" + ".join(x for x in (source, "flags" if flags else "") if x))

@@ -43,8 +43,21 @@ def _flag_values(kwargs: dict[str, Any]) -> dict[str, list[Any]]:
 
             for v in given:
                 parse_lora_targets(v)
+        if name == "modules_to_save":  # each flag is one comma list of module names (one value)
+            given = tuple(tuple(n.strip() for n in v.split(",") if n.strip()) for v in given)
         values[name] = list(dict.fromkeys(given))
     return values
+
+
+def _from_file_base(path: str) -> dict[str, list[Any]]:
+    """`--from FILE`: the config's Setup fields as one-value lists (memplan.training.config_files),
+    the base that --grid keys and repeated flags replace; its summary goes to stderr."""
+    from memplan.training.config_files import read_config
+
+    plan = read_config(path)
+    for line in plan.summary():
+        click.echo(line, err=True)
+    return {name: [value] for name, value in plan.fields.items()}
 
 
 def _default_out(device: str, env: dict[str, Any]) -> Path:
@@ -119,6 +132,8 @@ class ProgressReporter:
 @click.option("--layers", "layers", multiple=True, type=click.IntRange(min=1), help="Keep only the first N decoder layers. Repeatable.")
 @click.option("--steps", default=3, show_default=True, type=click.IntRange(min=1), help="Training steps per run (steady state = the last).")
 @click.option("--grid", "grids", multiple=True, type=click.Path(exists=True, dir_okay=False), help="YAML/JSON grid file(s) of setups.")
+@click.option("--from", "from_file", default=None, type=click.Path(exists=True),
+              help="Base setup from a trainer config (as `memplan estimate --from`); --grid keys and repeated flags vary on top.")
 @click.option("--out", "-o", type=click.Path(dir_okay=False), default=None, help="JSONL file to append records to [default: ./profiles/<device>.jsonl in the working directory].")
 @click.option("--resume/--no-resume", default=True, show_default=True, help="Skip setups already recorded (ok or oom) in this environment.")
 @click.option("--sample", type=click.IntRange(min=1), default=None, help="Run a random subset of N setups.")
@@ -129,9 +144,9 @@ class ProgressReporter:
               help="Runs side by side, one subprocess each (--device cpu: the ledger counts bytes, not time).")
 @click.option("--compare", is_flag=True, help="Also print predicted vs measured for the runs.")
 @click.option("--dry-run", is_flag=True, help="List the setups and which would be skipped; run nothing.")
-def profile(layers: tuple[int, ...], steps: int, grids: tuple[str, ...], out: str | None, resume: bool, sample: int | None,
-            seed: int, run_timeout: float | None, checkpoint_dir: str | None, workers: int, compare: bool, dry_run: bool,
-            **kwargs: Any) -> None:
+def profile(layers: tuple[int, ...], steps: int, grids: tuple[str, ...], from_file: str | None, out: str | None, resume: bool,
+            sample: int | None, seed: int, run_timeout: float | None, checkpoint_dir: str | None, workers: int, compare: bool,
+            dry_run: bool, **kwargs: Any) -> None:
     """Measure real fine-tuning steps (CUDA allocator + NVML, or the CPU storage ledger).
 
     Each run loads a random-weight checkpoint through from_pretrained (bitsandbytes for
@@ -146,12 +161,13 @@ def profile(layers: tuple[int, ...], steps: int, grids: tuple[str, ...], out: st
     flags = _flag_values(kwargs)
     if layers:
         flags["layers"] = list(dict.fromkeys(layers))
+    base = _from_file_base(from_file) if from_file else {}
     if grids:
-        grid_list = [{**g, **flags} for path in grids for g in load_grid_file(path)]
-    elif "model" in flags:
-        grid_list = [flags]
+        grid_list = [{**base, **g, **flags} for path in grids for g in load_grid_file(path)]
+    elif "model" in flags or "model" in base:
+        grid_list = [{**base, **flags}]
     else:
-        raise ProfileError("give --model (repeatable) or --grid FILE")
+        raise ProfileError("give --model (repeatable), --grid FILE or --from a config that names the model")
     jobs, skipped_invalid = [], []
     for g in grid_list:
         got, bad = expand_grid(g, steps=steps)
@@ -178,6 +194,10 @@ def profile(layers: tuple[int, ...], steps: int, grids: tuple[str, ...], out: st
         target = Path(out) if out else _default_out(device, {})
         click.echo(f"{len(jobs)} setup(s); not checked against recorded runs ({exc}); records -> {_relative(target)}")
         return
+    if device == "cuda":
+        from memplan.measure.profiler.rank_group import check_gpus
+
+        check_gpus(jobs)
     env = collect_env(device)
     out_path = Path(out) if out else _default_out(device, env)
     if out is not None and Path(out).is_dir():
@@ -186,11 +206,11 @@ def profile(layers: tuple[int, ...], steps: int, grids: tuple[str, ...], out: st
         click.echo(f"skipping {len(skipped_invalid)} impossible combination(s), e.g.: {skipped_invalid[0]}", err=True)
 
     if dry_run:
-        from memplan.measure.profiler.campaign import done_keys
+        from memplan.measure.profiler.campaign import done_keys, is_done
 
         done = done_keys(out_path, env_key(env)) if resume else set()
         for job in jobs:
-            mark = "skip" if run_key(job.setup, job.layers, job.steps, env_key(env)) in done else "run "
+            mark = "skip" if is_done(job, done, env_key(env)) else "run "
             click.echo(f"{mark}  {job.label()}")
         click.echo(f"{len(jobs)} setup(s); records -> {out_path}")
         return

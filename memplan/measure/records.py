@@ -3,7 +3,8 @@
 A record holds the full setup (exactly the estimator's inputs, `Setup.to_dict()`),
 the truncation (`layers`) and `steps`, the environment, the per-phase readings,
 a `measured` summary and the outcome (`ok`, `oom` with the failed request's
-size, or `error` with its message). Appends are atomic: one `write` of one whole
+size, or `error` with its message). A sharded run (`--gpus N --parallel ...`) writes one record per rank, with the
+optional top-level `rank` (0..N-1; absent or null on single-process records). Appends are atomic: one `write` of one whole
 line under an exclusive `flock`, then `fsync`, so concurrent campaigns never
 interleave partial lines. Reading is strict: a malformed line is reported with
 its file and line number.
@@ -61,6 +62,7 @@ def new_record(
     error: dict[str, Any] | None = None,
     oom: dict[str, Any] | None = None,
     duration_s: float = 0.0,
+    rank: int | None = None,
 ) -> dict[str, Any]:
     record = {
         "schema_version": SCHEMA_VERSION,
@@ -78,6 +80,8 @@ def new_record(
         "measured": measured or {},
         "duration_s": round(float(duration_s), 3),
     }
+    if rank is not None:
+        record["rank"] = rank
     validate_record(record)
     return record
 
@@ -104,14 +108,22 @@ def validate_record(record: Any) -> Setup:
         if not isinstance(record[key], dict):
             raise ProfileError(f"profile record field '{key}' must be an object")
     try:
-        return Setup.from_dict(record["setup"])
+        setup = Setup.from_dict(record["setup"])
     except MemplanError as exc:
         raise ProfileError(f"profile record setup is invalid: {exc}") from None
+    rank = record.get("rank")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < setup.gpus):
+        raise ProfileError(f"profile record rank must be null or a whole number below its setup's gpus ({setup.gpus}), got {rank!r}")
+    return setup
 
 
-def run_key(setup: Setup, layers: int | None, steps: int, env_key: str) -> str:
-    """What identifies a measurement for resume: the setup, truncation, steps and environment."""
-    payload = json.dumps([setup.to_dict(), layers, steps, env_key], sort_keys=True)
+def run_key(setup: Setup, layers: int | None, steps: int, env_key: str, rank: int | None = None) -> str:
+    """What identifies a measurement for resume: the setup, truncation, steps, environment and,
+    for a sharded run, the rank (single-process keys are unchanged)."""
+    parts: list[Any] = [setup.to_dict(), layers, steps, env_key]
+    if rank is not None:
+        parts.append(rank)
+    payload = json.dumps(parts, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 

@@ -20,6 +20,7 @@ __all__ = [
     "FLOAT_BYTES",
     "is_quantized",
     "is_four_bit",
+    "QUANT_STORAGE_BYTES",
     "WeightBytes",
     "weight_bytes",
     "linear_quantized_bytes",
@@ -31,6 +32,8 @@ Quant = Literal["bf16", "fp16", "fp32", "int8", "nf4", "fp4"]
 FloatDtype = Literal["bf16", "fp16", "fp32"]
 QUANTS: tuple[str, ...] = get_args(Quant)
 FLOAT_BYTES: dict[str, int] = {"fp32": 4, "fp16": 2, "bf16": 2}
+# BitsAndBytesConfig(bnb_4bit_quant_storage=...): element size of the packed 4-bit storage.
+QUANT_STORAGE_BYTES: dict[str, int] = {"uint8": 1, **FLOAT_BYTES}
 
 # bitsandbytes/functional.py::quantize_4bit: blocksize defaults to 64.
 NF4_BLOCKSIZE = 64

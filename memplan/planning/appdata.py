@@ -20,6 +20,10 @@ from memplan.training.fit import fits_on_catalog
 from memplan.hardware.gpus import GPU, GPUCatalog
 from memplan.model.spec import ModelSpec
 from memplan.planning.labels import PART_LABELS  # noqa: F401  (re-exported for the app)
+from memplan.planning import appdata_layout as _layout
+from memplan.planning.appdata_layout import (FSDP_VERSIONS, MAX_APP_GPUS, fsdp_version_applies, host_rows,  # noqa: F401  (GPUs and
+                                             is_per_gpu, layout_caption, offload_choices, parallel_choices,  # sharding: re-exported
+                                             parallel_label, quant_storage_choices)  # for the app)
 from memplan.units import format_bytes, to_gib
 
 if TYPE_CHECKING:
@@ -68,6 +72,7 @@ __all__ = [
     "report_view",
     "report_caption",
     "refused_rows",
+    *_layout.__all__,
 ]
 
 # Published decoders have at most a few hundred layers (Llama 3.1 405B: 126). Per-layer work

@@ -11,6 +11,8 @@ Keys (one list each; a scalar is a list of one):
   `attention: null` (the default) is transformers' own choice per model.
   `lora_targets`: each item is ONE target set, a comma string (`"q_proj,v_proj"`), a
   list of names, `all-linear`, or `default`/null for PEFT's per-family default.
+  `modules_to_save`: each item is ONE set of module names (`"embed_tokens,lm_head"` or a
+  list), `none`/null for no copies.
 - `gpu`: the GPUs every setup is checked against (columns, not rows; default: the catalog).
 - fleet (all optional, but `variants`, `rps` and `serve_gpu` come together): the
   `memplan plan` inputs, with the serving GPU and format named `serve_gpu`/`serve_quant`.
@@ -30,9 +32,10 @@ from memplan.training.setup import ATTENTIONS, AUTOCASTS, DEVICES, METHODS, OPTI
 from memplan.model.lora import parse_lora_targets
 from memplan.model.spec import ModelSpec
 from memplan.model.storage import FLOAT_BYTES, QUANTS
+from memplan.training.parallel import OFFLOADS, PARALLELS, QUANT_STORAGES
 
 __all__ = ["GridError", "Grid", "SETUP_KEYS", "FLEET_KEYS", "KEYS", "MAX_SETUPS", "MAX_GRID_FILE_BYTES",
-           "parse_grid", "read_grid_file", "load_grid", "values_from_text"]
+           "parse_grid", "read_grid_file", "load_grid", "values_from_text", "config_base"]
 
 # A grid larger than this is a typo or a job to split (about a minute and ~1 GB of frame).
 MAX_SETUPS = 1_000_000
@@ -62,6 +65,15 @@ _SETUP_KINDS: dict[str, tuple[str, tuple[str, ...]]] = {
     "prepare_kbit_training": ("bool", ()),
     "autocast": ("choice", AUTOCASTS),
     "recipe": ("choice", RECIPES),
+    # Each item is ONE set of module names (PEFT LoraConfig.modules_to_save), like lora_targets.
+    "modules_to_save": ("modules", ()),
+    # The parallel layout (memplan.training.parallel); `layout_int` values are checked by a Setup under FSDP.
+    "gpus": ("layout_int", ()),
+    "gpus_per_node": ("layout_int", ()),
+    "parallel": ("choice", PARALLELS),
+    "fsdp_version": ("layout_int", ()),
+    "offload": ("choice", OFFLOADS),
+    "quant_storage": ("choice", QUANT_STORAGES),
 }
 # Fleet keys -> PlanInputs field (memplan.serving.fleet), kind, choices.
 _FLEET_KINDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
@@ -84,11 +96,12 @@ SETUP_KEYS: tuple[str, ...] = tuple(f.name for f in fields(Setup) if f.name in _
 FLEET_KEYS: tuple[str, ...] = tuple(_FLEET_KINDS)
 FLEET_REQUIRED = ("variants", "rps", "serve_gpu")
 KEYS: tuple[str, ...] = (*SETUP_KEYS, "gpu", *FLEET_KEYS)
-_NULL_OK = ("lora_targets", "attention", "train_gpu")
+_NULL_OK = ("lora_targets", "attention", "train_gpu", "gpus_per_node", "modules_to_save")
 _DEFAULT_WORDS = ("default", "peft-default")
-_TYPE_WORDS = {"str": "a string", "choice": "a string", "optimizer": "a string", "attention": "a string or null",
+_TYPE_WORDS = {"layout_int": "an integer", "str": "a string", "choice": "a string", "optimizer": "a string", "attention": "a string or null",
                "bool": "true or false", "int": "an integer", "float": "a number", "dropout": "a number",
-               "targets": "a target set (comma string or list of names) or null", "gpu": "a GPU name"}
+               "targets": "a target set (comma string or list of names) or null", "gpu": "a GPU name",
+               "modules": "a set of module names (comma string or list) or null"}
 
 
 @dataclass(frozen=True)
@@ -134,9 +147,11 @@ def _check_type(source: str, key: str, kind: str, value: Any, where: str) -> Any
         "attention": value is None or isinstance(value, str),
         "bool": isinstance(value, bool),
         "int": isinstance(value, int) and not isinstance(value, bool),
+        "layout_int": isinstance(value, int) and not isinstance(value, bool),
         "float": isinstance(value, (int, float)) and not isinstance(value, bool),
         "dropout": isinstance(value, (int, float)) and not isinstance(value, bool),
         "targets": value is None or isinstance(value, str) or (isinstance(value, list) and all(isinstance(t, str) for t in value)),
+        "modules": value is None or isinstance(value, str) or (isinstance(value, list) and all(isinstance(t, str) for t in value)),
     }[kind]
     if value is None and key in _NULL_OK:
         ok = True
@@ -155,7 +170,7 @@ def _as_list(source: str, key: str, raw: Any) -> list[Any]:
     if isinstance(raw, (list, tuple)):
         if not raw:
             raise _fail(source, f"{key} is an empty list; give at least one value or leave the key out")
-        if key == "lora_targets":  # a flat list of names is a list of one-name target sets
+        if key in ("lora_targets", "modules_to_save"):  # a flat list of names is a list of one-name sets
             return [list(v) if isinstance(v, (list, tuple)) else v for v in raw]
         return list(raw)
     if isinstance(raw, dict):
@@ -171,14 +186,19 @@ def _setup_value(source: str, key: str, value: Any, where: str) -> Any:
             return parse_lora_targets(value)
         except MemplanError:
             raise _fail(source, f"{where} is an empty target set; give module names (q_proj,v_proj), all-linear or default") from None
+    if kind == "modules":
+        names = value.split(",") if isinstance(value, str) else (value or [])
+        names = tuple(dict.fromkeys(n.strip() for n in names if n.strip()))
+        return names if names and names != ("none",) else None
     if kind == "attention" and (value is None or value.strip().lower() in _DEFAULT_WORDS):
         return None
     if kind in ("choice", "attention") and value not in choices:
         raise _not_one_of(source, where, value, choices)
-    if kind in ("optimizer", "int", "dropout"):
+    if kind in ("optimizer", "int", "dropout", "layout_int"):
         # The range/alias rules are Setup's own: build one with just this field set.
         try:
-            Setup(model="grid-check", **{key: value})
+            # A count of GPUs or an FSDP version needs a layout that takes it (a grid's other rows may not).
+            Setup(model="grid-check", **({"parallel": "fsdp"} if kind == "layout_int" else {}), **{key: value})
         except MemplanError as exc:
             if kind == "optimizer":
                 raise _not_one_of(source, where, value, OPTIMIZERS) from None
@@ -332,18 +352,36 @@ def read_grid_file(path: str | Path) -> dict[str, Any]:
     return raw
 
 
-def load_grid(path: str | Path, *, overrides: Mapping[str, Any] | None = None) -> Grid:
-    """Read and check a grid file; `overrides` (e.g. CLI flags) replace its keys."""
-    raw = read_grid_file(path)
-    raw.update(overrides or {})
-    return parse_grid(raw, source=str(path) + (" + flags" if overrides else ""))
+def load_grid(path: str | Path, *, overrides: Mapping[str, Any] | None = None, base: Mapping[str, Any] | None = None,
+              base_source: str = "") -> Grid:
+    """Read and check a grid file; `overrides` (e.g. CLI flags) replace its keys, and its keys
+    replace `base`'s (a `--from` config file's fields, `config_base`)."""
+    raw = {**(base or {}), **read_grid_file(path), **(overrides or {})}
+    source = (f"{base_source} + " if base_source else "") + str(path) + (" + flags" if overrides else "")
+    return parse_grid(raw, source=source)
+
+
+def config_base(setup_fields: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """A `--from` file's Setup fields (memplan.training.config_files.ConfigPlan.fields) as grid
+    values: each one value, a target set written as one comma string (a flat list of names would
+    be several one-name sets). Returns (base, fields no grid key takes)."""
+    base: dict[str, Any] = {}
+    left_out: list[str] = []
+    for name, value in setup_fields.items():
+        if name not in SETUP_KEYS:
+            left_out.append(name)
+        elif isinstance(value, (tuple, list)):
+            base[name] = ",".join(value) if name == "lora_targets" else [list(value)]
+        else:
+            base[name] = value
+    return base, left_out
 
 
 _BOOL_WORDS = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
 
 
 def _convert(kind: str) -> Callable[[str], Any]:
-    if kind == "int":
+    if kind in ("int", "layout_int"):
         return lambda t: int(t.replace("_", ""))
     if kind in ("float", "dropout"):
         return float
@@ -355,7 +393,7 @@ def _convert(kind: str) -> Callable[[str], Any]:
 def values_from_text(key: str, texts: tuple[str, ...] | list[str]) -> list[Any]:
     """CLI flag values -> typed grid values. Each text is a comma list, except for
     `lora_targets`, where each text is one target set."""
-    if key == "lora_targets":
+    if key in ("lora_targets", "modules_to_save"):
         return [t.strip() for t in texts]
     kind = _SETUP_KINDS[key][0] if key in _SETUP_KINDS else _FLEET_KINDS[key][1] if key in _FLEET_KINDS else "str"
     conv = _convert(kind)

@@ -11,9 +11,10 @@ from dataclasses import MISSING, fields
 from typing import Any, Iterable
 
 from memplan.serving.fleet import PlanInputs
+from memplan.training.clusters import LAYOUT_NAMES, layout_text  # noqa: F401  (the words live beside the search)
 from memplan.training.setup import Setup
 
-__all__ = ["PART_LABELS", "PLAN_DEFAULTS", "SETUP_DEFAULTS", "choices_text", "fit_verdict"]
+__all__ = ["PART_LABELS", "PLAN_DEFAULTS", "SETUP_DEFAULTS", "LAYOUT_NAMES", "choices_text", "fit_verdict", "layout_text"]
 
 # The peak's parts: `Estimate.peak_parts` keys, in the order the app stacks them and
 # `memplan estimate` lists them.
@@ -22,6 +23,9 @@ PART_LABELS: dict[str, str] = {
     "adapters": "LoRA adapters",
     "gradients": "gradients",
     "optimizer_states": "optimizer states",
+    "master_weights": "fp32 master shard",
+    "comm_buffers": "comm buckets",
+    "gathered": "gathered params/grads",
     "activations": "activations",
     "logits": "logits + loss",
     "transients": "transients",
@@ -46,3 +50,4 @@ def choices_text(choices: Iterable[str], sep: str = " | ") -> str:
 def fit_verdict(fits: bool) -> str:
     """The words for a fit, as `memplan fit` and the app's headroom card say them."""
     return "fits" if fits else "does not fit"
+

@@ -51,6 +51,22 @@ def render_estimate(est: Estimate, fmt: str, gpu: GPU | None = None) -> str:
     return _table(est, payload, gpu)
 
 
+def _layout_lines(est: Estimate) -> list[str]:
+    """The parallel layout and the host memory it needs (nothing for one GPU)."""
+    s, sh = est.setup, est.sharding
+    if sh is None:
+        return []
+    name = {"ddp": "DDP", "fsdp": "FSDP full shard", "fsdp_shard_grad_op": "FSDP shard-grad-op", "fsdp_hybrid": "FSDP hybrid shard",
+            "zero1": "DeepSpeed ZeRO-1", "zero2": "DeepSpeed ZeRO-2", "zero3": "DeepSpeed ZeRO-3"}[s.parallel]
+    if s.parallel.startswith("fsdp"):
+        name += f" (FSDP{s.fsdp_version})"
+    line = f"{name} over {s.gpus} GPUs ({s.gpus_per_node} per node), shards of {sh.shard_group}; every figure below is per GPU"
+    out = [line]
+    if s.offload != "none":
+        out.append(f"offload {s.offload}: host RAM {format_bytes(sh.host_per_gpu)} per GPU, {format_bytes(sh.host_per_node)} per node")
+    return out
+
+
 def _table(est: Estimate, payload: dict, gpu: GPU | None) -> str:
     s = est.setup
     m = est.memory
@@ -64,6 +80,7 @@ def _table(est: Estimate, payload: dict, gpu: GPU | None) -> str:
         + (", checkpointing" if s.grad_checkpointing else "")
         + f", {s.device}"
         + (f", recipe {s.recipe}" if s.recipe != "plain" else ""),
+        *_layout_lines(est),
         f"trainable: {format_count(est.trainable_parameters)} ({est.trainable_parameters:,})"
         + (f"; adapter file {format_bytes(est.adapter_file_bytes['fp32'], decimal=True)} fp32 / "
            f"{format_bytes(est.adapter_file_bytes['bf16'], decimal=True)} bf16" if est.adapter_file_bytes else ""),
@@ -72,7 +89,7 @@ def _table(est: Estimate, payload: dict, gpu: GPU | None) -> str:
     ]
     for key, label in _ROWS:
         v = est.peak_parts.get(key, 0)
-        if v == 0 and key in ("adapters", "overhead", "transients"):
+        if v == 0 and key in ("adapters", "overhead", "transients", "master_weights", "comm_buffers", "gathered"):
             continue
         share = 100.0 * v / m.peak if m.peak else 0.0
         lines.append(f"  {label:<26}{to_gib(v):>10.2f}{share:>7.0f}%")

@@ -96,6 +96,8 @@ def render_plan(p: Plan, fmt: str) -> str:
     lines.append("")
     for method, t in p.training.items():
         extra = "" if t.usd is None else f": {t.gpu_hours:.2f} GPU-hours, {format_usd(t.usd)} per variant"
+        if t.usd is not None and t.gpus and t.gpus > 1 and t.hours is not None:
+            extra += f" ({t.hours:.2f} h on {t.gpus} x {t.gpu})"
         lines.append(f"training ({method}): {t.note}{extra}")
     lines.append("every assumption, with its source: --format json (key 'assumptions'); override with --set NAME=VALUE")
     return "\n".join(lines)

@@ -52,7 +52,11 @@ def render_sweep_table(frame: pd.DataFrame) -> str:
     if frame.empty:
         return "no setup of the grid was accepted by the estimator"
     varying = [c for c in (*SETUP_KEYS, *FLEET_KEYS) if c in frame.columns and (c == "model" or frame[c].nunique() > 1)]
-    shown = {**{c: c for c in varying}, "peak_bytes": "peak", "smallest_gpu": "smallest GPU", "cheapest_gpu": "cheapest GPU"}
+    per_gpu = "gpus" in frame.columns and bool((frame["gpus"] > 1).any())  # a parallel layout: every figure per GPU
+    shown = {**{c: c for c in varying}, "peak_bytes": "peak per GPU" if per_gpu else "peak"}
+    if "host_per_node_bytes" in frame.columns and bool((frame["host_per_node_bytes"] > 0).any()):
+        shown["host_per_node_bytes"] = "host RAM per node"  # offloaded state: a limit too
+    shown.update({"smallest_gpu": "smallest GPU", "cheapest_gpu": "cheapest GPU"})
     if "variants" in frame.columns:
         shown.update({f"usd_per_month.{s}": f"$/month {s}" for s in ("full_finetune", "lora", "lorax")})
     values = {c: frame[c].tolist() for c in shown}
@@ -60,7 +64,7 @@ def render_sweep_table(frame: pd.DataFrame) -> str:
     def text(c: str, v: Any) -> str:
         if v is None or pd.isna(v):
             return "-"
-        if c == "peak_bytes":
+        if c in ("peak_bytes", "host_per_node_bytes"):
             return format_bytes(int(v))
         return f"{v:,.0f}" if c.startswith("usd_per_month.") else str(v)
 

@@ -9,9 +9,13 @@ Options that do not apply to a combination are collapsed rather than refused, so
 grid can cross them freely: full fine-tuning has no LoRA rank, targets or dropout
 (NA in those columns), `compute_dtype` is a quantized base's (NA for bf16/fp16/fp32), `autocast`
 is an fp32 base's (`none` elsewhere),
-and `double_quant` / `prepare_kbit_training` apply only to quantized bases (False elsewhere). Combinations the library refuses (full
-fine-tuning of an nf4 base, gemma2 with sdpa, a sequence past GPT-2's positions...)
-are left out; `frame.attrs["refused"]` counts them by reason.
+and `double_quant` / `prepare_kbit_training` apply only to quantized bases (False elsewhere),
+`fsdp_version` to FSDP layouts (NA elsewhere), `quant_storage` to nf4/fp4 bases (uint8 elsewhere). Combinations the library refuses (full
+fine-tuning of an nf4 base, gemma2 with sdpa, a sequence past GPT-2's positions, `gpus: 8` with
+`parallel: none`, a uint8 4-bit base under FSDP...) are left out; `frame.attrs["refused"]` counts them by reason.
+
+Under a parallel layout every memory column is per GPU (`memplan.training.sharding`), and the
+fits/headroom/smallest/cheapest columns compare that per-GPU peak with one GPU of each type.
 
 Columns (stable; `column_dtypes` gives every dtype; categories are in order of
 first appearance):
@@ -23,20 +27,25 @@ first appearance):
 | double_quant, grad_checkpointing, prepare_kbit_training | bool | the setup |
 | autocast | category | none, bf16, fp16: mixed precision over fp32 weights; `none` for every other base |
 | recipe | category | plain, trainer, trl-sft, axolotl: what the trainer does besides the loop (`memplan.training.recipes`) |
+| gpus, gpus_per_node | int64 | the layout: world size, GPUs per node (as resolved: min(gpus, 8) unless given) |
+| parallel, offload, quant_storage | category | the layout (`memplan.training.parallel`); quant_storage is uint8 off nf4/fp4 |
+| fsdp_version | Int64 | 1 or 2 under FSDP layouts; NA for the others |
 | lora_rank | Int64 | NA for full fine-tuning |
 | lora_targets | category | comma list as given, `default` (PEFT's per-family default), NA for full |
 | lora_dropout | float64 | NaN for full fine-tuning |
+| modules_to_save | category | PEFT's trainable copies as a comma list (`embed_tokens,lm_head`); NA for none |
 | seq_len, batch_size | int64 | the setup |
 | variants, rps, serve_gpu, serve_quant, ... | int64 / float64 / category / bool | fleet inputs, only those in the grid |
 | total_parameters, trainable_parameters | int64 | `Estimate` |
-| weights_bytes ... peak_bytes | int64 | `Estimate.memory`: weights (base, incl. quant state), quant_state (part of weights), adapters, gradients, optimizer_states, optimizer_paged (part of optimizer_states), activations (saved by layers and head, without logits), logits, transients, overhead, allocated_peak, peak |
+| weights_bytes ... peak_bytes | int64 | `Estimate.memory`, per GPU: weights (base, incl. quant state), quant_state (part of weights), adapters, gradients, optimizer_states, optimizer_paged (part of optimizer_states), activations (saved by layers and head, without logits), logits, transients, overhead, allocated_peak, peak |
 | peak_phase | category | when the peak happens |
-| peak_breakdown_bytes.{part} | int64 | what the peak is made of; the parts sum to peak_bytes |
+| peak_breakdown_bytes.{part} | int64 | what the peak is made of; the parts sum to peak_bytes (master_weights, comm_buffers, gathered: 0 on one GPU) |
+| host_per_gpu_bytes, host_per_node_bytes | int64 | host RAM the offloaded state takes (`--offload`), per GPU and per node; 0 without offload |
 | adapter_file_bytes.{fp32,fp16,bf16} | Int64 | PEFT's adapter_model.safetensors; NA for full |
 | fits.{gpu} | boolean | peak <= the GPU's usable memory; NA on device cpu |
 | headroom_bytes.{gpu} | Int64 | usable - peak (negative: does not fit); NA on device cpu |
 | smallest_gpu, cheapest_gpu | category | among the grid's GPUs (order of `memplan.training.search`); NA if none fits |
-| cheapest_usd_per_hour | float64 | price of cheapest_gpu |
+| cheapest_usd_per_hour | float64 | gpus x the price of cheapest_gpu: the job's GPUs per hour |
 | gpus.{strategy}, usd_per_month.{strategy} | float64 | fleet plan per strategy (full_finetune, lora, lorax, vllm_multi_lora); LoRA strategies NA on full rows |
 | fleet_error | category | why the fleet planner refused the row (NA when it did not) |
 """
@@ -51,9 +60,12 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 from memplan.errors import MemplanError
 from memplan.model.lora import lora_targets_text
 from memplan.model.storage import is_quantized
+from memplan.model.storage import is_four_bit
+from memplan.training.parallel import is_fsdp
 from memplan.training.setup import autocast_applies, double_quant_applies, prepare_kbit_applies
 from memplan.serving.fleet import STRATEGIES, PlanContext
 from memplan.planning.grid import FLEET_KEYS, SETUP_KEYS, Grid, GridError, parse_grid
+from memplan.planning.sweep_files import EXPORT_FORMATS, MAX_EXCEL_ROWS, check_output, read_sweep, write_sweep
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -63,18 +75,21 @@ __all__ = ["sweep", "sweep_grid", "column_dtypes", "read_sweep", "write_sweep", 
 
 MEMORY_FIELDS = ("weights", "quant_state", "adapters", "gradients", "optimizer_states", "optimizer_paged", "activations",
                  "logits", "transients", "overhead", "allocated_peak", "peak")
-PEAK_PARTS = ("weights", "adapters", "optimizer_states", "gradients", "activations", "logits", "transients", "overhead")
+PEAK_PARTS = ("weights", "adapters", "optimizer_states", "gradients", "activations", "logits", "transients", "overhead",
+              "master_weights", "comm_buffers", "gathered")  # the last three: a parallel layout's own (0 on one GPU)
+_ONE_GPU_PARTS = PEAK_PARTS[:8]  # what `Estimate.peak_parts` holds without a layout
+HOST_FIELDS = ("host_per_gpu", "host_per_node")
 ADAPTER_DTYPES = ("fp32", "fp16", "bf16")
-EXPORT_FORMATS = {".csv": "CSV", ".parquet": "Parquet", ".xlsx": "Excel"}
-MAX_EXCEL_ROWS = 1_048_575  # an Excel sheet holds 1,048,576 rows, one of them the header
 
 _CATEGORY = ("model", "method", "quant", "compute_dtype", "lora_targets", "optimizer", "attention", "device", "autocast", "recipe",
+             "modules_to_save",
+             "parallel", "offload", "quant_storage",
              "serve_gpu", "serve_quant", "popularity", "train_gpu", "peak_phase", "smallest_gpu", "cheapest_gpu",
              "fleet_error")
 _BOOL = ("double_quant", "grad_checkpointing", "prepare_kbit_training", "scale_to_zero")
 _INT_NAMES = ("total_parameters", "trainable_parameters", *(f"{f}_bytes" for f in MEMORY_FIELDS),
-              *(f"peak_breakdown_bytes.{p}" for p in PEAK_PARTS))  # the estimate's integers, in column order
-_INT = ("seq_len", "batch_size", "variants", "prompt_tokens", "output_tokens", "dataset_tokens", *_INT_NAMES)
+              *(f"peak_breakdown_bytes.{p}" for p in PEAK_PARTS), *(f"{f}_bytes" for f in HOST_FIELDS))  # the estimate's integers, in column order
+_INT = ("seq_len", "batch_size", "gpus", "gpus_per_node", "variants", "prompt_tokens", "output_tokens", "dataset_tokens", *_INT_NAMES)
 _FLOAT = ("lora_dropout", "rps", "zipf_exponent", "utilization", "epochs", "cheapest_usd_per_hour")
 _FLEET_FIELD = {"serve_gpu": "gpu", "serve_quant": "quant"}  # grid key -> memplan.serving.fleet.PlanInputs field
 _PROGRESS_EVERY = 1024
@@ -93,7 +108,7 @@ def column_dtypes(columns: Sequence[str]) -> dict[str, str]:
             out[c] = "int64"
         elif c in _FLOAT or head in ("gpus", "usd_per_month"):
             out[c] = "float64"
-        elif c == "lora_rank" or head in ("headroom_bytes", "adapter_file_bytes"):
+        elif c in ("lora_rank", "fsdp_version") or head in ("headroom_bytes", "adapter_file_bytes"):
             out[c] = "Int64"
         elif head == "fits":
             out[c] = "boolean"
@@ -120,6 +135,12 @@ def sweep(
     device: str | Sequence[str] = "cuda",
     prepare_kbit_training: bool | Sequence[bool] = False,
     autocast: str | Sequence[str] = "none",
+    gpus: int | Sequence[int] = 1,
+    gpus_per_node: int | Sequence[int | None] | None = None,
+    parallel: str | Sequence[str] = "none",
+    fsdp_version: int | Sequence[int] = 1,
+    offload: str | Sequence[str] = "none",
+    quant_storage: str | Sequence[str] = "uint8",
     gpu: str | Sequence[str] | None = None,
     variants: int | Sequence[int] | None = None,
     rps: float | Sequence[float] | None = None,
@@ -140,7 +161,8 @@ def sweep(
         "lora_rank": lora_rank, "lora_targets": lora_targets, "lora_dropout": lora_dropout, "seq_len": seq_len,
         "batch_size": batch_size, "grad_checkpointing": grad_checkpointing, "optimizer": optimizer, "attention": attention,
         "device": device, "prepare_kbit_training": prepare_kbit_training,
-        "autocast": autocast,
+        "autocast": autocast, "gpus": gpus, "gpus_per_node": gpus_per_node, "parallel": parallel, "fsdp_version": fsdp_version,
+        "offload": offload, "quant_storage": quant_storage,
     }
     if grad_checkpointing is None:  # PEFT's default, per prepare_kbit_training (the grid's default)
         del raw["grad_checkpointing"]
@@ -165,7 +187,8 @@ def _points(grid: Grid, default_attention: Mapping[str, str]) -> Iterator[tuple[
     An option that cannot apply to a (model, method, quant) takes Setup's default, once:
     full fine-tuning has no rank, targets or dropout; compute_dtype is a quantized base's;
     double quantization needs nf4/fp4; prepare_kbit_training needs a quantized base, and
-    an unset grad_checkpointing follows PEFT's default (on with it, Setup's rule)."""
+    an unset grad_checkpointing follows PEFT's default (on with it, Setup's rule); the
+    FSDP version applies to FSDP layouts, the 4-bit quant storage to nf4/fp4 bases."""
     from dataclasses import fields
 
     from memplan.training.setup import Setup
@@ -176,17 +199,21 @@ def _points(grid: Grid, default_attention: Mapping[str, str]) -> Iterator[tuple[
         values = dict(g, model=(model,), method=(method,), quant=(quant,))
         values["attention"] = tuple(dict.fromkeys(default_attention[model] if a is None else a for a in g["attention"]))
         if method != "lora":
-            values.update({k: (defaults[k],) for k in _LORA_ONLY})
+            values.update({k: (defaults[k],) for k in _LORA_ONLY}, modules_to_save=(None,))
         if not double_quant_applies(quant):
             values["double_quant"] = (False,)
         if not autocast_applies(quant):
             values["autocast"] = (defaults["autocast"],)
         if not prepare_kbit_applies(quant):  # also where compute_dtype applies: a quantized base
             values.update({k: (defaults[k],) for k in _QUANTIZED_ONLY}, prepare_kbit_training=(False,))
-        for kbit in values["prepare_kbit_training"]:
-            inner = dict(values, prepare_kbit_training=(kbit,))
+        if not is_four_bit(quant):  # bnb_4bit_quant_storage
+            values["quant_storage"] = (defaults["quant_storage"],)
+        for kbit, parallel in product(values["prepare_kbit_training"], values["parallel"]):
+            inner = dict(values, prepare_kbit_training=(kbit,), parallel=(parallel,))
             # Unset (None) follows PEFT's default: on with prepare_kbit_training, else off.
             inner["grad_checkpointing"] = tuple(dict.fromkeys(kbit if v is None else v for v in values["grad_checkpointing"]))
+            if not is_fsdp(parallel):
+                inner["fsdp_version"] = (defaults["fsdp_version"],)
             yield from product(*(inner[k] for k in SETUP_KEYS))
 
 
@@ -210,8 +237,11 @@ def sweep_grid(grid: Grid, *, progress: Callable[[int, int], None] | None = None
     specs = grid.specs
     attention = {name: default_attention(spec) for name, spec in specs.items()}
     at_rank, at_targets, at_dropout = (keys.index(k) for k in _LORA_ONLY)
-    at_compute = keys.index("compute_dtype")
-    peak_parts, file_sizes = itemgetter(*PEAK_PARTS), itemgetter(*ADAPTER_DTYPES)
+    at_compute, at_copies = keys.index("compute_dtype"), keys.index("modules_to_save")
+    at_fsdp, at_per_node = keys.index("fsdp_version"), keys.index("gpus_per_node")
+    peak_parts, file_sizes = itemgetter(*_ONE_GPU_PARTS), itemgetter(*ADAPTER_DTYPES)
+    layout_parts = itemgetter(*PEAK_PARTS[len(_ONE_GPU_PARTS):])
+    no_layout = (0,) * (len(PEAK_PARTS) - len(_ONE_GPU_PARTS) + len(HOST_FIELDS))
     no_files = (None,) * len(ADAPTER_DTYPES)
     for i, point in enumerate(_points(grid, attention)):
         if progress is not None and i % _PROGRESS_EVERY == 0:
@@ -228,12 +258,18 @@ def sweep_grid(grid: Grid, *, progress: Callable[[int, int], None] | None = None
             values[at_targets] = lora_targets_text(setup.lora_targets)
         else:
             values[at_rank], values[at_targets], values[at_dropout] = None, None, None
+        values[at_copies] = ",".join(setup.modules_to_save) if setup.modules_to_save else None
         if not is_quantized(setup.quant):
             values[at_compute] = None
+        if not is_fsdp(setup.parallel):
+            values[at_fsdp] = None
+        values[at_per_node] = setup.gpus_per_node  # as Setup resolved it
         head = tuple(values)
+        sh = est.sharding
+        layout = no_layout if sh is None else (*layout_parts(est.peak_parts), sh.host_per_gpu, sh.host_per_node)
         ints = (est.total_parameters, est.trainable_parameters, m.weights, est.weight_storage.quant_state, m.adapters,
                 m.gradients, m.optimizer_states, m.optimizer_paged, m.activations, m.logits, m.transients, m.overhead,
-                m.allocated_peak, m.peak, *peak_parts(est.peak_parts))
+                m.allocated_peak, m.peak, *peak_parts(est.peak_parts), *layout)
         other = (m.peak_phase, *(file_sizes(est.adapter_file_bytes) if est.adapter_file_bytes else no_files))
         for fc in fleet_combos:
             setup_rows.append(head)
@@ -348,108 +384,9 @@ def _frame(grid: Grid, fleet_keys: tuple[str, ...], setup_rows: list[tuple[Any, 
         picked = np.asarray([g.key for g in order], dtype=object)[first]
         picked[~found] = None
         data[col] = _column(picked, "category")
-        if col == "cheapest_gpu":
-            data["cheapest_usd_per_hour"] = np.where(found, np.asarray([g.usd_per_hour for g in order])[first], np.nan)
+        if col == "cheapest_gpu":  # the job's GPUs per hour: gpus x one GPU's price
+            price = np.asarray([g.usd_per_hour for g in order])[first] * data["gpus"]
+            data["cheapest_usd_per_hour"] = np.where(found, price, np.nan)
     for c in other_names[1 + len(ADAPTER_DTYPES) + len(fleet_keys):]:
         data[c] = _column(raw[c], dtypes[c])
     return pd.DataFrame(data, index=pd.RangeIndex(n))
-
-
-# ---- export -----------------------------------------------------------------------------------
-
-
-def _format_of(path: Any) -> str:
-    from pathlib import Path
-
-    suffix = Path(path).suffix.lower()
-    if suffix not in EXPORT_FORMATS:
-        raise MemplanError(f"--out {path}: write .csv, .parquet or .xlsx (the format follows the extension), not {suffix or 'no extension'}")
-    return suffix
-
-
-def check_output(path: Any, rows: int | None = None) -> str:
-    """Refuse an output path before any work: unknown extension, missing folder, too many rows for Excel."""
-    from pathlib import Path
-
-    suffix = _format_of(path)
-    parent = Path(path).expanduser().resolve().parent
-    if not parent.is_dir():
-        raise MemplanError(f"--out {path}: folder {parent} does not exist")
-    if suffix == ".xlsx" and rows is not None and rows > MAX_EXCEL_ROWS:
-        raise MemplanError(f"--out {path}: {rows:,} rows exceed an Excel sheet's {MAX_EXCEL_ROWS:,}; write .parquet or .csv")
-    return suffix
-
-
-def write_sweep(frame: "pd.DataFrame", path: Any) -> None:
-    """Write a sweep frame as CSV, Parquet or Excel, by the file's extension."""
-    suffix = check_output(path, len(frame))
-    if suffix == ".csv":
-        frame.to_csv(path, index=False)
-    elif suffix == ".parquet":
-        frame.to_parquet(path, index=False)
-    else:
-        _write_xlsx(frame, path)
-
-
-def _write_xlsx(frame: "pd.DataFrame", path: Any) -> None:
-    """One sheet named `sweep`: a bold, frozen header row with a filter, then one row per setup.
-
-    Written row by row with xlsxwriter in constant_memory mode (each row goes to disk as it is
-    done) rather than through `DataFrame.to_excel`, which builds a styled cell object per value:
-    about 2x faster on the 9,600-row example sweep (benchmarks/README.md, `bench_report.py`). Cells are
-    typed (numbers, booleans, text) and NA is a blank cell, which `read_sweep` reads back as NA.
-    Text is never turned into a formula, a link or a number. openpyxl, which `read_sweep` needs
-    anyway, is the fallback."""
-    try:
-        import xlsxwriter
-    except ImportError:
-        try:
-            frame.to_excel(path, index=False, sheet_name="sweep", engine="openpyxl")
-        except ImportError:
-            raise MemplanError("writing .xlsx needs xlsxwriter (or openpyxl): pip install xlsxwriter") from None
-        return
-
-    # Plain Python values per column (int, float, bool, str; None for NA and NaN), then rows.
-    columns = [frame[c].to_numpy(dtype=object, na_value=None).tolist() for c in frame.columns]
-    workbook = xlsxwriter.Workbook(str(path), {"constant_memory": True, "strings_to_formulas": False,
-                                               "strings_to_urls": False, "strings_to_numbers": False})
-    try:
-        sheet = workbook.add_worksheet("sweep")
-        sheet.write_row(0, 0, [str(c) for c in frame.columns], workbook.add_format({"bold": True}))
-        sheet.freeze_panes(1, 0)
-        if len(frame.columns):
-            sheet.autofilter(0, 0, len(frame), len(frame.columns) - 1)
-        write_row = sheet.write_row
-        for i, row in enumerate(zip(*columns), 1):
-            write_row(i, 0, row)
-    finally:
-        workbook.close()
-
-
-def read_sweep(path: Any) -> "pd.DataFrame":
-    """Read a file written by `write_sweep` back with the documented dtypes."""
-    import numpy as np
-    import pandas as pd
-
-    suffix = _format_of(path)
-    if suffix == ".parquet":
-        frame = pd.read_parquet(path)
-    elif suffix == ".csv":
-        frame = pd.read_csv(path, keep_default_na=False, na_values=[""])
-    else:
-        frame = pd.read_excel(path, sheet_name="sweep", engine="openpyxl", keep_default_na=False, na_values=[""])
-    out: dict[str, Any] = {}
-    try:
-        dtypes = column_dtypes([str(c) for c in frame.columns])
-    except ValueError as exc:
-        raise MemplanError(f"{path} is not a memplan sweep: {exc}") from None
-    for c, dtype in dtypes.items():
-        col = frame[c]
-        values = np.asarray([None if pd.isna(v) else v for v in col], dtype=object)
-        if dtype == "category":
-            values = np.asarray([None if v is None else str(v) for v in values], dtype=object)
-        elif dtype in ("bool", "boolean"):  # CSV gives the words True/False, Excel 1/0 where a column has blanks
-            values = np.asarray([v if v is None or isinstance(v, (bool, np.bool_)) else str(v) == "True" if isinstance(v, str)
-                                 else bool(v) for v in values], dtype=object)
-        out[c] = _column(values, dtype)
-    return pd.DataFrame(out, index=pd.RangeIndex(len(frame)))

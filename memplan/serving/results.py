@@ -46,7 +46,7 @@ class StrategyResult:
     storage_bytes: int
     storage_usd_per_month: float
     usd_per_month: float  # GPUs x hours_per_month + storage
-    training_usd: float | None  # all N variants, one-time; None where no single GPU holds the job
+    training_usd: float | None  # all N variants, one-time; None where no GPU cluster holds the job
     training_gpu_hours: float | None
     cold_start_s: float  # bring up one replica: the bytes it loads / storage bandwidth
     memory: ServingMemory

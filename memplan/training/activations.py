@@ -36,8 +36,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from memplan.training.activations_autocast import autocast_head_bytes, autocast_layer_bytes, low_bytes
+from memplan.training.modules_to_save import saved_copies
 from memplan.model.lora import LoraPlan
-from memplan.training.recipes import adapter_bytes, input_require_grads
+from memplan.training.recipes import adapter_bytes, fused_lm_head, input_require_grads, lora_under_autocast
 from memplan.training.setup import Setup
 from memplan.model.spec import ModelSpec
 from memplan.model.storage import FLOAT_BYTES, is_quantized
@@ -98,7 +99,7 @@ def _lora_bytes(spec: ModelSpec, plan: LoraPlan | None, setup: Setup, t: int, *,
     if plan is None:
         return 0
     key = (id(plan), spec.num_layers, _uncast_input(setup), setup.lora_dropout > 0, _mask_bytes(setup, FP32), input_grad, masks_only,
-           adapter_bytes(setup))
+           adapter_bytes(setup), lora_under_autocast(setup))
     hit = _LORA_PER_TOKEN.get(key)
     if hit is None or hit[0] is not plan:
         if len(_LORA_PER_TOKEN) >= 4096:
@@ -124,6 +125,8 @@ def _uncast_input(setup: Setup) -> bool:
 def _lora_per_token(spec: ModelSpec, plan: LoraPlan, setup: Setup, *, input_grad: bool, masks_only: bool) -> int:
     total = 0
     ab = adapter_bytes(setup)  # fp32 (PEFT's autocast_adapter_dtype), bf16 under SFTTrainer's QLoRA cast
+    if lora_under_autocast(setup):
+        ab = FLOAT_BYTES["bf16"]  # autocast's bf16 casts are what lora_A / lora_B save (recipes.lora_under_autocast)
     shared_inputs: set[str] = set()
     for lin in plan.targets:
         if lin.count != spec.num_layers:  # lm_head / MLM head: counted in the head
@@ -187,12 +190,13 @@ def _int8_kept_bytes(spec: ModelSpec, setup: Setup, t: int, *, input_grad: bool,
     return kept
 
 
-def _first_layer_input_grad(setup: Setup) -> bool:
+def _first_layer_input_grad(spec: ModelSpec, setup: Setup) -> bool:
     """Does layer 0's input require grad? For full fine-tuning yes; under LoRA only when
     PEFT calls `enable_input_require_grads`: with checkpointing on a non-quantized base
     (peft_model.py::_prepare_model_for_gradient_checkpointing) or with
-    `prepare_model_for_kbit_training`."""
-    if setup.method == "full":
+    `prepare_model_for_kbit_training`; or when the input embedding is a trainable
+    `modules_to_save` copy (memplan.training.modules_to_save)."""
+    if setup.method == "full" or saved_copies(spec, setup).input_grad:
         return True
     if setup.prepare_kbit_training or input_require_grads(setup):  # SFTTrainer calls it itself
         return True
@@ -211,6 +215,9 @@ def _layer_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan | None, *, input_
     full = setup.method == "full"
     inter = spec.intermediate_size
     total = _lora_bytes(spec, plan, setup, t, input_grad=input_grad)
+    if plan is not None and lora_under_autocast(setup):
+        # The autocast cache's bf16 copies of this layer's fp32 adapter weights, saved by lora_A/lora_B.
+        total += FLOAT_BYTES["bf16"] * sum(plan.rank * (lin.in_features + lin.out_features) for lin in plan.targets if lin.count == spec.num_layers)
 
     if spec.model_type in _GATED:
         # Norms: fp32 input copy + rsqrt; trainable weight also keeps the normalised tensor.
@@ -273,7 +280,7 @@ def activation_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan | None) -> Ac
     h = spec.hidden_size
     full = setup.method == "full"
     r = residual_bytes(setup)
-    first_grad = _first_layer_input_grad(setup)
+    first_grad = _first_layer_input_grad(spec, setup)
     per = _layer_bytes(spec, setup, plan, input_grad=True)
     first = per if first_grad else _layer_bytes(spec, setup, plan, input_grad=False)
     if setup.grad_checkpointing:
@@ -303,6 +310,11 @@ def activation_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan | None) -> Ac
             head += 2 * e * t * h + INT64 * t
     else:
         head += e * t * h + 2 * FP32 * t + (e * t * h + INT64 * t if full else 0)
+    if saved_copies(spec, setup).head_numel and not (fused_lm_head(setup) and spec.is_causal_lm):
+        # A trainable `modules_to_save` copy of lm_head saves its input (the final norm's output,
+        # cast to the low dtype under autocast) for its weight gradient, as full fine-tuning does.
+        # TRL's fused LM head saves that input anyway (recipes.fused_head_bytes).
+        head += (low_bytes(setup) if setup.autocast != "none" else e) * t * h
 
     logits = t * spec.vocab_size
     softcap = spec.config.get("final_logit_softcapping") if spec.model_type == "gemma2" else None

@@ -26,7 +26,7 @@ __all__ = ["ConfigPlan", "read_config"]
 _OPTIMIZERS: dict[str, str | None] = {
     "adamw_torch": "adamw", "adamw_hf": "adamw", "adamw": "adamw", "adamw_bnb_8bit": "adamw_8bit", "adamw_8bit": "adamw_8bit",
     "paged_adamw_32bit": "paged_adamw_32bit", "paged_adamw_8bit": "paged_adamw_8bit", "sgd": "sgd",
-    "adamw_torch_fused": None, "adafactor": None, "lion_8bit": None, "paged_lion_8bit": None, "galore_adamw": None,
+    "adamw_torch_fused": "adamw_fused", "adafactor": None, "lion_8bit": None, "paged_lion_8bit": None, "galore_adamw": None,
 }
 # Fields read but with no effect on one step's peak (shown, not ignored).
 _SHOWN = ("gradient_accumulation_steps", "num_train_epochs", "max_steps", "learning_rate", "lora_alpha", "output_dir")
@@ -111,8 +111,15 @@ def _precision(raw: dict[str, Any], plan: ConfigPlan) -> None:
         if base in (None, "bf16", "fp16") and "quant" not in plan.fields:
             plan.fields["quant"] = "fp16" if raw.get("fp16") else "bf16"
         plan.notes.append("bf16/fp16=True is read as the model's load dtype (memplan's --autocast models fp32 master weights only)")
+        if plan.fields.get("recipe") == "trainer" and plan.fields.get("method") == "lora" and plan.fields.get("quant") == "bf16":
+            # memplan.training.recipes.lora_under_autocast: measured for SFTTrainer, the same mechanism in Trainer.
+            plan.notes.append("Trainer's bf16=True autocasts the fp32 LoRA branches (their saved inputs become bf16); "
+                              "memplan models that for trl-sft only, so this estimate is high (a tiny llama: 5.7% without checkpointing)")
     elif raw.get("tf32") or raw.get("fp32"):
         plan.fields.setdefault("quant", "fp32")
+    if plan.fields.get("recipe") == "trl-sft" and raw.get("bf16") is False and not raw.get("fp16"):
+        plan.notes.append("bf16: false is not modelled: memplan assumes SFTConfig's default bf16=True, whose autocast saves "
+                          "the LoRA branches' inputs in bf16 on a bf16 base (the estimate may be low by a few %)")
 
 
 def _checkpointing(raw: dict[str, Any], plan: ConfigPlan) -> None:
@@ -154,10 +161,11 @@ def _axolotl(raw: dict[str, Any], plan: ConfigPlan) -> None:
     _checkpointing(raw, plan)
     if raw.get("sample_packing"):
         plan.notes.append(f"sample_packing fills each row to sequence_len ({f.get('seq_len')}): the estimate is for full rows")
+    _modules_to_save(raw.get("lora_modules_to_save"), raw.get("peft_trainable_token_indices"), plan)
     used = {"base_model", "load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype",
             "adapter", "lora_r", "lora_dropout", "lora_target_linear", "lora_target_modules", "sequence_len", "micro_batch_size",
             "flash_attention", "sdp_attention", "eager_attention", "optimizer", "bf16", "fp16", "tf32", "gradient_checkpointing",
-            "gradient_checkpointing_kwargs", "sample_packing"}
+            "gradient_checkpointing_kwargs", "sample_packing", "lora_modules_to_save", "peft_trainable_token_indices"}
     _rest(raw, used, plan)
 
 
@@ -197,13 +205,14 @@ def _trainer(raw: dict[str, Any], plan: ConfigPlan) -> None:
     if "optim" in raw:
         _optimizer(raw["optim"], plan)
     else:
-        plan.notes.append("no optim given: TrainingArguments' default adamw_torch_fused is estimated as adamw")
+        # transformers training_args.py: `default_optim = "adamw_torch_fused"` for torch >= 2.8.
+        plan.fields["optimizer"] = "adamw_fused"
+        plan.notes.append("no optim given: TrainingArguments' default, adamw_torch_fused (torch >= 2.8)")
     _precision({**({"bf16": True} if sft and "bf16" not in raw and not raw.get("fp16") else {}), **raw}, plan)
     _checkpointing(raw, plan)
     if raw.get("packing"):
         plan.notes.append(f"packing fills each row to max_length ({f['seq_len']}): the estimate is for full rows")
-    if raw.get("lora_modules_to_save"):
-        plan.notes.append(f"modules_to_save {raw['lora_modules_to_save']} (full trainable copies) is not modelled yet: the estimate is low")
+    _modules_to_save(raw.get("lora_modules_to_save"), None, plan)
     used = {"model_name_or_path", "model", "load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "use_bnb_nested_quant",
             "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype", "quantization_config", "use_peft", "lora_r", "lora_dropout",
             "lora_target_modules", "max_length", "max_seq_length", "per_device_train_batch_size", "attn_implementation", "optim",
@@ -223,9 +232,25 @@ def _adapter_config(raw: dict[str, Any], plan: ConfigPlan) -> None:
     targets = raw.get("target_modules")
     if targets:
         f["lora_targets"] = ("all-linear",) if targets == "all-linear" else tuple(targets)
-    if raw.get("modules_to_save"):
-        plan.notes.append(f"modules_to_save {raw['modules_to_save']} (full trainable copies) is not modelled yet: the estimate is low")
-    _rest(raw, {"peft_type", "base_model_name_or_path", "r", "lora_dropout", "target_modules", "modules_to_save"}, plan)
+    _modules_to_save(raw.get("modules_to_save"), raw.get("trainable_token_indices"), plan)
+    _rest(raw, {"peft_type", "base_model_name_or_path", "r", "lora_dropout", "target_modules", "modules_to_save",
+                "trainable_token_indices"}, plan)
+
+
+def _modules_to_save(names: Any, token_indices: Any, plan: ConfigPlan) -> None:
+    """PEFT `modules_to_save` (TRL ModelConfig / axolotl `lora_modules_to_save`): trainable full
+    copies, modelled (memplan.training.modules_to_save). `trainable_token_indices` (PEFT
+    TrainableTokensWrapper, which TRL sets itself for tokens a chat template adds) is read and
+    said to be unmodelled: k fp32 rows trained, a k-row fp32 copy of the originals, and a full
+    V x H embedding rebuilt by `index_copy` in every forward."""
+    if names:
+        plan.fields["modules_to_save"] = (names,) if isinstance(names, str) else tuple(str(n) for n in names)
+    if token_indices:
+        rows = (sum(len(v) for v in token_indices.values()) if isinstance(token_indices, dict)
+                else len(token_indices) if isinstance(token_indices, list) else token_indices)
+        plan.notes.append(f"trainable_token_indices ({rows} rows): PEFT's TrainableTokensWrapper trains those rows in fp32 and "
+                          "rebuilds the whole embedding each forward; not modelled, the estimate is low by about one "
+                          "embedding matrix")
 
 
 def _rest(raw: dict[str, Any], used: set[str], plan: ConfigPlan) -> None:

@@ -19,7 +19,10 @@ from memplan.errors import SetupError
 from memplan.model.lora import LoraPlan, adapter_file_bytes, plan_lora
 from memplan.training.recipes import adapter_dtype, fused_head_bytes, fused_lm_head
 from memplan.training.optim import OptimizerBytes, gradient_bytes, optimizer_bytes
+from memplan.training.modules_to_save import add_saved_copies, saved_copies
 from memplan.training.setup import Setup
+from memplan.training.shard_inventory import parameter_inventory
+from memplan.training.sharding import LayoutTerms, ShardedMemory, layout_terms
 from memplan.model.spec import ModelSpec
 from memplan.model.storage import FLOAT_BYTES, WeightBytes, is_quantized, weight_bytes
 
@@ -59,6 +62,7 @@ class Estimate:
     memory: Memory
     peak_parts: dict[str, int]
     device_terms: DeviceTerms
+    sharding: ShardedMemory | None = None  # per-GPU terms under a parallel layout (memory is then per GPU)
 
     @cached_property  # computed where rendered, never in the sweep's hot loop
     def notes(self) -> tuple[str, ...]:
@@ -66,6 +70,9 @@ class Estimate:
         from memplan.training.notes import estimate_notes
 
         return estimate_notes(self)
+
+    def _per_gpu(self) -> dict:
+        return _per_gpu_dict(self)
 
     def to_dict(self) -> dict:
         m = self.memory
@@ -99,12 +106,26 @@ class Estimate:
                 "overhead": m.overhead,
                 "allocated_peak": m.allocated_peak,
                 "peak": m.peak,
+                # Every figure above is per GPU; these are the layout's own terms on one GPU.
+                "per_gpu": self._per_gpu(),
+                "host": {"per_gpu": self.sharding.host_per_gpu if self.sharding else 0,
+                         "per_node": self.sharding.host_per_node if self.sharding else 0},
             },
             "peak_phase": m.peak_phase,
             "peak_breakdown_bytes": self.peak_parts,
             "device_terms": asdict(self.device_terms),
             "notes": list(self.notes),
         }
+
+
+def _per_gpu_dict(e: "Estimate") -> dict:
+    s, m = e.sharding, e.memory
+    base = {"gpus": e.setup.gpus, "parallel": e.setup.parallel, "peak": m.peak, "allocated_peak": m.allocated_peak}
+    if s is None:
+        return base | {"shard_group": 1, "parameters": m.weights + m.adapters, "gradients": m.gradients,
+                       "optimizer_states": m.optimizer_states, "master_weights": 0, "comm_buffers": 0, "padding": 0}
+    return base | {"shard_group": s.shard_group, "parameters": s.parameters, "gradients": s.gradients, "optimizer_states": s.optimizer_states,
+                   "master_weights": s.master_weights, "comm_buffers": s.comm_buffers, "padding": s.padding}
 
 
 def trainable_numels(spec: ModelSpec, plan: LoraPlan | None) -> list[int]:
@@ -207,8 +228,9 @@ def _fixed_parts(spec: ModelSpec, setup: Setup) -> _Fixed:
     else:
         first_layer_grads = grads
     files = tuple((d, adapter_file_bytes(plan, d, base_dtype=setup.param_dtype)) for d in ("fp32", "fp16", "bf16")) if plan is not None else ()
-    return _Fixed(plan, wb, tuple(numels), sum(numels), train_itemsize, adapters, grads, opt, dequant, opt_temp, head_grad,
-                  first_layer_grads, files, spec.total_parameters, spec.active_parameters)
+    fixed = _Fixed(plan, wb, tuple(numels), sum(numels), train_itemsize, adapters, grads, opt, dequant, opt_temp, head_grad,
+                   first_layer_grads, files, spec.total_parameters, spec.active_parameters)
+    return add_saved_copies(fixed, spec, setup)  # PEFT modules_to_save copies (memplan.training.modules_to_save)
 
 
 # Memo of `_fixed_parts`, keyed by the spec's identity (hashing a ModelSpec costs more than
@@ -220,7 +242,7 @@ _FIXED_CACHE_SIZE = 4096
 
 def _fixed(spec: ModelSpec, setup: Setup) -> _Fixed:
     key = (id(spec), setup.method, setup.quant, setup.double_quant, setup.compute_dtype, setup.lora_rank,
-           setup.lora_targets, setup.optimizer, setup.device, setup.prepare_kbit_training, adapter_dtype(setup))
+           setup.lora_targets, setup.optimizer, setup.device, setup.prepare_kbit_training, adapter_dtype(setup), setup.modules_to_save)
     hit = _FIXED_CACHE.get(key)
     if hit is not None and hit[0] is spec:
         return hit[1]
@@ -254,12 +276,16 @@ def estimate(setup: Setup, *, model: ModelSpec | None = None, terms: DeviceTerms
     if fused_lm_head(setup) and spec.is_causal_lm:
         # TRL's fused LM head replaces the logits and the cross-entropy (memplan.training.recipes).
         head_trainable = sum(lin.weight_numel for lin in spec.linears if lin.is_output and not lin.tied) if plan is None else 0
+        head_trainable += saved_copies(spec, setup).head_numel  # a trainable lm_head copy
         fh = fused_head_bytes(setup, hidden=spec.hidden_size, vocab=spec.vocab_size, compute=compute_bytes(setup),
                               head_trainable=head_trainable)
         act = replace(act, head=act.head + fh.saved, logits_saved=0, logits_forward_extra=fh.forward_extra,
                       logits_backward_extra=fh.backward_extra)
     terms = terms if terms is not None else device_terms(setup.device)
     persistent = wb.total + adapters + opt.total
+    layout = _layout(spec, setup, f) if setup.parallel != "none" else None
+    if layout is not None:
+        persistent = layout.memory.resident
     # Phases of a steady-state step (the training loop drops the model outputs before
     # backward, as transformers' Trainer.compute_loss does, so the compute-dtype logits
     # are gone once the loss exists).
@@ -296,6 +322,12 @@ def estimate(setup: Setup, *, model: ModelSpec | None = None, terms: DeviceTerms
         # The training loop has released the loss (and with it the graph) before the step.
         ("optimizer_step", grads, 0, 0, opt_temp),
     )
+    if layout is not None:
+        # Per rank: gradients as the layout keeps them, its buffers in flight, its step temporaries.
+        # The optimizer steps over the rank's shard: its temporaries shrink with it.
+        step_temp = layout.step_temp if layout.step_temp is not None else opt_temp * layout.gradients(grads) // grads if grads else 0
+        phases = tuple((name, layout.gradients(g), a, lg, (step_temp if name == "optimizer_step" else t) + layout.inflight.get(name, 0))
+                       for name, g, a, lg, t in phases)
     best, best_alive = phases[0], -1
     for phase in phases:  # the first phase wins a tie
         alive = phase[1] + phase[2] + phase[3] + phase[4]
@@ -305,10 +337,16 @@ def estimate(setup: Setup, *, model: ModelSpec | None = None, terms: DeviceTerms
     best_total = persistent + best_alive
     overhead = terms.overhead_bytes(best_total)
     peak = best_total + overhead
+    if layout is not None:
+        gathered = layout.inflight.get(best_phase, 0)
+        lm = layout.memory
+        resident_parts = {"weights": lm.parameters - lm.adapters, "adapters": lm.adapters, "optimizer_states": lm.optimizer_states,
+                          "master_weights": lm.master_weights, "comm_buffers": lm.comm_buffers, "gathered": gathered}
+        best_transients -= gathered
+    else:
+        resident_parts = {"weights": wb.total, "adapters": adapters, "optimizer_states": opt.total}
     peak_parts = {
-        "weights": wb.total,
-        "adapters": adapters,
-        "optimizer_states": opt.total,
+        **resident_parts,
         "gradients": best_grads,
         "activations": best_acts,
         "logits": best_logits,
@@ -316,11 +354,16 @@ def estimate(setup: Setup, *, model: ModelSpec | None = None, terms: DeviceTerms
         "overhead": overhead,
     }
     assert sum(peak_parts.values()) == peak  # internal invariant, not input validation
+    if layout is not None:  # per GPU
+        lm = layout.memory
+        wb_total, adapters, grads, opt_total = lm.parameters - lm.adapters, lm.adapters, lm.gradients, lm.optimizer_states + lm.master_weights
+    else:
+        wb_total, opt_total = wb.total, opt.total
     memory = Memory(
-        weights=wb.total,
+        weights=wb_total,
         adapters=adapters,
         gradients=grads,
-        optimizer_states=opt.total,
+        optimizer_states=opt_total,
         optimizer_paged=opt.paged,
         activations=acts,
         logits=act.logits_saved,
@@ -344,4 +387,13 @@ def estimate(setup: Setup, *, model: ModelSpec | None = None, terms: DeviceTerms
         memory=memory,
         peak_parts=peak_parts,
         device_terms=terms,
+        sharding=layout.memory if layout is not None else None,
     )
+
+
+def _layout(spec: ModelSpec, setup: Setup, f: _Fixed) -> LayoutTerms:
+    """The per-rank terms of a parallel layout (memplan.training.sharding)."""
+    inv = parameter_inventory(spec, quant=setup.quant, double_quant=setup.double_quant, param_dtype=setup.param_dtype,
+                              quant_storage=setup.quant_storage, plan=f.plan, adapter_itemsize=f.train_itemsize)
+    return layout_terms(setup, inv, layers=spec.num_layers, hidden=spec.hidden_size, quant_state=f.weights.quant_state,
+                        buffers=f.weights.buffers, train_itemsize=f.train_itemsize, single_grads=f.gradients)

@@ -76,6 +76,35 @@ def _adapters(est: "Estimate") -> str | None:
             f"16 bytes per trainable parameter with Adam ({_gib(est.memory.adapters)} of adapters)")
 
 
+def _copies(est: "Estimate") -> str | None:
+    # peft/utils/other.py::ModulesToSaveWrapper.update: a trainable deepcopy, not upcast (modules_to_save.py).
+    from memplan.training.modules_to_save import saved_copies
+
+    c = saved_copies(est.model, est.setup)
+    if not c.numels:
+        return None
+    opt = c.optimizer(est.setup).total
+    return (f"modules_to_save keeps a trainable {c.dtype} copy of {', '.join(c.names)} beside the frozen original "
+            f"(PEFT's ModulesToSaveWrapper): {_gib(c.weight_bytes)} of copies, {_gib(c.gradient_bytes)} of gradients and "
+            f"{_gib(opt)} of {est.setup.optimizer} state")
+
+
+def _fused_adamw(est: "Estimate") -> str | None:
+    if est.setup.optimizer != "adamw_fused":
+        return None
+    return ("adamw_fused (TrainingArguments' default adamw_torch_fused): the fused kernel updates in place, so the "
+            "optimizer step adds no temporaries; its step counters live on the device (4 bytes per tensor)")
+
+
+def _sft_autocast(est: "Estimate") -> str | None:
+    from memplan.training.recipes import lora_under_autocast
+
+    if not lora_under_autocast(est.setup):
+        return None
+    return ("SFTConfig's default bf16=True runs the forward under bf16 autocast: the fp32 LoRA branches save bf16 "
+            "copies of their inputs and weights (modelled); on the bf16 base itself autocast changes nothing")
+
+
 def _paged(est: "Estimate") -> str | None:
     m = est.memory
     if not m.optimizer_paged or est.setup.device != "cuda":
@@ -144,5 +173,6 @@ def _unvalidated(est: "Estimate") -> str | None:
 
 def estimate_notes(est: "Estimate") -> tuple[str, ...]:
     """Every note that applies to `est`, most memory-relevant first."""
-    notes = [_fused_experts(est), _prepare_kbit(est), *_rank(est), _adapters(est), *_recipe(est), _paged(est), _eager(est), _logits(est), _unvalidated(est)]
+    notes = [_fused_experts(est), _prepare_kbit(est), *_rank(est), _adapters(est), _copies(est), *_recipe(est), _sft_autocast(est),
+             _fused_adamw(est), _paged(est), _eager(est), _logits(est), _unvalidated(est)]
     return tuple(n for n in notes if n)

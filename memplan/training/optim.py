@@ -5,6 +5,12 @@ Rules, by the library code they mirror:
   `exp_avg_sq` are `zeros_like(p)` (the parameter's dtype); `step` is a 0-d fp32
   tensor kept on the CPU unless `capturable`/`fused`, so it costs device memory
   only when training on the CPU.
+- torch.optim.AdamW(fused=True) (`adamw_fused`, TrainingArguments' `adamw_torch_fused`, its default
+  optim from torch 2.8): the same two states, and `step` is a 0-d fp32 tensor on the parameter's
+  device (`_init_group`: `capturable or fused`), so 4 bytes per tensor on CUDA too. The step
+  (`adam.py::_fused_adam` -> `torch._fused_adamw_`, a CUDA and a CPU kernel in torch 2.13)
+  updates param, exp_avg and exp_avg_sq in place, element by element: no sqrt list, no
+  per-tensor temporaries (CPU ledger: estimate's optimizer-step temporaries are 0 for it).
 - torch.optim.SGD (`torch/optim/sgd.py`): with momentum, one `momentum_buffer`
   cloned from the gradient (parameter dtype); without momentum, no state.
 - bitsandbytes 8-bit (`bitsandbytes/optim/optimizer.py::Optimizer2State.init_state`):
@@ -51,6 +57,8 @@ def optimizer_bytes(optimizer: str, numels: Sequence[int], itemsize: int, *, dev
     if optimizer == "adamw":
         step = 4 * n_tensors if device == "cpu" else 0
         return OptimizerBytes(2 * total * itemsize + step, 0)
+    if optimizer == "adamw_fused":
+        return OptimizerBytes(2 * total * itemsize + 4 * n_tensors, 0)
     if optimizer == "sgd":
         return OptimizerBytes(0, 0)
     if optimizer == "sgd_momentum":

@@ -14,13 +14,14 @@ from memplan.errors import SetupError
 from memplan.model.lora import lora_targets_text, parse_lora_targets
 from memplan.units import with_article
 from memplan.model.storage import FLOAT_BYTES, QUANTS, Quant, FloatDtype, is_four_bit, is_quantized
+from memplan.training.parallel import Offload, Parallel, QuantStorage, check_layout
 
 __all__ = ["Setup", "Method", "Optimizer", "Attention", "Device", "OPTIMIZERS", "ATTENTIONS", "METHODS", "DEVICES", "Autocast", "AUTOCASTS",
            "Recipe", "RECIPES", "quants_for_method", "double_quant_applies", "prepare_kbit_applies", "autocast_applies"]
 
 Method = Literal["full", "lora"]
 # Names follow transformers' TrainingArguments.optim where one exists.
-Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit", "sgd", "sgd_momentum"]
+Optimizer = Literal["adamw", "adamw_8bit", "paged_adamw_32bit", "paged_adamw_8bit", "sgd", "sgd_momentum", "adamw_fused"]
 Attention = Literal["sdpa", "eager", "flash"]
 Device = Literal["cuda", "cpu"]
 Autocast = Literal["none", "bf16", "fp16"]
@@ -33,7 +34,7 @@ OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 ATTENTIONS: tuple[str, ...] = get_args(Attention)
 DEVICES: tuple[str, ...] = get_args(Device)
 AUTOCASTS: tuple[str, ...] = get_args(Autocast)
-_OPTIMIZER_ALIASES = {"adamw_torch": "adamw", "adamw_bnb_8bit": "adamw_8bit", "paged_adamw": "paged_adamw_32bit"}
+_OPTIMIZER_ALIASES = {"adamw_torch": "adamw", "adamw_bnb_8bit": "adamw_8bit", "paged_adamw": "paged_adamw_32bit", "adamw_torch_fused": "adamw_fused"}
 
 # Hard ceilings that catch typos (seq 10**9) before they reach arithmetic.
 MAX_SEQ_LEN = 10_000_000
@@ -103,6 +104,15 @@ class Setup:
     # torch.autocast in this dtype, as Trainer's bf16=True / fp16=True runs it.
     autocast: Autocast = "none"
     recipe: Recipe = "plain"
+    # PEFT LoraConfig(modules_to_save=[...]): trainable full copies of these modules (embed_tokens, lm_head).
+    modules_to_save: tuple[str, ...] | None = None
+    # The parallel layout (memplan.training.parallel); batch_size stays per GPU.
+    gpus: int = 1
+    gpus_per_node: int | None = None  # None: min(gpus, 8), resolved
+    parallel: Parallel = "none"
+    fsdp_version: int = 1
+    offload: Offload = "none"
+    quant_storage: QuantStorage = "uint8"  # bnb_4bit_quant_storage
 
     def __post_init__(self) -> None:
         _choice("recipe", self.recipe, RECIPES)
@@ -146,6 +156,13 @@ class Setup:
             )
         if self.attention == "flash" and self.device == "cpu":
             raise SetupError("--attention flash needs --device cuda (flash-attn has no CPU kernel); use sdpa")
+        if self.modules_to_save is not None:
+            names = (self.modules_to_save,) if isinstance(self.modules_to_save, str) else self.modules_to_save
+            names = tuple(dict.fromkeys(str(n).strip() for n in names if str(n).strip()))
+            if self.method != "lora" and names:
+                raise SetupError("--modules-to-save adds trainable copies beside LoRA adapters; use it with --method lora")
+            object.__setattr__(self, "modules_to_save", names or None)
+        object.__setattr__(self, "gpus_per_node", check_layout(self))
 
     @cached_property  # read several times per estimate; a frozen dataclass still has a __dict__
     def param_dtype(self) -> str:
@@ -173,11 +190,21 @@ class Setup:
             parts.append(self.attention)
         if self.recipe != "plain":
             parts.append(self.recipe)
+        if self.parallel != "none":
+            layout = f"{self.parallel}{'2' if self.fsdp_version == 2 else ''}x{self.gpus}"
+            if self.gpus_per_node != self.gpus:
+                layout += f"/{self.gpus_per_node}pn"
+            if self.offload != "none":
+                layout += f"+offload-{self.offload}"
+            parts.append(layout)
+        if self.quant_storage != "uint8":
+            parts.append(f"storage-{self.quant_storage}")
         return " ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["lora_targets"] = list(self.lora_targets) if self.lora_targets is not None else None
+        d["modules_to_save"] = list(self.modules_to_save) if self.modules_to_save is not None else None
         return d
 
     @classmethod

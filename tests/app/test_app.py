@@ -54,13 +54,22 @@ def ft_setup(at: AppTest, model: str) -> Setup:
     s = at.session_state
     lora = s["ft_method"] == "lora"
     quant = s["ft_quant"]
+    # GPUs and sharding: a widget the page does not show leaves Setup's default (the page's rules, appdata's helpers).
+    gpus = int(s["ft_gpus"]) if "ft_gpus" in s else 1
+    parallel = s["ft_parallel"] if "ft_parallel" in s else "none"
+    layout = dict(
+        gpus=gpus, gpus_per_node=int(s["ft_gpus_per_node"]) if gpus > 1 else None, parallel=parallel,
+        fsdp_version=s["ft_fsdp_version"] if appdata.fsdp_version_applies(parallel) else 1,
+        offload=s["ft_offload"] if len(appdata.offload_choices(parallel)) > 1 else "none",
+        quant_storage=s["ft_quant_storage"] if appdata.quant_storage_choices(quant, parallel, s["ft_compute_dtype"]) else "uint8",
+    )
     return Setup(model=model, method=s["ft_method"], quant=quant, double_quant=double_quant_applies(quant) and s["ft_double_quant"],
                  compute_dtype=s["ft_compute_dtype"], lora_rank=int(s["ft_lora_rank"]) if lora else 8,
                  lora_targets=tuple(s["ft_lora_targets"]) if lora else None, lora_dropout=float(s["ft_lora_dropout"]) if lora else 0.0,
                  seq_len=int(s["ft_seq_len"]), batch_size=int(s["ft_batch_size"]), grad_checkpointing=s["ft_grad_checkpointing"],
                  optimizer=s["ft_optimizer"], attention=s["ft_attention"],
                  prepare_kbit_training=prepare_kbit_applies(quant) and s["ft_prepare_kbit"],
-                 autocast=s["ft_autocast"] if autocast_applies(quant) else "none")
+                 autocast=s["ft_autocast"] if autocast_applies(quant) else "none", **layout)
 
 
 def check_fine_tune_page(at: AppTest, spec) -> None:
@@ -73,8 +82,9 @@ def check_fine_tune_page(at: AppTest, spec) -> None:
     lim = limits_on(setup, gpu, spec=spec)
     m = metrics(at)
     helps = {x.label: x.help for x in at.metric}
-    assert m["Peak memory"] == format_bytes(est.memory.peak)
-    assert helps["Peak memory"].startswith(f"{est.memory.peak:,} bytes")  # to the byte
+    peak = "Peak memory per GPU" if setup.parallel != "none" else "Peak memory"
+    assert m[peak] == format_bytes(est.memory.peak)
+    assert helps[peak].startswith(f"{est.memory.peak:,} bytes")  # to the byte
     assert helps["Headroom"] == f"{fit.headroom_bytes:,} bytes"
     assert helps["Trainable"] == f"{est.trainable_parameters:,}"
     assert m[f"{gpu.key} usable"] == format_bytes(gpu.usable_bytes)
@@ -210,6 +220,68 @@ def test_a_setup_the_library_refuses_is_one_red_line() -> None:
     assert not at.exception
     assert len(at.error) == 1 and "exceeds gpt2's 1024 learned positions" in at.error[0].value
     assert not at.get("plotly_chart")
+
+
+def test_gpus_and_sharding_drive_a_per_gpu_estimate() -> None:
+    at = start()
+    assert at.selectbox(key="ft_parallel").value == "none" and at.number_input(key="ft_gpus").value == 1
+    assert not any(b.key in ("ft_fsdp_version", "ft_offload", "ft_quant_storage") for b in at.selectbox)  # one GPU, bf16
+    at.selectbox(key="ft_model").set_value("llama2-70b").run()
+    at.radio(key="ft_method").set_value("full").run()
+    at.number_input(key="ft_gpus").set_value(16).run()
+    # Past one GPU a layout is needed: the page offers none without one and starts on DDP.
+    assert "none" not in at.selectbox(key="ft_parallel").options and at.session_state["ft_parallel"] == "ddp"
+    check_fine_tune_page(at, load_model("llama2-70b"))
+    at.selectbox(key="ft_parallel").set_value("fsdp").run()
+    at.selectbox(key="ft_fsdp_version").set_value(2).run()
+    at.selectbox(key="ft_gpu").set_value("h100").run()
+    check_fine_tune_page(at, load_model("llama2-70b"))
+    setup = ft_setup(at, "llama2-70b")
+    est = estimate(setup)
+    assert (setup.gpus, setup.parallel, setup.fsdp_version) == (16, "fsdp", 2) and est.sharding is not None
+    # The bar says it is one GPU's, and shows the layout's own parts (the gathered unit in flight).
+    fig = plotly(at)
+    assert "per GPU" in fig["layout"]["xaxis"]["title"]["text"]
+    names = {t["name"] for t in fig["data"] if t["type"] == "bar"}
+    assert {appdata.PART_LABELS[k] for k, v in est.peak_parts.items() if v} == names and appdata.PART_LABELS["gathered"] in names
+    assert any("Per GPU: FSDP2 full shard over 16 GPUs" in i.value for i in at.info)
+    assert at.subheader[0].value == "Largest that fits per GPU on 16 x h100"
+    assert "Host RAM per GPU" not in metrics(at)  # nothing offloaded
+
+
+def test_offloading_shows_host_ram() -> None:
+    at = start()
+    at.radio(key="ft_method").set_value("full").run()
+    at.number_input(key="ft_gpus").set_value(8).run()
+    at.selectbox(key="ft_parallel").set_value("zero3").run()
+    assert at.selectbox(key="ft_offload").options == ["none", "optimizer", "params_and_optimizer"]
+    at.selectbox(key="ft_offload").set_value("optimizer").run()
+    check_fine_tune_page(at, load_model("llama2-7b"))
+    sh = estimate(ft_setup(at, "llama2-7b")).sharding
+    m = metrics(at)
+    assert sh.host_per_gpu > 0
+    assert m["Host RAM per GPU"] == format_bytes(sh.host_per_gpu) and m["Host RAM per node"] == format_bytes(sh.host_per_node)
+    at.selectbox(key="ft_parallel").set_value("fsdp").run()  # FSDP offloads parameters and optimizer together
+    assert at.selectbox(key="ft_offload").options == ["none", "params_and_optimizer"]
+    assert at.session_state["ft_offload"] == "none"
+    check_fine_tune_page(at, load_model("llama2-7b"))
+
+
+def test_quant_storage_is_offered_for_4_bit_bases_and_follows_the_layout() -> None:
+    at = start()
+    at.selectbox(key="ft_quant").set_value("nf4").run()
+    assert at.selectbox(key="ft_quant_storage").options == ["uint8", "bf16", "fp16", "fp32"]
+    assert at.session_state["ft_quant_storage"] == "uint8"
+    at.number_input(key="ft_gpus").set_value(2).run()
+    at.selectbox(key="ft_parallel").set_value("zero3").run()
+    # ZeRO-3 flattens the 4-bit base: bnb_4bit_quant_storage must be the compute dtype.
+    assert at.selectbox(key="ft_quant_storage").options == ["bf16"] and at.session_state["ft_quant_storage"] == "bf16"
+    check_fine_tune_page(at, load_model("llama2-7b"))
+    at.selectbox(key="ft_compute_dtype").set_value("fp16").run()
+    assert at.session_state["ft_quant_storage"] == "fp16"
+    check_fine_tune_page(at, load_model("llama2-7b"))
+    at.selectbox(key="ft_quant").set_value("int8").run()  # int8 cannot be sharded: the library's one line
+    assert not at.exception and len(at.error) == 1 and "cannot shard bitsandbytes int8" in at.error[0].value
 
 
 def test_widget_values_survive_a_page_switch() -> None:

@@ -224,3 +224,18 @@ def test_two_workers_run_side_by_side_and_ctrl_c_keeps_finished_records(tiny_mod
     assert "worker exited with status 70" in records[0]["error"]["message"]
     with pytest.raises(ProfileError, match="--workers"):
         run_campaign(jobs, out=out, env={}, workers=0)
+
+
+def test_from_file_is_the_campaign_base_and_repeated_flags_vary_on_top(capsys: pytest.CaptureFixture[str]) -> None:
+    """`memplan profile --from FILE`: the config's fields (memplan.training.config_files) are the base;
+    a repeated flag replaces that field with its values (issue 14)."""
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the dry run checks recorded runs instead")
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    args = ["profile", "--dry-run", "--device", "cuda", "--from", str(examples / "trl-sft-qlora.yaml"), "-s", "256", "-s", "512"]
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[:2] == ["plan  llama2-7b lora nf4+dq r16:all-linear s256 b2 gc paged_adamw_8bit trl-sft",
+                                             "plan  llama2-7b lora nf4+dq r16:all-linear s512 b2 gc paged_adamw_8bit trl-sft"]
+    assert "recipe trl-sft" in captured.err

@@ -61,9 +61,13 @@ def recipe_rows(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPat
 
 
 def test_ci_subset_covers_quants_methods_checkpointing_and_both_trainers() -> None:
-    """The subset every CI run measures keeps what the whole trainer matrix covers."""
+    """The subset every CI run measures keeps what the whole trainer matrix covers (issue 14: at least
+    10 real Trainer/SFTTrainer runs across nf4, int8 and bf16, LoRA and full, with and without checkpointing)."""
     setups = recipe_regression()
+    assert len(setups) >= 10
     assert {s.recipe for s in setups} == {"trainer", "trl-sft"}
+    assert {s.recipe for s in setups if s.modules_to_save} == {"trainer", "trl-sft"}
+    assert any(s.optimizer == "adamw_fused" for s in setups)
     assert {"nf4", "int8", "bf16"} <= {s.quant for s in setups}
     assert {s.method for s in setups} == {"lora", "full"}
     assert {s.grad_checkpointing for s in setups} == {True, False}
@@ -77,10 +81,14 @@ def test_steady_peak_of_real_trainer_steps_within_issue_thresholds(recipe_rows) 
 
 
 def test_trainable_and_optimizer_bytes_match_the_trainer(recipe_rows) -> None:
-    """SFTTrainer's bf16 cast of QLoRA adapters (2 bytes per parameter, Adam states in bf16 too)."""
+    """SFTTrainer's bf16 cast of QLoRA adapters (2 bytes per parameter, Adam states in bf16 too);
+    PEFT's modules_to_save copies in the base's dtype beside fp32 adapters (memplan.training.modules_to_save)."""
+    from memplan.training.modules_to_save import copies_dtype
+
+    names = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
     for s, est, m in recipe_rows:
         if s.method == "lora":
             assert est.memory.adapters == m["trainable_bytes"], s.label()
-            want = ["bfloat16"] if est.adapter_dtype == "bf16" else ["float32"]
-            assert m["trainable_dtypes"] == want, s.label()
+            want = {names[est.adapter_dtype]} | ({names[copies_dtype(s)]} if s.modules_to_save else set())
+            assert m["trainable_dtypes"] == sorted(want), s.label()
         assert est.memory.optimizer_states == m["optimizer_state_bytes"], s.label()

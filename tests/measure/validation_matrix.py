@@ -146,14 +146,22 @@ def recipe_matrix() -> list[Setup]:
         dict(model=llama, recipe="trainer", quant="int8", seq_len=128, batch_size=2, grad_checkpointing=True),
         dict(model=llama, recipe="trainer", quant="bf16", seq_len=128, batch_size=2, grad_checkpointing=True),
         dict(model=llama, recipe="trainer", method="full", quant="bf16", seq_len=64, batch_size=2),
+        # PEFT modules_to_save copies (memplan.training.modules_to_save): ledger -0.03% (Trainer), -0.01% (SFTTrainer).
+        dict(model=llama, recipe="trainer", quant="nf4", seq_len=128, batch_size=2, modules_to_save=("embed_tokens", "lm_head")),
+        # TrainingArguments optim="adamw_torch_fused" (torch.optim.AdamW(fused=True)): ledger -0.01%.
+        dict(model=llama, recipe="trainer", method="full", quant="bf16", seq_len=64, batch_size=2, optimizer="adamw_fused"),
+        dict(model=llama, recipe="trl-sft", quant="nf4", seq_len=128, batch_size=2, modules_to_save=("embed_tokens", "lm_head")),
+        # SFTConfig's default bf16=True autocast over fp32 adapters on a bf16 base (recipes.lora_under_autocast): +0.03%.
+        dict(model=llama, recipe="trl-sft", quant="bf16", lora_targets=("all-linear",), seq_len=128, batch_size=2, grad_checkpointing=False),
     ]
     return [Setup(device="cpu", **r) for r in rows]
 
 
-# The trainer runs every CI run measures (the rest: `python -m pytest -m full_matrix`): both
-# trainers, nf4/int8/bf16, LoRA and full, checkpointing on and off, prepare-kbit, and the
-# full-fine-tuning Trainer run that is the matrix's worst case.
-RECIPE_REGRESSION = (0, 2, 5, 8, 11)
+# The trainer runs every CI run measures (10 of the 16; the rest: `python -m pytest -m full_matrix`):
+# both trainers, nf4/nf4+dq/int8/bf16, LoRA and full, checkpointing on and off, prepare-kbit, the
+# full-fine-tuning Trainer run that is the matrix's worst case, modules_to_save under both trainers,
+# the fused AdamW and SFTTrainer's bf16 autocast over fp32 adapters.
+RECIPE_REGRESSION = (0, 1, 2, 5, 8, 11, 12, 13, 14, 15)
 
 
 def recipe_regression() -> list[Setup]:

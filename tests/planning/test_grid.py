@@ -185,7 +185,7 @@ def test_flag_errors_name_the_flag(capsys: pytest.CaptureFixture[str], no_estima
     assert main(["sweep", "--model", "llama2-7b", "--batch-size", "1,two"]) == 2
     assert capsys.readouterr().err == "memplan: error: --batch-size: 'two' is not an integer\n"
     assert main(["sweep"]) == 2
-    assert "give a grid: --grid grid.yaml, or flags" in capsys.readouterr().err
+    assert "give a grid: --grid grid.yaml, --from a trainer config, or flags" in capsys.readouterr().err
 
 
 def test_python_api_refuses_with_the_same_errors(no_estimates: list[object]) -> None:
@@ -200,3 +200,69 @@ def test_python_api_refuses_with_the_same_errors(no_estimates: list[object]) -> 
 def test_example_grid_is_valid() -> None:
     g = load_grid(Path(__file__).resolve().parents[2] / "examples" / "grid.yaml")
     assert g.fleet and len(g.setup["model"]) >= 2 and len(g.gpus) >= 2
+
+
+# ---- layout keys (issue 13) ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("raw", "fragment"), [
+    ({"gpus": 0}, "gpus: --gpus must be a whole number of GPUs"),
+    ({"gpus": [2, True]}, "gpus[1] must be an integer"),
+    ({"gpus_per_node": -1}, "gpus_per_node: --gpus-per-node must be a positive integer"),
+    ({"fsdp_version": 3}, "fsdp_version: --fsdp-version must be 1 or 2"),
+    ({"parallel": "zero4"}, "parallel 'zero4' is not one of none, ddp"),
+    ({"offload": "gpu"}, "offload 'gpu' is not one of none, optimizer"),
+    ({"quant_storage": "int4"}, "quant_storage 'int4' is not one of uint8"),
+])
+def test_bad_layout_values_are_refused_before_any_work(raw: dict, fragment: str, no_estimates: list[object]) -> None:
+    with pytest.raises(GridError, match="^grid: ") as exc:
+        parse_grid({"model": "llama2-7b", **raw})
+    assert fragment in str(exc.value) and "\n" not in str(exc.value)
+    assert no_estimates == []
+
+
+def test_layout_keys_take_lists_and_flags() -> None:
+    g = parse_grid({"model": "llama2-7b", "gpus": [1, 8, 8], "gpus_per_node": [None, 4], "parallel": ["none", "zero3"],
+                    "fsdp_version": [1, 2], "offload": "optimizer", "quant_storage": "bf16"})
+    assert g.setup["gpus"] == (1, 8) and g.setup["gpus_per_node"] == (None, 4) and g.setup["parallel"] == ("none", "zero3")
+    assert g.setup["fsdp_version"] == (1, 2) and g.setup["offload"] == ("optimizer",) and g.setup["quant_storage"] == ("bf16",)
+    assert values_from_text("gpus", ["1,8", "1_024"]) == [1, 8, 1024]
+    assert values_from_text("parallel", ["fsdp,zero3"]) == ["fsdp", "zero3"]
+
+
+# ---- --from FILE as the grid's base (issue 14) -----------------------------------------------------------
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def test_config_base_writes_target_and_module_sets_as_one_value() -> None:
+    from memplan.planning.grid import config_base
+
+    base, left_out = config_base({"model": "llama2-7b", "lora_targets": ("q_proj", "v_proj"), "modules_to_save": ("embed_tokens", "lm_head"),
+                                  "not_a_field": 1})
+    g = parse_grid(base)
+    assert g.setup["lora_targets"] == (("q_proj", "v_proj"),) and g.setup["modules_to_save"] == (("embed_tokens", "lm_head"),)
+    assert left_out == ["not_a_field"]
+
+
+def test_sweep_from_a_trainer_config_with_flags_on_top(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import pandas as pd
+
+    out = tmp_path / "sweep.csv"
+    assert main(["sweep", "--from", str(EXAMPLES / "trl-sft-qlora.yaml"), "--seq-len", "256,512", "--gpu", "a10g", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "recipe trl-sft" in err and "ignored (memplan does not model them): dataset_name" in err
+    frame = pd.read_csv(out)
+    assert frame["seq_len"].tolist() == [256, 512]  # the flag replaced the file's max_length 1024
+    assert set(frame["recipe"]) == {"trl-sft"} and set(frame["lora_rank"]) == {16} and set(frame["optimizer"]) == {"paged_adamw_8bit"}
+
+
+def test_grid_file_keys_replace_the_from_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import pandas as pd
+
+    path = write(tmp_path, "lora_rank: [4, 8]\ngpu: a10g\n")  # no model: the --from file names it
+    out = tmp_path / "sweep.csv"
+    assert main(["sweep", "--from", str(EXAMPLES / "axolotl-qlora.yaml"), "--grid", str(path), "--out", str(out)]) == 0
+    frame = pd.read_csv(out)
+    assert frame["lora_rank"].tolist() == [4, 8] and set(frame["recipe"]) == {"axolotl"} and set(frame["seq_len"]) == {4096}
+    assert "recipe axolotl" in capsys.readouterr().err

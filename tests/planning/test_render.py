@@ -21,7 +21,7 @@ import pytest
 from memplan.cli import main
 from memplan.hardware.gpus import gpu_catalog
 from memplan.model.catalog import catalog, load_model
-from memplan.planning.labels import PART_LABELS, PLAN_DEFAULTS, choices_text, fit_verdict
+from memplan.planning.labels import PART_LABELS, PLAN_DEFAULTS, choices_text, fit_verdict, layout_text
 from memplan.planning.render import render_estimate
 from memplan.planning.render_fit import render_fit, render_models
 from memplan.planning.render_plan import csv_text, launch_script, render_launch, render_plan, render_sweep
@@ -30,7 +30,7 @@ from memplan.planning.render_validate import outcome_line, render_comparison, re
 from memplan.serving.fleet import PlanInputs, plan, sweep_variants
 from memplan.serving.launch import launch_settings
 from memplan.training.estimate import estimate
-from memplan.training.search import cheapest_gpu, limits_on, smallest_gpu
+from memplan.training.search import cheapest_gpu, fit_answer, limits_on, smallest_gpu
 from memplan.training.setup import Setup
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -122,21 +122,51 @@ def test_fit_json_and_table_name_the_library_gpus() -> None:
     small, cheap = smallest_gpu(setup, cat), cheapest_gpu(setup, cat)
     g = cat.get("a10g")
     lim = limits_on(setup, g)
-    d = json.loads(render_fit(setup, small, cheap, "json", gpu=g, limits=lim))
+    ans = fit_answer(setup, cat, gpu=g)
+    d = json.loads(render_fit(ans, "json"))
     assert d["smallest_gpu"] == small.key and d["cheapest_gpu"] == cheap.key
     assert d["cheapest_usd_per_hour"] == cheap.usd_per_hour
+    assert d["peak_bytes"] == estimate(setup).memory.peak
+    assert "clusters" not in d  # one A10G holds it: no cluster search
     assert d["limits"] == {"gpu": "a10g", "usable_bytes": g.usable_bytes, "fits_as_given": lim.fits_as_given,
-                           "max_batch_size": lim.max_batch_size, "max_seq_len": lim.max_seq_len, "max_lora_rank": lim.max_lora_rank}
-    text = render_fit(setup, small, cheap, "table", gpu=g, limits=lim)
+                           "max_batch_size": lim.max_batch_size, "max_seq_len": lim.max_seq_len, "max_lora_rank": lim.max_lora_rank,
+                           "gpus": 1, "parallel": "none"}
+    text = render_fit(ans, "table")
     assert f"smallest GPU that fits: {small.key} (" in text
     assert f"  largest batch size (seq 512): {lim.max_batch_size}" in text.splitlines()
+    assert "multi-GPU sharding is not modelled" not in text
 
 
-def test_fit_without_a_fitting_gpu() -> None:
-    setup = Setup(model="llama2-7b")
-    d = json.loads(render_fit(setup, None, None, "json"))
-    assert d == {"smallest_gpu": None, "cheapest_gpu": None, "cheapest_usd_per_hour": None}
-    assert render_fit(setup, None, None, "table") == "no single catalog GPU fits this setup (multi-GPU sharding is not modelled)"
+def test_fit_past_one_gpu_lists_every_layout_with_its_fewest_gpus() -> None:
+    from memplan.training.clusters import fewest_gpus
+
+    setup, cat = Setup(model="llama2-70b", method="full"), gpu_catalog()
+    h100 = cat.get("h100")
+    ans = fit_answer(setup, cat, gpu=h100)
+    expected = fewest_gpus(setup, h100)
+    d = json.loads(render_fit(ans, "json"))
+    assert d["smallest_gpu"] is None and d["clusters"]["gpu"] == "h100" and d["clusters"]["ranked_by"] == "fewest_gpus"
+    rows = d["clusters"]["layouts"]
+    assert [(r["parallel"], r["fsdp_version"] or 1) for r in rows] == [(f.parallel, f.fsdp_version) for f in expected]
+    for r, f in zip(rows, expected):
+        c = f.fewest.get("h100")
+        assert r["gpus"] == (c.gpus if c else None) and r["peak_bytes_per_gpu"] == (c.peak_bytes if c else None)
+        if c:
+            assert r["usd_per_hour"] == c.gpus * h100.usd_per_hour and r["headroom_bytes"] == h100.usable_bytes - c.peak_bytes
+    assert d["limits"]["gpus"] == expected[0].fewest["h100"].gpus and d["limits"]["parallel"] == expected[0].parallel
+    text = render_fit(ans, "table").splitlines()
+    assert text[0].startswith("no single catalog GPU fits this setup: ")
+    for f in expected:
+        c = f.fewest.get("h100")
+        row = next(line for line in text if line.startswith("  " + layout_text(f.parallel, f.fsdp_version) + " "))
+        assert (f"{c.gpus} x h100" in row) if c else ("none up to 1,024 GPUs" in row)
+    assert any(line.startswith(f"on {expected[0].fewest['h100'].gpus} x h100 (") for line in text)
+
+
+def test_fit_says_which_layouts_got_a_float_quant_storage() -> None:
+    setup, cat = Setup(model="llama2-70b", quant="nf4", lora_targets="all-linear", grad_checkpointing=True), gpu_catalog()
+    text = render_fit(fit_answer(setup, cat, gpu=cat.get("rtx3090")), "table")
+    assert "--quant-storage bf16 set for " in text and "ZeRO-3" in text.split("--quant-storage bf16 set for ")[1]
 
 
 def test_fit_verdict_words() -> None:
@@ -185,6 +215,18 @@ def test_plan_table_has_a_column_per_strategy(one_plan) -> None:
     assert header
     gpus_row = next(line for line in lines if line.startswith("GPUs "))
     assert len(gpus_row.split()) == 1 + len(one_plan.strategies)
+
+
+def test_plan_prices_a_70b_full_fine_tune_on_a_cluster() -> None:
+    # No single GPU holds it: the training line and the JSON name the cluster's count and layout.
+    p = plan(PlanInputs(model="llama2-70b", variants=10, gpu="h100", rps=1.0, train_gpu="h100"))
+    t = p.training["full"]
+    assert t.gpus is not None and t.gpus > 1 and t.parallel != "none"
+    line = next(x for x in render_plan(p, "table").splitlines() if x.startswith("training (full): "))
+    assert f"priced on {t.gpus} x h100 under " in line and f"({t.hours:.2f} h on {t.gpus} x h100)" in line
+    d = json.loads(render_plan(p, "json"))["training_per_variant"]["full"]
+    assert (d["gpus"], d["parallel"], d["gpu"]) == (t.gpus, t.parallel, "h100")
+    assert d["usd"] == pytest.approx(t.gpus * t.hours * gpu_catalog().get("h100").usd_per_hour)
 
 
 def test_variant_sweep_table_and_csv() -> None:

@@ -66,7 +66,7 @@ def test_rows_equal_single_setup_estimates(frame: pd.DataFrame) -> None:
             assert row[f"{f}_bytes"] == expected, (f, setup)
         assert row["peak_phase"] == m.peak_phase
         for p in PEAK_PARTS:
-            assert row[f"peak_breakdown_bytes.{p}"] == est.peak_parts[p]
+            assert row[f"peak_breakdown_bytes.{p}"] == est.peak_parts.get(p, 0)  # a layout's own parts: 0 on one GPU
         for d in ADAPTER_DTYPES:
             if setup.method == "lora":
                 assert row[f"adapter_file_bytes.{d}"] == est.adapter_file_bytes[d]
@@ -142,18 +142,95 @@ def test_dtypes_are_the_documented_ones(frame: pd.DataFrame) -> None:
     assert list(frame["model"].cat.categories) == ["llama2-7b", "gemma2-9b", "gpt2"]
 
 
+def layout_setup_of(row: dict[str, Any]) -> Setup:
+    """A layout row's Setup, read from its columns as documented (fsdp_version NA off FSDP)."""
+    from dataclasses import replace
+
+    version = 1 if pd.isna(row["fsdp_version"]) else int(row["fsdp_version"])
+    return replace(setup_of(row), gpus=int(row["gpus"]), gpus_per_node=int(row["gpus_per_node"]), parallel=row["parallel"],
+                   fsdp_version=version, offload=row["offload"], quant_storage=row["quant_storage"])
+
+
+LAYOUT_GRID: dict[str, Any] = dict(
+    model="llama2-70b", method=["full", "lora"], quant=["bf16", "nf4"], gpus=[1, 2, 16], parallel=["none", "ddp", "fsdp", "zero3"],
+    fsdp_version=[1, 2], offload=["none", "params_and_optimizer"], quant_storage=["uint8", "bf16"], gpu=["h100", "rtx3090"],
+)
+
+
+@pytest.fixture(scope="module")
+def layouts() -> pd.DataFrame:
+    return sweep(**LAYOUT_GRID)
+
+
+def test_layout_rows_equal_the_per_gpu_estimate(layouts: pd.DataFrame) -> None:
+    catalog = gpu_catalog()
+    assert len(layouts) > 20 and set(layouts["parallel"]) == {"none", "ddp", "fsdp", "zero3"}
+    for row in layouts.to_dict("records"):
+        setup = layout_setup_of(row)
+        est = estimate(setup)
+        assert row["peak_bytes"] == est.memory.peak  # per GPU under the layout
+        sh = est.sharding
+        assert (row["host_per_gpu_bytes"], row["host_per_node_bytes"]) == ((sh.host_per_gpu, sh.host_per_node) if sh else (0, 0))
+        assert sum(row[f"peak_breakdown_bytes.{p}"] for p in PEAK_PARTS) == row["peak_bytes"]
+        for key in ("h100", "rtx3090"):
+            assert row[f"fits.{key}"] == fit_on(est, catalog.get(key)).fits
+        if not pd.isna(row["cheapest_gpu"]):  # the job's GPUs per hour: gpus x one GPU's catalog price
+            assert row["cheapest_usd_per_hour"] == pytest.approx(setup.gpus * catalog.get(row["cheapest_gpu"]).usd_per_hour)
+        assert row["offload"] == "none" or row["host_per_node_bytes"] > 0
+
+
+def test_layout_options_collapse_where_they_do_not_apply(layouts: pd.DataFrame) -> None:
+    assert layouts.loc[layouts["parallel"] != "fsdp", "fsdp_version"].isna().all()  # FSDP only
+    assert set(layouts.loc[layouts["parallel"] == "fsdp", "fsdp_version"]) == {1, 2}
+    assert (layouts.loc[layouts["quant"] == "bf16", "quant_storage"] == "uint8").all()  # nf4/fp4 only
+    key = ["method", "quant", "gpus", "parallel", "fsdp_version", "offload", "quant_storage"]
+    assert not layouts[key].astype(str).duplicated().any()  # a collapsed option never doubles a row
+    assert layouts["gpus_per_node"].tolist() == [min(g, 8) for g in layouts["gpus"]]
+
+
+def test_impossible_layouts_are_left_out_and_counted(layouts: pd.DataFrame) -> None:
+    refused = layouts.attrs["refused"]
+    assert not ((layouts["gpus"] > 1) & (layouts["parallel"] == "none")).any()
+    assert any("needs a layout" in r for r in refused)
+    # a uint8 4-bit base cannot be flattened by FSDP / ZeRO-3; offload needs FSDP or ZeRO
+    flat = layouts["parallel"].isin(["fsdp", "zero3"]) & (layouts["quant"] == "nf4")
+    assert (layouts.loc[flat, "quant_storage"] == "bf16").all() and flat.any()
+    assert any("cannot flatten a uint8 4-bit base" in r for r in refused)
+    assert not (layouts["parallel"].isin(["none", "ddp"]) & (layouts["offload"] != "none")).any()
+    for reason in refused:
+        assert "\n" not in reason
+
+
+def test_more_gpus_never_need_more_memory_per_gpu_under_zero3(layouts: pd.DataFrame) -> None:
+    # ZeRO-3 partitions parameters, gradients and optimizer states over the GPUs (arXiv:1910.02054).
+    z = layouts[(layouts["parallel"] == "zero3") & (layouts["offload"] == "none")]
+    for _, g in z.groupby(["method", "quant"], observed=True):
+        peaks = g.sort_values("gpus")["peak_bytes"].tolist()
+        assert peaks == sorted(peaks, reverse=True) and len(peaks) == 3
+
+
+def test_the_cli_takes_layout_axes(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["sweep", "-m", "llama2-70b", "--method", "full", "--gpus", "8,16", "--parallel", "zero3,fsdp",
+                 "--fsdp-version", "2", "-g", "h100"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[:4] == ["model", "gpus", "parallel", "peak"] and "peak per GPU" in out[0]
+    assert len(out) == 1 + 4
+
+
 def test_column_names_are_stable() -> None:
     f = sweep(model="llama2-7b", quant="nf4", gpu=["a10g", "h100"], variants=[1, 10], rps=1.0, serve_gpu="a10g")
     assert list(f.columns) == [
         "model", "method", "quant", "double_quant", "compute_dtype", "lora_rank", "lora_targets", "lora_dropout", "seq_len",
         "batch_size", "grad_checkpointing", "optimizer", "attention", "device", "prepare_kbit_training",
-        "autocast", "recipe", "variants", "rps", "serve_gpu",
+        "autocast", "recipe", "modules_to_save", "gpus", "gpus_per_node", "parallel", "fsdp_version", "offload", "quant_storage",
+        "variants", "rps", "serve_gpu",
         "total_parameters", "trainable_parameters", "weights_bytes", "quant_state_bytes", "adapters_bytes", "gradients_bytes",
         "optimizer_states_bytes", "optimizer_paged_bytes", "activations_bytes", "logits_bytes", "transients_bytes",
         "overhead_bytes", "allocated_peak_bytes", "peak_bytes", "peak_phase",
         "peak_breakdown_bytes.weights", "peak_breakdown_bytes.adapters", "peak_breakdown_bytes.optimizer_states",
         "peak_breakdown_bytes.gradients", "peak_breakdown_bytes.activations", "peak_breakdown_bytes.logits",
-        "peak_breakdown_bytes.transients", "peak_breakdown_bytes.overhead",
+        "peak_breakdown_bytes.transients", "peak_breakdown_bytes.overhead", "peak_breakdown_bytes.master_weights",
+        "peak_breakdown_bytes.comm_buffers", "peak_breakdown_bytes.gathered", "host_per_gpu_bytes", "host_per_node_bytes",
         "adapter_file_bytes.fp32", "adapter_file_bytes.fp16", "adapter_file_bytes.bf16",
         "fits.a10g", "fits.h100", "headroom_bytes.a10g", "headroom_bytes.h100", "smallest_gpu", "cheapest_gpu",
         "cheapest_usd_per_hour", "gpus.full_finetune", "gpus.lora", "gpus.lorax", "gpus.vllm_multi_lora",

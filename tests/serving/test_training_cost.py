@@ -83,15 +83,72 @@ def test_the_cheapest_fitting_gpu_is_chosen(a: Assumptions) -> None:
             assert best.usd <= other.usd + 1e-12, g.key
 
 
-def test_too_big_for_one_gpu_is_said_plainly(a: Assumptions) -> None:
+def _plan_setup(a: Assumptions, model: str, **kw: object) -> Setup:
+    """The setup training_cost sizes a full job with, written out from the assumptions."""
+    return Setup(model=model, method="full", seq_len=a.train_seq_len, batch_size=a.train_batch_size,
+                 grad_checkpointing=a.train_grad_checkpointing, optimizer=a.train_optimizer, **kw)  # type: ignore[arg-type]
+
+
+def test_too_big_for_one_gpu_runs_on_the_fewest_gpus_that_hold_it(a: Assumptions) -> None:
     # Full fine-tuning of Llama-2-7B in bf16 with AdamW needs > 50 GB (weights, grads and two
-    # states of 13.5 GB each): not one 24 GB A10G.
+    # states of 13.5 GB each): not one 24 GB A10G, but a few of them under a sharded layout.
+    a10g = gpu_catalog().get("a10g")
     t = training_cost(load_model("llama2-7b"), gpu_catalog(), a, method="full", tokens=1_000_000, train_gpu="a10g")
-    assert not t.fits and t.usd is None and t.gpu_hours is None
-    assert "does not fit on one a10g" in t.note and "multi-GPU sharding is not modelled yet" in t.note
+    assert t.fits and t.gpu == "a10g" and t.gpus is not None and t.gpus > 1 and t.parallel != "none"
+    assert "more than one a10g" in t.note and "not modelled" not in t.note
+    # per-GPU memory under the chosen layout: it fits at t.gpus and at no smaller candidate count
+    def peak(n: int) -> int:
+        return estimate(_plan_setup(a, "llama2-7b", gpus=n, parallel=t.parallel, fsdp_version=t.fsdp_version or 1)).memory.peak
+    assert t.peak_bytes == peak(t.gpus) <= a10g.usable_bytes
+    assert all(peak(n) > a10g.usable_bytes for n in (2, 4, 8, 16, 24, 32) if n < t.gpus)
+
+
+def test_a_cluster_costs_count_x_hours_x_price(a: Assumptions) -> None:
     # 70B full fine-tuning (> 560 GB of weights, grads and states) fits on no single catalog GPU.
-    big = training_cost(load_model("llama3-70b"), gpu_catalog(), a, method="full", tokens=1_000_000)
-    assert big.gpus is None and "does not fit on any single catalog GPU" in big.note
+    spec, cat, tokens = load_model("llama2-70b"), gpu_catalog(), 2_000_000
+    t = training_cost(spec, cat, a, method="full", tokens=tokens)
+    assert t.fits and t.gpus > 1
+    g = cat.get(t.gpu)
+    flops = 6 * matmul_parameters(spec) * tokens  # 6 N per token (Kaplan et al. 2020)
+    hours = flops / (t.gpus * g.bf16_tflops * 1e12 * a.training_mfu) / 3600
+    assert t.hours == pytest.approx(hours)
+    assert t.gpu_hours == pytest.approx(t.gpus * hours)
+    assert t.usd == pytest.approx(t.gpus * hours * g.usd_per_hour)
+    assert "communication time is not charged" in t.note and "per-GPU peak" in t.note
+
+
+def test_the_cluster_chosen_is_the_smallest_that_holds_the_job(a: Assumptions) -> None:
+    # Issue 13: "memplan plan prices training on the smallest feasible cluster" (fewest GPUs, then cost).
+    spec, cat = load_model("llama2-70b"), gpu_catalog()
+    best = training_cost(spec, cat, a, method="full", tokens=1_000_000)
+    for g in cat.gpus:
+        other = training_cost(spec, cat, a, method="full", tokens=1_000_000, train_gpu=g.key)
+        if other.fits:
+            assert (best.gpus, best.usd) <= (other.gpus, other.usd * (1 + 1e-12)), g.key
+            # per job the count cancels out: FLOPs / (FLOP/s x MFU) x price, whatever the count
+            assert other.usd == pytest.approx(other.flops / (g.bf16_tflops * 1e12 * a.training_mfu) / 3600 * g.usd_per_hour)
+
+
+def test_a_qlora_cluster_runs_with_a_float_quant_storage_where_it_shards(a: Assumptions) -> None:
+    spec = load_model("llama2-70b")
+    lora = plan_lora(spec, 8, "all-linear")
+    t = training_cost(spec, gpu_catalog(), a, method="lora", tokens=1_000_000, lora=lora, quant="nf4", train_gpu="t4")
+    assert t.fits and t.gpus > 1
+    if t.parallel in ("fsdp", "zero3"):
+        assert t.quant_storage == "bf16" and "--quant-storage bf16" in t.note
+    else:
+        assert t.quant_storage == "uint8"
+
+
+def test_nothing_holds_it_is_said_plainly(a: Assumptions) -> None:
+    from memplan.hardware.gpus import GPU, GPUCatalog
+
+    tiny = GPU(key="tiny", name="tiny", memory_bytes=10**9, usable_bytes=2**30, bandwidth_bytes_per_s=10**12, bf16_tflops=100.0,
+               pcie_gen=4, usd_per_hour=1.0, price_provider="test", price_date="")
+    cat = GPUCatalog(gpus=(tiny,), storage_usd_per_gb_month=0.0, source="test")
+    t = training_cost(load_model("llama2-7b"), cat, a, method="full", tokens=1_000_000)
+    assert not t.fits and t.usd is None and t.gpu_hours is None
+    assert "no cluster of up to 1,024 GPUs" in t.note
 
 
 def test_qlora_fits_where_bf16_lora_does_not(a: Assumptions) -> None:
@@ -100,4 +157,4 @@ def test_qlora_fits_where_bf16_lora_does_not(a: Assumptions) -> None:
     lora = plan_lora(spec, 8, None)
     bf16 = training_cost(spec, gpu_catalog(), a, method="lora", tokens=1_000_000, lora=lora, train_gpu="a10g")
     nf4 = training_cost(spec, gpu_catalog(), a, method="lora", tokens=1_000_000, lora=lora, quant="nf4", train_gpu="a10g")
-    assert not bf16.fits and nf4.fits
+    assert bf16.gpus > 1 and nf4.gpus == 1  # bf16 needs a cluster of A10Gs, QLoRA one

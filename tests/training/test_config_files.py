@@ -62,3 +62,40 @@ def test_cli_flags_override_the_file(capsys: pytest.CaptureFixture[str]) -> None
     assert "recipe trl-sft" in captured.err and "ignored (memplan does not model them): dataset_name" in captured.err
     setup = json.loads(captured.out)["setup"]
     assert setup["seq_len"] == 256 and setup["recipe"] == "trl-sft" and setup["lora_rank"] == 16
+
+
+def test_modules_to_save_and_trainable_tokens_are_read(tmp_path: Path) -> None:
+    """TRL ModelConfig / axolotl `lora_modules_to_save`, PEFT `modules_to_save` map to the Setup field
+    (modelled: memplan.training.modules_to_save); `trainable_token_indices` is said to be unmodelled."""
+    trl = tmp_path / "sft.yaml"
+    trl.write_text("model_name_or_path: llama2-7b\nuse_peft: true\nlora_modules_to_save: [embed_tokens, lm_head]\noptim: adamw_torch\n")
+    assert read_config(trl).fields["modules_to_save"] == ("embed_tokens", "lm_head")
+    axolotl = tmp_path / "axolotl.yaml"
+    axolotl.write_text("base_model: meta-llama/Llama-2-7b-hf\nadapter: lora\nlora_modules_to_save:\n  - embed_tokens\n  - lm_head\n")
+    plan = read_config(axolotl)
+    assert plan.fields["modules_to_save"] == ("embed_tokens", "lm_head") and "lora_modules_to_save" not in plan.ignored
+    Setup(**plan.fields)
+    adapter = tmp_path / "adapter_config.json"
+    adapter.write_text(json.dumps({"peft_type": "LORA", "r": 8, "target_modules": ["q_proj"], "modules_to_save": ["lm_head"],
+                                   "trainable_token_indices": {"embed_tokens": [32000, 32001]}}))
+    plan = read_config(adapter)
+    assert plan.fields["modules_to_save"] == ("lm_head",)
+    assert any("trainable_token_indices (2 rows)" in n and "not modelled" in n for n in plan.notes)
+
+
+def test_fused_adamw_is_read_and_is_the_trainer_default(tmp_path: Path) -> None:
+    """TrainingArguments optim `adamw_torch_fused` (its default from torch 2.8: transformers
+    training_args.py `default_optim`) is memplan's adamw_fused."""
+    p = tmp_path / "args.json"
+    p.write_text(json.dumps({"model_name_or_path": "llama2-7b", "optim": "adamw_torch_fused"}))
+    assert read_config(p).fields["optimizer"] == "adamw_fused"
+    p.write_text(json.dumps({"model_name_or_path": "llama2-7b"}))
+    plan = read_config(p)
+    assert plan.fields["optimizer"] == "adamw_fused" and any("adamw_torch_fused" in n for n in plan.notes)
+    assert Setup(model="llama2-7b", optimizer="adamw_torch_fused").optimizer == "adamw_fused"
+
+
+def test_sft_bf16_false_is_said_to_be_unmodelled(tmp_path: Path) -> None:
+    p = tmp_path / "sft.yaml"
+    p.write_text("model_name_or_path: llama2-7b\nuse_peft: true\nbf16: false\n")
+    assert any("bf16: false is not modelled" in n for n in read_config(p).notes)

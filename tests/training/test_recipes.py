@@ -56,3 +56,16 @@ def test_trainer_recipe_matches_the_plain_loop() -> None:
     b = estimate(Setup(model=LLAMA, quant="nf4", device="cpu", recipe="trainer"))
     assert a.memory.peak == b.memory.peak
     assert "recipe" not in a.setup.label() and "trainer" in b.setup.label()
+
+
+def test_sft_bf16_autocast_is_modelled_over_fp32_adapters_only() -> None:
+    """SFTConfig.bf16 defaults to True (trl/trainer/base_config.py::_BaseConfig.__post_init__). Ledger, tiny llama s128 b2, SFTTrainer
+    bf16=True vs False: full bf16 and nf4 QLoRA byte-identical; bf16 LoRA all-linear without checkpointing
+    -2,190,848 bytes of activations (lora_A saves autocast's bf16 input copy, not PEFT's fp32 one)."""
+    from memplan.training.recipes import lora_under_autocast
+
+    base = dict(model="x", recipe="trl-sft", grad_checkpointing=False)
+    assert lora_under_autocast(Setup(**base))
+    assert not lora_under_autocast(Setup(**base, quant="nf4"))  # TRL casts QLoRA adapters to bf16 itself
+    assert not lora_under_autocast(Setup(**base, method="full"))
+    assert not lora_under_autocast(Setup(model="x", recipe="trainer"))

@@ -20,7 +20,7 @@ from memplan.model.architectures import spec_from_config
 from memplan.model.catalog import load_model
 from memplan.model.lora import resolve_targets
 from memplan.training.estimate import estimate
-from memplan.training.search import Limits, cheapest_gpu, limits_on, smallest_gpu
+from memplan.training.search import Limits, cheapest_gpu, fit_answer, limits_on, smallest_gpu
 from memplan.training.setup import Setup
 
 
@@ -143,3 +143,48 @@ def test_nothing_fits_gives_none() -> None:
     # GPT-3 175B full fine-tuning: 175e9 x 8 bytes is far beyond any single catalog GPU.
     setup = Setup(model="gpt3-175b", method="full", seq_len=128)
     assert smallest_gpu(setup, gpu_catalog()) is None and cheapest_gpu(setup, gpu_catalog()) is None
+
+
+# ---- fit_answer: one GPU, or past it ----------------------------------------------------------------
+
+
+def test_fit_answer_on_one_gpu_keeps_the_single_gpu_answers() -> None:
+    setup, cat = Setup(model="llama2-7b", quant="nf4"), gpu_catalog()
+    a10g = cat.get("a10g")
+    ans = fit_answer(setup, cat, gpu=a10g)
+    assert ans.layouts is None  # it fits one A10G: nothing to search past one GPU
+    assert ans.smallest == smallest_gpu(setup, cat) and ans.cheapest == cheapest_gpu(setup, cat)
+    assert ans.limits == limits_on(setup, a10g) and ans.limits_setup == setup
+
+
+def test_fit_answer_past_one_gpu_gives_limits_per_gpu_on_the_best_cluster() -> None:
+    setup, cat = Setup(model="llama2-70b", method="full"), gpu_catalog()
+    h100 = cat.get("h100")
+    ans = fit_answer(setup, cat, gpu=h100)
+    assert not fits(setup, h100) and ans.smallest is None and ans.cheapest is None
+    assert ans.layouts is not None and "h100" in ans.layouts[0].fewest
+    best = ans.layouts[0].fewest["h100"]
+    ls = ans.limits_setup
+    assert ls == best.setup and ls.gpus > 1 and ls.parallel != "none"
+    # The limits are per GPU under that layout: the largest batch per GPU fits, one more does not.
+    lim = ans.limits
+    assert lim.fits_as_given and lim.max_batch_size >= 1
+    assert fits(replace(ls, batch_size=lim.max_batch_size), h100)
+    assert not fits(replace(ls, batch_size=lim.max_batch_size + 1), h100)
+    assert fits(replace(ls, seq_len=lim.max_seq_len), h100) and not fits(replace(ls, seq_len=lim.max_seq_len + 1), h100)
+
+
+def test_fit_answer_without_a_gpu_searches_the_cheapest_cluster_only_past_one_gpu() -> None:
+    cat = gpu_catalog()
+    assert fit_answer(Setup(model="llama2-7b", quant="nf4"), cat).layouts is None
+    ans = fit_answer(Setup(model="llama2-70b", method="full"), cat)
+    assert ans.layouts is not None and ans.limits is None
+    assert any(f.fewest for f in ans.layouts)
+
+
+def test_fit_answer_searches_a_given_layout_even_when_one_gpu_holds_it() -> None:
+    cat = gpu_catalog()
+    setup = Setup(model="llama2-7b", quant="nf4", parallel="ddp")
+    ans = fit_answer(setup, cat, gpu=cat.get("a10g"))
+    assert [f.parallel for f in ans.layouts] == ["ddp"]
+    assert ans.limits_setup == setup  # the setup as given holds: its limits, not a cluster's

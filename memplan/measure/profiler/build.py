@@ -109,6 +109,9 @@ def _quantization_config(setup: Setup) -> Any:
             bnb_4bit_quant_type=setup.quant,
             bnb_4bit_use_double_quant=setup.double_quant,
             bnb_4bit_compute_dtype=TORCH_DTYPES[setup.compute_dtype],
+            # A float storage packs the 4-bit data into float elements so FSDP/ZeRO-3 can flatten
+            # them (bitsandbytes docs/source/fsdp_qlora.md); uint8 is bitsandbytes' default.
+            bnb_4bit_quant_storage=torch.uint8 if setup.quant_storage == "uint8" else TORCH_DTYPES[setup.quant_storage],
         )
     return None
 
@@ -117,7 +120,7 @@ def load_model(spec: ModelSpec, setup: Setup, checkpoint: Path) -> Any:
     """`from_pretrained` through the real path, quantizing on load for int8/nf4/fp4."""
     kwargs: dict[str, Any] = {
         "dtype": TORCH_DTYPES[setup.param_dtype],
-        "device_map": {"": 0 if setup.device == "cuda" else "cpu"},
+        "device_map": {"": torch.cuda.current_device() if setup.device == "cuda" else "cpu"},  # a rank's own GPU
         "attn_implementation": ATTN_IMPLEMENTATION[setup.attention],
     }
     qcfg = _quantization_config(setup)
@@ -154,6 +157,9 @@ def apply_training_setup(model: Any, spec: ModelSpec, setup: Setup) -> Any:
             "lora_dropout": setup.lora_dropout,
             "target_modules": _lora_targets(spec, setup),
         }
+        if setup.modules_to_save:
+            # ModulesToSaveWrapper: a trainable deepcopy of each (peft/utils/other.py).
+            cfg_kwargs["modules_to_save"] = list(setup.modules_to_save)
         if spec.is_causal_lm:
             cfg_kwargs["task_type"] = "CAUSAL_LM"
         model = peft.get_peft_model(model, peft.LoraConfig(**cfg_kwargs))
@@ -188,6 +194,8 @@ def make_optimizer(setup: Setup, params: list[Any]) -> Any:
     lr = 1e-5
     if setup.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=lr)
+    if setup.optimizer == "adamw_fused":  # TrainingArguments optim="adamw_torch_fused"
+        return torch.optim.AdamW(params, lr=lr, fused=True)
     if setup.optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr)
     if setup.optimizer == "sgd_momentum":

@@ -10,6 +10,9 @@
   by side (CPU ledger runs: it counts bytes, not time). This process alone
   appends each record to the output file as soon as its run ends, skips jobs already recorded (outcome ok
   or oom) in the same environment, and leaves finished records intact on Ctrl-C.
+- Sharded jobs (`--gpus N --parallel ...`) run in rank groups (`rank_group.py`): N processes
+  under torch.distributed, up to `SHARDED_GROUP_JOBS` setups of one world size per group (imports
+  once, a fresh model per setup), one record per rank. A group takes min(N, workers) slots.
 """
 
 from __future__ import annotations
@@ -34,7 +37,11 @@ from memplan.errors import MemplanError, ProfileError
 from memplan.measure.records import append_record, new_record, read_records, run_key
 from memplan.training.setup import Setup
 
-__all__ = ["Job", "expand_grid", "sample_jobs", "load_grid_file", "CampaignResult", "run_campaign", "done_keys"]
+__all__ = ["Job", "expand_grid", "sample_jobs", "load_grid_file", "CampaignResult", "run_campaign", "done_keys",
+           "is_done", "SHARDED_GROUP_JOBS"]
+
+# Setups per rank group: a crash costs the group's start-up (seconds) and re-runs the rest in a new one.
+SHARDED_GROUP_JOBS = 8
 
 _SETUP_FIELDS = tuple(Setup.__dataclass_fields__)
 GRID_KEYS = _SETUP_FIELDS + ("layers",)
@@ -158,8 +165,16 @@ def done_keys(out: Path, env_key: str) -> set[str]:
     keys = set()
     for r in read_records([out]):
         if r["outcome"] in ("ok", "oom") and _env_key_of(r) == env_key:
-            keys.add(run_key(Setup.from_dict(r["setup"]), r["layers"], r["steps"], env_key))
+            keys.add(run_key(Setup.from_dict(r["setup"]), r["layers"], r["steps"], env_key, r.get("rank")))
     return keys
+
+
+def is_done(job: Job, done: set[str], env_key: str) -> bool:
+    """Whether `done` (from `done_keys`) holds the job's record, or every rank's for a sharded job."""
+    from memplan.measure.profiler.rank_group import is_sharded, world_size_of
+
+    ranks: list[int | None] = list(range(world_size_of(job))) if is_sharded(job) else [None]
+    return all(run_key(job.setup, job.layers, job.steps, env_key, r) in done for r in ranks)
 
 
 def _env_key_of(record: dict[str, Any]) -> str:
@@ -267,9 +282,12 @@ def run_campaign(
     exits (in the order runs finish). On the CPU the ledger counts bytes, not time,
     so workers running side by side do not change what is measured; on CUDA they
     would share one device, so keep `workers=1` there. `on_start(i, n, job)` and
-    `on_record(i, n, job, record)` get the job's 1-based index among the jobs to run.
+    `on_record(i, n, job, record)` get the job's 1-based index among the jobs to run; a sharded
+    job calls `on_record` once, with its first failed rank's record (else rank 0's), and every
+    rank's record is appended to `out`.
     """
     from memplan.measure.profiler.device import env_key
+    from memplan.measure.profiler.rank_group import is_sharded, start_group, world_size_of
 
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ProfileError(f"--workers must be a positive integer, got {workers!r}")
@@ -278,22 +296,42 @@ def run_campaign(
     done = done_keys(out, env_key(env)) if resume else set()
     todo = []
     for job in jobs:
-        if run_key(job.setup, job.layers, job.steps, env_key(env)) in done:
+        if is_done(job, done, env_key(env)):
             result.skipped.append(job)
         else:
             todo.append(job)
+    n = len(todo)
     with tempfile.TemporaryDirectory(prefix="memplan-campaign-") as tmp, _interruptible():
         workdir = Path(tmp)
         ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else workdir / "checkpoints"
         running: list[_Running] = []
-        pending = list(enumerate(todo, 1))
+        groups: list[tuple[Any, list[tuple[int, Job]]]] = []  # (RankGroup, its jobs with their indexes)
+        pending = _batches(list(enumerate(todo, 1)))
+
+        def emit(i: int, job: Job, records: list[dict[str, Any]]) -> None:
+            for record in records:
+                append_record(out, record)
+                result.written.append(record)
+            if on_record is not None:  # one line per setup: the first failed rank's record, else rank 0's
+                on_record(i, n, job, next((r for r in records if r["outcome"] != "ok"), records[0]))
+
         try:
-            while pending or running:
-                while pending and len(running) < workers:
-                    i, job = pending.pop(0)
+            while pending or running or groups:
+                while pending:
+                    batch = pending[0]
+                    slots = min(world_size_of(batch[0][1]), workers)
+                    if len(running) + sum(min(g.world_size, workers) for g, _ in groups) + slots > workers:
+                        break
+                    pending.pop(0)
                     if on_start is not None:
-                        on_start(i, len(todo), job)
-                    running.append(_start(i, job, env, workdir / f"worker-{i}", ckpt))
+                        on_start(batch[0][0], n, batch[0][1])
+                    if not is_sharded(batch[0][1]):
+                        i, job = batch[0]
+                        running.append(_start(i, job, env, workdir / f"worker-{i}", ckpt))
+                    else:
+                        group = start_group([j for _, j in batch], env=env, workdir=workdir / f"group-{batch[0][0]}",
+                                            checkpoint_dir=ckpt, timeout_s=timeout_s)
+                        groups.append((group, batch))
                 time.sleep(0.05)
                 for run in list(running):
                     rc = run.proc.poll()
@@ -303,17 +341,44 @@ def run_campaign(
                     elif rc is None:
                         continue
                     running.remove(run)
-                    record = _finish(run, env, rc, timeout_s)
-                    append_record(out, record)
-                    result.written.append(record)
-                    if on_record is not None:
-                        on_record(run.index, len(todo), run.job, record)
+                    emit(run.index, run.job, [_finish(run, env, rc, timeout_s)])
+                for group, batch in list(groups):
+                    for j, records in group.poll():
+                        emit(batch[j][0], batch[j][1], records)
+                        if not group.ended and group.current < len(batch) and on_start is not None:
+                            on_start(batch[group.current][0], n, batch[group.current][1])
+                    if group.ended:
+                        groups.remove((group, batch))
+                        if group.leftover:  # jobs the group never reached: a fresh group, first in line
+                            pending.insert(0, batch[len(batch) - len(group.leftover):])
         except KeyboardInterrupt:
             result.interrupted = True
         finally:
             for run in running:
                 _stop(run)
+            for group, _ in groups:
+                group.stop()
     return result
+
+
+def _batches(indexed: list[tuple[int, Job]]) -> list[list[tuple[int, Job]]]:
+    """One batch per single-process job; sharded jobs of one world size and device together,
+    `SHARDED_GROUP_JOBS` at most per batch, in the order they came."""
+    from memplan.measure.profiler.rank_group import is_sharded
+
+    out: list[list[tuple[int, Job]]] = []
+    open_batches: dict[tuple[int, str], list[tuple[int, Job]]] = {}
+    for i, job in indexed:
+        if not is_sharded(job):
+            out.append([(i, job)])
+            continue
+        key = (job.setup.gpus, job.setup.device)
+        batch = open_batches.get(key)
+        if batch is None or len(batch) >= SHARDED_GROUP_JOBS:
+            batch = open_batches[key] = []
+            out.append(batch)
+        batch.append((i, job))
+    return out
 
 
 @contextlib.contextmanager

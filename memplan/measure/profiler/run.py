@@ -31,10 +31,11 @@ from memplan.measure.records import new_record
 from memplan.training.setup import Setup
 from memplan.model.spec import ModelSpec
 
-__all__ = ["profile_setup", "FAIL_ENV", "phase_names"]
+__all__ = ["profile_setup", "FAIL_ENV", "phase_names", "step_loop", "failure", "summarise"]
 
 # Test hook: "PHASE" or "PHASE@field=value" makes the run raise inside that phase;
-# a "!" suffix ("load!") kills the worker process instead (a crash, as the OOM killer would).
+# a "!" suffix ("load!") kills the worker process instead (a crash, as the OOM killer would), a "~"
+# suffix makes it hang (a stuck collective, for the campaign's timeout).
 FAIL_ENV = "MEMPLAN_PROFILE_FAIL"
 _OOM_SIZE = re.compile(r"(?:Tried to allocate|tried to allocate)\s+([\d.]+)\s*(GiB|MiB|KiB|GB|MB|kB|bytes|B)\b")
 _UNIT = {"GiB": 2**30, "MiB": 2**20, "KiB": 2**10, "GB": 10**9, "MB": 10**6, "kB": 10**3, "bytes": 1, "B": 1}
@@ -66,7 +67,7 @@ def _is_oom(exc: BaseException) -> bool:
 def _should_fail(spec: str | None, phase: str, setup: Setup) -> bool:
     if not spec:
         return False
-    want, _, cond = spec.rstrip("!").partition("@")
+    want, _, cond = spec.rstrip("!~").partition("@")
     if want != phase:
         return False
     if not cond:
@@ -78,7 +79,7 @@ def _should_fail(spec: str | None, phase: str, setup: Setup) -> bool:
 class _Session:
     """The instruments of one run: the storage ledger and, on CUDA, the allocator/NVML meter."""
 
-    def __init__(self, setup: Setup) -> None:
+    def __init__(self, setup: Setup, *, extra_categories: tuple[str, ...] = ()) -> None:
         from memplan.measure.profiler.ledger import StorageLedger
 
         self.setup = setup
@@ -87,7 +88,7 @@ class _Session:
             from memplan.measure.profiler.device import CudaMeter
 
             self.meter = CudaMeter()
-        self.ledger = StorageLedger(setup.device)
+        self.ledger = StorageLedger(setup.device, extra_categories=extra_categories)
         self.phases: dict[str, dict[str, Any]] = {}
         self._t0 = 0.0
 
@@ -101,6 +102,8 @@ class _Session:
         if _should_fail(fail, name, self.setup):
             if fail and fail.endswith("!"):
                 os._exit(70)
+            if fail and fail.endswith("~"):
+                time.sleep(24 * 3600)
             raise RuntimeError(f"forced failure in phase {name} ({FAIL_ENV})")
 
     def end(self, name: str) -> dict[str, Any]:
@@ -157,9 +160,89 @@ def record_trainable(led: Any, params: list[Any], measured: dict[str, Any]) -> N
     measured["parameters_bytes"] = led.category_bytes("parameters")
 
 
-def _run(setup: Setup, spec: ModelSpec, steps: int, ckpt: Path, s: _Session, measured: dict[str, Any]) -> None:
+class _LocalDriver:
+    """One process, one device: the step as Trainer runs it without a distributed wrapper."""
+
+    def __init__(self, model: Any, setup: Setup, params: list[Any]) -> None:
+        from memplan.measure.profiler import build
+
+        self.module = model
+        self.params = params
+        self.optimizer = build.make_optimizer(setup, params)
+        self.scaler = build.grad_scaler(setup)
+
+    def backward(self, loss: Any) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def step(self) -> None:
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def grad_tensors(self) -> list[Any]:
+        return [p.grad for p in self.params]
+
+    def state_tensors(self) -> list[Any]:
+        return optimizer_state_tensors(self.optimizer)
+
+
+def step_loop(s: _Session, spec: ModelSpec, setup: Setup, steps: int, driver: Any, measured: dict[str, Any],
+              *, forward: Any = None, after_step: Any = None) -> None:
+    """`steps` training steps through `driver` (`_LocalDriver`, or a sharded wrapper with the same
+    members: module, backward, step, zero_grad, grad_tensors, state_tensors), each phase measured;
+    the last step is the ledger's steady-state window. `forward` is what a step calls (default:
+    `driver.module`, under autocast if the setup asks); `after_step(k)` runs after step k's phases."""
     import torch
 
+    from memplan.measure.profiler import build
+
+    led = s.ledger
+    device = torch.device("cuda", torch.cuda.current_device()) if setup.device == "cuda" else torch.device("cpu")
+    if forward is None:
+        forward = build.training_forward(driver.module, setup)
+    vocab = spec.vocab_size
+    generator = torch.Generator().manual_seed(0)
+    for k in range(1, steps + 1):
+        prefix = "" if k == 1 else f"step{k}_"
+        if k == steps and steps >= 2:
+            led.open_window()
+        s.begin(prefix + "forward")
+        input_ids = torch.randint(0, vocab, (setup.batch_size, setup.seq_len), generator=generator).to(device)
+        loss = forward(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+        led.end_forward()
+        fwd = s.end(prefix + "forward")
+        s.begin(prefix + "backward")
+        driver.backward(loss)
+        del loss
+        led.adopt(driver.grad_tensors(), "gradients")
+        s.end(prefix + "backward")
+        grads = led.storage_bytes(driver.grad_tensors())
+        s.begin(prefix + "optimizer")
+        driver.step()
+        led.adopt(driver.state_tensors(), "optimizer_state")
+        driver.zero_grad()
+        s.end(prefix + "optimizer")
+        del input_ids
+        if after_step is not None:
+            after_step(k)
+        if k == steps:
+            led.close_window()
+            measured["gradients_bytes"] = grads
+            measured["activations_bytes"] = fwd["ledger_by_category"]["activations"]
+            state = driver.state_tensors()
+            # bnb paged state lives in unified memory behind a CPU-side tensor
+            # (`bitsandbytes/functional.py::get_paged`): counted apart, added to the total.
+            paged = sum(t.untyped_storage().nbytes() for t in state if getattr(t, "is_paged", False))
+            measured["optimizer_state_bytes"] = led.storage_bytes(state) + paged
+            measured["optimizer_paged_bytes"] = paged
+
+
+def _run(setup: Setup, spec: ModelSpec, steps: int, ckpt: Path, s: _Session, measured: dict[str, Any]) -> None:
     from memplan.measure.profiler import build
 
     led = s.ledger
@@ -173,54 +256,14 @@ def _run(setup: Setup, spec: ModelSpec, steps: int, ckpt: Path, s: _Session, mea
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ProfileError("the setup leaves no trainable parameter; check --lora-targets")
-        optimizer = build.make_optimizer(setup, params)
+        driver = _LocalDriver(model, setup, params)
         adopt_model(led, model)
         s.end("setup")
         record_trainable(led, params, measured)
-
-        device = torch.device("cuda", 0) if setup.device == "cuda" else torch.device("cpu")
-        forward = build.training_forward(model, setup)
-        scaler = build.grad_scaler(setup)
-        vocab = spec.vocab_size
-        generator = torch.Generator().manual_seed(0)
-        for k in range(1, steps + 1):
-            prefix = "" if k == 1 else f"step{k}_"
-            if k == steps and steps >= 2:
-                led.open_window()
-            s.begin(prefix + "forward")
-            input_ids = torch.randint(0, vocab, (setup.batch_size, setup.seq_len), generator=generator).to(device)
-            loss = forward(input_ids=input_ids, labels=input_ids, use_cache=False).loss
-            led.end_forward()
-            fwd = s.end(prefix + "forward")
-            s.begin(prefix + "backward")
-            (scaler.scale(loss) if scaler is not None else loss).backward()
-            del loss
-            led.adopt((p.grad for p in params), "gradients")
-            s.end(prefix + "backward")
-            grads = led.storage_bytes(p.grad for p in params)
-            s.begin(prefix + "optimizer")
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            led.adopt(optimizer_state_tensors(optimizer), "optimizer_state")
-            optimizer.zero_grad(set_to_none=True)
-            s.end(prefix + "optimizer")
-            if k == steps:
-                led.close_window()
-                measured["gradients_bytes"] = grads
-                measured["activations_bytes"] = fwd["ledger_by_category"]["activations"]
-                state = optimizer_state_tensors(optimizer)
-                # bnb paged state lives in unified memory behind a CPU-side tensor
-                # (`bitsandbytes/functional.py::get_paged`): counted apart, added to the total.
-                paged = sum(t.untyped_storage().nbytes() for t in state if getattr(t, "is_paged", False))
-                measured["optimizer_state_bytes"] = led.storage_bytes(state) + paged
-                measured["optimizer_paged_bytes"] = paged
-            del input_ids
+        step_loop(s, spec, setup, steps, driver, measured)
 
 
-def _summarise(s: _Session, steps: int, ok: bool, measured: dict[str, Any]) -> None:
+def summarise(s: _Session, steps: int, ok: bool, measured: dict[str, Any]) -> None:
     key = "max_allocated_bytes" if s.meter is not None else "ledger_peak_bytes"
     if s.phases:  # over every phase, the load included (quantizing on load has its own peak)
         top = max(s.phases, key=lambda n: s.phases[n][key])
@@ -242,6 +285,21 @@ def _summarise(s: _Session, steps: int, ok: bool, measured: dict[str, Any]) -> N
         measured["nvml_used_peak_bytes"] = max((p["nvml_used_bytes"] for p in s.phases.values()), default=None)
 
 
+def failure(exc: BaseException, session: _Session | None) -> tuple[str, dict[str, Any] | None, dict[str, Any] | None]:
+    """A failed run's (outcome, error, oom) record fields; the failed phase keeps what it reached."""
+    phase = session.ledger.phase if session is not None else "init"
+    if session is not None and phase not in session.phases:
+        try:  # what the failed phase reached before it failed
+            session.end(phase)["failed"] = True
+        except Exception:  # noqa: BLE001 - a broken device must not hide the original error
+            pass
+    message = " ".join(str(exc).split())[:2000] or type(exc).__name__
+    if _is_oom(exc):
+        return "oom", None, {"phase": phase, "requested_bytes": _oom_request_bytes(str(exc)), "message": message[:500]}
+    tb = traceback.format_exception(type(exc), exc, exc.__traceback__)
+    return "error", {"type": type(exc).__name__, "phase": phase, "message": message, "traceback": "".join(tb[-6:])[-4000:]}, None
+
+
 def profile_setup(
     setup: Setup,
     *,
@@ -253,6 +311,8 @@ def profile_setup(
     """Measure one setup; always returns a record (outcome ok, oom or error)."""
     from memplan.measure.profiler.device import check_device, collect_env
 
+    if setup.parallel != "none":
+        raise ProfileError(f"--parallel {setup.parallel} runs on rank processes (memplan.measure.profiler.sharded), not in one process")
     t_start = time.perf_counter()
     spec = with_layers(load_spec(setup.model), layers)
     check_device(setup.device)
@@ -282,26 +342,13 @@ def profile_setup(
         else:
             _run(setup, spec, steps, ckpt, session, measured)
     except Exception as exc:  # every failure of the run becomes the record's outcome
-        phase = session.ledger.phase if session is not None else "init"
-        if session is not None and phase not in session.phases:
-            try:  # what the failed phase reached before it failed
-                session.end(phase)["failed"] = True
-            except Exception:  # noqa: BLE001 - a broken device must not hide the original error
-                pass
-        message = " ".join(str(exc).split())[:2000] or type(exc).__name__
-        if _is_oom(exc):
-            outcome = "oom"
-            oom = {"phase": phase, "requested_bytes": _oom_request_bytes(str(exc)), "message": message[:500]}
-        else:
-            outcome = "error"
-            tb = traceback.format_exception(type(exc), exc, exc.__traceback__)
-            error = {"type": type(exc).__name__, "phase": phase, "message": message, "traceback": "".join(tb[-6:])[-4000:]}
+        outcome, error, oom = failure(exc, session)
     finally:
         if tmp is not None:
             tmp.cleanup()
     phases = session.phases if session is not None else {}
     if session is not None:
-        _summarise(session, steps, outcome == "ok", measured)
+        summarise(session, steps, outcome == "ok", measured)
     return new_record(
         setup=setup,
         layers=layers,

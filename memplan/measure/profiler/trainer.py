@@ -32,7 +32,7 @@ from memplan.training.setup import Setup
 __all__ = ["run_trainer"]
 
 # memplan optimizer names -> TrainingArguments.optim
-_OPTIM = {"adamw": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit", "paged_adamw_32bit": "paged_adamw_32bit",
+_OPTIM = {"adamw": "adamw_torch", "adamw_fused": "adamw_torch_fused", "adamw_8bit": "adamw_bnb_8bit", "paged_adamw_32bit": "paged_adamw_32bit",
           "paged_adamw_8bit": "paged_adamw_8bit", "sgd": "sgd"}
 
 
@@ -70,6 +70,8 @@ def _lora_config(spec: ModelSpec, setup: Setup) -> Any:
 
     kwargs: dict[str, Any] = {"r": setup.lora_rank, "lora_alpha": 2 * setup.lora_rank, "lora_dropout": setup.lora_dropout,
                               "target_modules": _lora_targets(spec, setup), "task_type": "CAUSAL_LM"}
+    if setup.modules_to_save:
+        kwargs["modules_to_save"] = list(setup.modules_to_save)
     return peft.LoraConfig(**kwargs)
 
 
@@ -91,7 +93,9 @@ def run_trainer(setup: Setup, spec: ModelSpec, steps: int, ckpt: Path, s: Any, m
     common = dict(output_dir=out_dir, max_steps=steps, per_device_train_batch_size=setup.batch_size,
                   gradient_accumulation_steps=1, report_to=[], save_strategy="no", use_cpu=True,
                   logging_strategy="no", optim=_OPTIM[setup.optimizer], learning_rate=1e-5,
-                  gradient_checkpointing=bool(setup.grad_checkpointing), bf16=setup.autocast == "bf16",
+                  gradient_checkpointing=bool(setup.grad_checkpointing),
+                  # SFTConfig.bf16 defaults to True on a bf16 model (memplan.training.recipes.lora_under_autocast).
+                  bf16=setup.autocast == "bf16" or (setup.recipe == "trl-sft" and setup.autocast == "none" and setup.param_dtype == "bf16"),
                   fp16=setup.autocast == "fp16", dataloader_num_workers=0, disable_tqdm=True, seed=0)
 
     def _mixin(base: type) -> type:

@@ -1,0 +1,203 @@
+"""Per-GPU memory under a parallel layout: what one rank holds, term by term.
+
+`layout_terms(...)` takes the single-process pieces of an estimate (`estimate.py`) and the parameter
+inventory (`shard_inventory.py`) and returns what changes on one rank:
+
+- `resident`: bytes held for the whole step (parameter shards or replicas incl. padding, quant state
+  and buffers, optimizer state, the fp32 master shard, persistent communication buckets);
+- `gradients(phase_bytes)`: the gradient bytes a rank holds when one process would hold `phase_bytes`;
+- `inflight[phase]`: unsharded parameters and gradient buffers in flight in that phase;
+- `host`: host RAM per rank for offloaded state.
+
+Activations, logits and layer transients are per rank what one process has for the per-GPU batch
+(data parallel: every rank runs the whole model on its own micro-batch).
+
+Sources, per layout (torch 2.13, deepspeed 0.19):
+- DDP: `torch/nn/parallel/distributed.py::DistributedDataParallel.__init__` builds a `Reducer`
+  whose buckets (`torch/csrc/distributed/c10d/reducer.cpp::Reducer::initialize_buckets`,
+  `at::empty({offset})`) hold one flat copy of every trainable gradient for the whole run
+  (`gradient_as_bucket_view=False`, the default, keeps `p.grad` separate).
+- FSDP1: `torch/distributed/fsdp/_flat_param.py::FlatParamHandle._init_flat_param_and_metadata`
+  (16-byte alignment padding before each parameter under `use_orig_params=True`, then padding to a
+  multiple of the shard count); `_runtime_utils.py::_post_forward_reshard` keeps the root unsharded
+  from forward to backward; `_limiter_utils.py` (2 all-gathers in flight) and BACKWARD_PRE prefetch
+  hold two layer units in backward; the unsharded gradient of a unit is reduce-scattered into its
+  shard (`_runtime_utils.py::_post_backward_hook`).
+- FSDP2: `torch/distributed/fsdp/_fully_shard/_fsdp_param.py::FSDPParam._init_sharded_param` pads
+  each parameter's first dimension to a multiple of the shard count; `_fsdp_collectives.py`
+  (`foreach_all_gather`, `foreach_reduce`) allocate the flat all-gather output and reduce-scatter input.
+- ZeRO (arXiv:1910.02054 section 5): `deepspeed/runtime/zero/stage_1_and_2.py` (fp32 partition
+  `single_partition_of_fp32_groups`, `ipg_buffer` of `reduce_bucket_size` elements, the fp32
+  `single_grad_partition` at the step) and `stage3.py` / `partition_parameters.py` (`ds_tensor`
+  partitions padded per parameter, `stage3_param_persistence_threshold`, the flat gradient
+  partition buffer, `__ipg_bucket_flat_buffer`).
+
+Ignores: NCCL's own buffers and communicator memory (not torch tensors; on a GPU the device terms'
+context covers a process), the `gpus` ranks' imbalance (every rank holds the padded shard), and
+gradient accumulation (it does not change the peak).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from memplan.model.storage import FLOAT_BYTES
+from memplan.training.optim import optimizer_bytes
+from memplan.training.parallel import is_fsdp, is_zero
+from memplan.training.setup import Setup
+from memplan.training.shard_inventory import ParamEntry
+
+__all__ = ["LayoutTerms", "ShardedMemory", "layout_terms", "zero_buckets", "shard_group"]
+
+FSDP_ALIGNMENT_BYTES = 16  # torch/distributed/fsdp/_flat_param.py::_get_aligned_numel
+FP32 = 4
+# deepspeed/runtime/zero/config.py defaults (elements).
+ZERO_REDUCE_BUCKET = 500_000_000
+ZERO_PREFETCH_BUCKET = 50_000_000
+ZERO_MAX_LIVE = 1_000_000_000
+ZERO_PERSISTENCE = 100_000
+
+
+@dataclass(frozen=True)
+class ShardedMemory:
+    """What one rank holds under the layout, for the JSON and the table (bytes)."""
+
+    layout: str
+    gpus: int
+    shard_group: int  # ranks that split one parameter (gpus, or gpus_per_node for hybrid layouts)
+    parameters: int  # parameter storage on the GPU: shards or replicas, padding, quant state, buffers
+    adapters: int  # part of `parameters` that is LoRA adapters
+    padding: int  # part of `parameters` that is alignment / divisibility padding
+    gradients: int  # gradient bytes at the end of backward
+    optimizer_states: int  # optimizer state on the GPU
+    master_weights: int  # fp32 master shard (ZeRO, FSDP mixed precision keeps it as the parameter)
+    comm_buffers: int  # persistent communication buffers (DDP buckets, ZeRO reduce buckets)
+    host_per_gpu: int  # host RAM the rank's offloaded state takes
+    host_per_node: int
+
+    @property
+    def resident(self) -> int:
+        """Bytes the rank holds for the whole step."""
+        return self.parameters + self.optimizer_states + self.master_weights + self.comm_buffers
+
+
+@dataclass(frozen=True)
+class LayoutTerms:
+    memory: ShardedMemory
+    gradients: Callable[[int], int]
+    inflight: dict[str, int] = field(default_factory=dict)
+    step_temp: int | None = None  # replaces the optimizer step's temporaries when set
+
+
+def shard_group(setup: Setup) -> int:
+    return setup.gpus_per_node if setup.parallel == "fsdp_hybrid" else setup.gpus
+
+
+def zero_buckets(setup: Setup, hidden: int) -> tuple[int, int, int, int]:
+    """(reduce bucket, stage-3 prefetch bucket, max live parameters, persistence threshold) in elements:
+    Trainer's "auto" values for a recipe that runs through transformers
+    (`transformers/integrations/deepspeed.py::HfTrainerDeepSpeedConfig.trainer_config_finalize`:
+    hidden², 0.9·hidden², 10·hidden), DeepSpeed's defaults for a plain loop."""
+    if setup.recipe == "plain":
+        return ZERO_REDUCE_BUCKET, ZERO_PREFETCH_BUCKET, ZERO_MAX_LIVE, ZERO_PERSISTENCE
+    return hidden * hidden, int(0.9 * hidden * hidden), ZERO_MAX_LIVE, 10 * hidden
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _fsdp1_unit(entries: Sequence[tuple[ParamEntry, int]], n: int, itemsize: int) -> int:
+    """Padded numel of one FlatParameter holding `entries` ((entry, copies) in module order)."""
+    align = FSDP_ALIGNMENT_BYTES // itemsize
+    total = 0
+    for e, copies in entries:
+        for _ in range(copies):
+            if total % align:
+                total += align - total % align
+            total += e.numel
+    return total + (-total % n)
+
+
+def _instances(e: ParamEntry, layers: int) -> int:
+    return e.count * (layers if e.per_layer else 1)
+
+
+def layout_terms(setup: Setup, inv: Sequence[ParamEntry], *, layers: int, hidden: int, quant_state: int, buffers: int,
+                 train_itemsize: int, single_grads: int) -> LayoutTerms:
+    """Per-rank terms of `setup`'s layout (see the module docstring for the library code behind each)."""
+    n = shard_group(setup)
+    p = setup.parallel
+    if is_zero(p):
+        from memplan.training.sharding_zero import zero_terms
+
+        return zero_terms(setup, inv, n, layers=layers, hidden=hidden, quant_state=quant_state, buffers=buffers,
+                     train_itemsize=train_itemsize, single_grads=single_grads)
+    if is_fsdp(p):
+        return _fsdp(setup, inv, n, layers=layers, quant_state=quant_state, buffers=buffers, train_itemsize=train_itemsize,
+                     single_grads=single_grads)
+    # DDP (and "none"): every rank holds the whole model, its gradients and optimizer state.
+    whole = sum(e.bytes * (layers if e.per_layer else 1) for e in inv) + quant_state + buffers
+    adapters = sum(e.bytes * (layers if e.per_layer else 1) for e in inv if e.lora)
+    numels = [e.numel for e in inv if e.trainable for _ in range(_instances(e, layers))]
+    opt = optimizer_bytes(setup.optimizer, numels, train_itemsize, device=setup.device).total
+    comm = single_grads if p == "ddp" else 0
+    mem = ShardedMemory(p, setup.gpus, n, whole, adapters, 0, single_grads, opt, 0, comm, 0, 0)
+    return LayoutTerms(mem, lambda g: g)
+
+
+def _fsdp(setup: Setup, inv: Sequence[ParamEntry], n: int, *, layers: int, quant_state: int, buffers: int, train_itemsize: int,
+          single_grads: int) -> LayoutTerms:
+    """FSDP1 (FlatParameter per unit) and FSDP2 (per-parameter shards) on one rank."""
+    compute = FLOAT_BYTES[setup.autocast] if setup.autocast != "none" else FLOAT_BYTES[setup.compute_dtype]
+    v2 = setup.fsdp_version == 2
+    layer_base = [e for e in inv if e.per_layer and not (e.lora and not v2)]
+    root_base = [e for e in inv if not e.per_layer and not (e.lora and not v2)]
+    lora_units = [e for e in inv if e.lora and not v2]  # FSDP1 + PEFT's policy: one unit per LoRA Linear
+
+    def padded(entries: list[ParamEntry]) -> tuple[int, int]:
+        """(padded unsharded numel, itemsize) of one unit holding `entries` (one layer's, or the root's)."""
+        if not entries:
+            return 0, compute
+        if v2:  # each parameter's first dimension padded to a multiple of n
+            return sum(_ceil(e.dim0, n) * n * (e.numel // e.dim0 if e.dim0 else 1) * e.count for e in entries), entries[0].itemsize
+        size = max(e.itemsize for e in entries)
+        return _fsdp1_unit([(e, e.count) for e in entries], n, size), size
+
+    layer_numel, layer_size = padded(layer_base)
+    root_numel, root_size = padded(root_base)
+    lora_numels = [(_ceil(e.numel, n) * n, e.itemsize, _instances(e, layers), e.per_layer) for e in lora_units]
+    shards = (layer_numel * layer_size * layers + root_numel * root_size) // n + sum(m * size * k for m, size, k, _ in lora_numels) // n
+    real = sum(e.bytes * (layers if e.per_layer else 1) for e in inv)
+    adapters = sum(e.bytes * (layers if e.per_layer else 1) for e in inv if e.lora) // n
+    trainable = [e for e in inv if e.trainable]
+    # The optimizer sees each original parameter's part of the rank's shard (FSDP1 use_orig_params=True
+    # views, FSDP2 DTensor local shards): states sized to those parts.
+    part = (lambda e: _ceil(e.dim0, n) * (e.numel // e.dim0 if e.dim0 else 1)) if v2 else (lambda e: _ceil(e.numel, n))
+    shard_numels = [part(e) for e in trainable for _ in range(_instances(e, layers))]
+    opt = optimizer_bytes(setup.optimizer, shard_numels, train_itemsize, device=setup.device).total
+    grad_shards = sum(shard_numels) * train_itemsize
+    # One layer unit unsharded in the compute dtype (MixedPrecision casts the shard before the all-gather).
+    lora_per_layer = sum(m * size * k for m, size, k, per in lora_numels if per) // max(layers, 1)
+    layer_gathered = layer_numel * (compute if setup.autocast != "none" else layer_size) + lora_per_layer
+    root_gathered = root_numel * (compute if setup.autocast != "none" else root_size)
+    layer_trainable = any(e.trainable for e in layer_base)
+    unit_grad = (layer_numel * train_itemsize if layer_trainable else 0) + lora_per_layer
+    hold = layers if setup.parallel == "fsdp_shard_grad_op" else 1
+    inflight = {
+        "forward": root_gathered + layer_gathered * hold,
+        "backward_loss": root_gathered + layer_gathered * hold,
+        # BACKWARD_PRE prefetch (FSDP1) / implicit prefetch (FSDP2): the next unit is gathered while
+        # this one's gradient is reduce-scattered.
+        "backward_layers": root_gathered + layer_gathered * max(hold, 2) + unit_grad,
+        "backward_first_layer": root_gathered + layer_gathered + unit_grad,
+    }
+    padding = max(shards - real // n, 0)
+    if setup.offload == "params_and_optimizer":
+        # CPUOffload(offload_params=True): shards, their gradients and the optimizer step live on the host.
+        host = shards + grad_shards + opt
+        mem = ShardedMemory(setup.parallel, setup.gpus, n, quant_state + buffers, 0, 0, 0, 0, 0, 0, host, host * setup.gpus_per_node)
+        return LayoutTerms(mem, lambda g: 0, inflight, step_temp=0)
+    mem = ShardedMemory(setup.parallel, setup.gpus, n, shards + quant_state + buffers, adapters, padding, grad_shards, opt, 0, 0, 0, 0)
+    return LayoutTerms(mem, lambda g: g * grad_shards // single_grads if single_grads else 0, inflight)

@@ -1,0 +1,56 @@
+"""Sharded CPU runs at world size 2 (issue 13 part 3): the setups and one call that measures them.
+
+`run_campaign` runs sharded jobs itself (one rank group of N processes per world size, every
+rank's record appended), so a session campaign can add `Job(s, None, SHARDED_STEPS)` for these
+setups to its own job list; `run_sharded` is the same thing on its own.
+
+Model: tests/data/tiny/tiny-llama (hidden 256, 2 layers, 1k vocabulary), so each FSDP unit's
+shard is mostly data, not padding. QLoRA bases use bnb_4bit_quant_storage = bf16, which FSDP
+needs to flatten them (bitsandbytes docs/source/fsdp_qlora.md).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from memplan.training.setup import Setup
+
+TINY_LLAMA = str(Path(__file__).resolve().parent.parent / "data" / "tiny" / "tiny-llama")
+SHARDED_STEPS = 3
+_BASE = dict(model=TINY_LLAMA, device="cpu", gpus=2, seq_len=128, batch_size=2)
+_QLORA = dict(method="lora", quant="nf4", compute_dtype="bf16", quant_storage="bf16")
+
+
+def fsdp_setups() -> list[Setup]:
+    """FSDP1 and FSDP2 (full shard and shard-grad-op) and DDP over full bf16, LoRA bf16 and QLoRA,
+    with and without checkpointing: 12 runs, 24 records."""
+    rows: list[dict[str, Any]] = [
+        dict(parallel="fsdp", fsdp_version=1, method="full", quant="bf16"),
+        dict(parallel="fsdp", fsdp_version=2, method="full", quant="bf16", grad_checkpointing=True),
+        dict(parallel="fsdp", fsdp_version=1, method="lora", quant="bf16", grad_checkpointing=True),
+        dict(parallel="fsdp", fsdp_version=2, method="lora", quant="bf16"),
+        dict(parallel="fsdp", fsdp_version=1, **_QLORA),
+        dict(parallel="fsdp", fsdp_version=2, **_QLORA, grad_checkpointing=True),
+        dict(parallel="fsdp", fsdp_version=1, **_QLORA, grad_checkpointing=True),
+        dict(parallel="fsdp", fsdp_version=2, **_QLORA),
+        dict(parallel="fsdp_shard_grad_op", fsdp_version=1, method="lora", quant="bf16"),
+        dict(parallel="fsdp_shard_grad_op", fsdp_version=2, method="full", quant="bf16"),
+        dict(parallel="ddp", method="full", quant="bf16"),
+        dict(parallel="ddp", method="lora", quant="nf4", compute_dtype="bf16", grad_checkpointing=True),
+    ]
+    return [Setup(**_BASE, **row) for row in rows]
+
+
+def run_sharded(setups: list[Setup], *, out: Path, checkpoint_dir: Path, workers: int = 2, timeout_s: float = 600,
+                steps: int = SHARDED_STEPS) -> list[dict[str, Any]]:
+    """Measure `setups` (rank groups through `run_campaign`); every record written to `out`."""
+    from memplan.measure.profiler.campaign import Job, run_campaign
+    from memplan.measure.profiler.device import collect_env
+    from memplan.measure.records import read_records
+
+    result = run_campaign([Job(s, None, steps) for s in setups], out=out, env=collect_env("cpu"), workers=workers,
+                          timeout_s=timeout_s, checkpoint_dir=checkpoint_dir)
+    if result.interrupted:
+        raise KeyboardInterrupt
+    return read_records([out]) if out.is_file() else []
