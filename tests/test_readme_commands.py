@@ -40,7 +40,13 @@ DRY_RUN = ("memplan profile --model tinyllama-1.1b --method full --device cuda -
 # the test checks that the command exists (`--help`); the other bare names run as written.
 NAMES_ONLY = ("memplan estimate", "memplan fit", "memplan plan", "memplan profile", "memplan app")
 # Figures the README quotes from a command's output (README: "shows 14.48 GiB of activations at seq 512").
-QUOTED = {"memplan estimate --model llama2-7b --quant fp32 --autocast bf16": r"^\s*activations\s+14\.48\s"}
+_QLORA_70B = ("--model llama2-70b --quant nf4 --double-quant --gpus 2 --parallel fsdp --quant-storage bf16 --grad-checkpointing "
+              "--lora-targets all-linear --gpu rtx4090")
+QUOTED = {"memplan estimate --model llama2-7b --quant fp32 --autocast bf16": r"^\s*activations\s+14\.48\s",
+          # The README's worked 70B-on-two-24-GB case quotes these figures.
+          f"memplan estimate {_QLORA_70B}": r"^\s*peak\s+22\.91$",
+          f"memplan fit {_QLORA_70B}": r"longest sequence \(batch 1 per GPU\): 1065$",
+          "memplan fit --model llama2-70b --method full --gpu h100": r"FSDP1 full shard\s+16 x h100"}
 
 
 def _fenced_lines(text: str) -> list[str]:

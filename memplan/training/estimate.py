@@ -22,6 +22,7 @@ from memplan.training.optim import OptimizerBytes, gradient_bytes, optimizer_byt
 from memplan.training.modules_to_save import add_saved_copies, saved_copies
 from memplan.training.setup import Setup
 from memplan.training.shard_inventory import parameter_inventory
+from memplan.training.parallel import is_fsdp
 from memplan.training.sharding import LayoutTerms, ShardedMemory, layout_terms
 from memplan.model.spec import ModelSpec
 from memplan.model.storage import FLOAT_BYTES, WeightBytes, is_quantized, weight_bytes
@@ -272,7 +273,7 @@ def estimate(setup: Setup, *, model: ModelSpec | None = None, terms: DeviceTerms
     f = _fixed(spec, setup)
     plan, wb, numels, train_itemsize, adapters, grads, opt = f.plan, f.weights, f.numels, f.train_itemsize, f.adapters, f.gradients, f.optimizer
     dequant, opt_temp = f.dequant, f.opt_temp
-    act = activation_bytes(spec, setup, plan)
+    act = activation_bytes(spec, _activation_setup(setup), plan)
     if fused_lm_head(setup) and spec.is_causal_lm:
         # TRL's fused LM head replaces the logits and the cross-entropy (memplan.training.recipes).
         head_trainable = sum(lin.weight_numel for lin in spec.linears if lin.is_output and not lin.tied) if plan is None else 0
@@ -326,7 +327,8 @@ def estimate(setup: Setup, *, model: ModelSpec | None = None, terms: DeviceTerms
         # Per rank: gradients as the layout keeps them, its buffers in flight, its step temporaries.
         # The optimizer steps over the rank's shard: its temporaries shrink with it.
         step_temp = layout.step_temp if layout.step_temp is not None else opt_temp * layout.gradients(grads) // grads if grads else 0
-        phases = tuple((name, layout.gradients(g), a, lg, (step_temp if name == "optimizer_step" else t) + layout.inflight.get(name, 0))
+        phases = tuple((name, layout.gradients_in(name, g), a, lg, (step_temp if name == "optimizer_step" else t) + layout.inflight.get(name, 0)
+                        + layout.phase_buffers.get(name, 0))
                        for name, g, a, lg, t in phases)
     best, best_alive = phases[0], -1
     for phase in phases:  # the first phase wins a tie
@@ -339,10 +341,11 @@ def estimate(setup: Setup, *, model: ModelSpec | None = None, terms: DeviceTerms
     peak = best_total + overhead
     if layout is not None:
         gathered = layout.inflight.get(best_phase, 0)
+        phase_buffers = layout.phase_buffers.get(best_phase, 0)
         lm = layout.memory
         resident_parts = {"weights": lm.parameters - lm.adapters, "adapters": lm.adapters, "optimizer_states": lm.optimizer_states,
-                          "master_weights": lm.master_weights, "comm_buffers": lm.comm_buffers, "gathered": gathered}
-        best_transients -= gathered
+                          "master_weights": lm.master_weights, "comm_buffers": lm.comm_buffers + phase_buffers, "gathered": gathered}
+        best_transients -= gathered + phase_buffers
     else:
         resident_parts = {"weights": wb.total, "adapters": adapters, "optimizer_states": opt.total}
     peak_parts = {
@@ -391,9 +394,21 @@ def estimate(setup: Setup, *, model: ModelSpec | None = None, terms: DeviceTerms
     )
 
 
+def _activation_setup(setup: Setup) -> Setup:
+    """The setup whose activations a rank computes. FSDP's mixed precision (MixedPrecision /
+    MixedPrecisionPolicy param_dtype = the autocast dtype) all-gathers the fp32 shards as bf16/fp16
+    parameters, so the step runs as a model loaded in that dtype: no autocast weight copies are saved
+    (torch/distributed/fsdp/_flat_param.py::FlatParamHandle._use_low_precision_shard; measured on the
+    CPU ledger: FSDP1 and FSDP2 activations of an fp32+bf16-autocast LoRA run equal a bf16 run's)."""
+    if setup.autocast != "none" and is_fsdp(setup.parallel):
+        return replace(setup, quant=setup.autocast, autocast="none", parallel="none", gpus=1, gpus_per_node=None, fsdp_version=1)
+    return setup
+
+
 def _layout(spec: ModelSpec, setup: Setup, f: _Fixed) -> LayoutTerms:
     """The per-rank terms of a parallel layout (memplan.training.sharding)."""
     inv = parameter_inventory(spec, quant=setup.quant, double_quant=setup.double_quant, param_dtype=setup.param_dtype,
                               quant_storage=setup.quant_storage, plan=f.plan, adapter_itemsize=f.train_itemsize)
     return layout_terms(setup, inv, layers=spec.num_layers, hidden=spec.hidden_size, quant_state=f.weights.quant_state,
-                        buffers=f.weights.buffers, train_itemsize=f.train_itemsize, single_grads=f.gradients)
+                        buffers=f.weights.buffers, train_itemsize=f.train_itemsize, single_grads=f.gradients, head_grad=f.head_grad,
+                        first_layer_grads=f.first_layer_grads)

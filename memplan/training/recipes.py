@@ -29,6 +29,7 @@ CPU ledger with real `Trainer` / `SFTTrainer` steps (memplan.measure.profiler.tr
 from __future__ import annotations
 
 from memplan.model.storage import FLOAT_BYTES, is_quantized
+from memplan.training.parallel import is_zero
 from memplan.training.setup import Setup
 
 __all__ = ["adapter_dtype", "fused_lm_head", "lora_under_autocast", "fused_head_bytes", "FusedHeadBytes", "input_require_grads",
@@ -46,6 +47,13 @@ def adapter_dtype(setup: Setup) -> str:
     SFTTrainer then casts them to bf16 when the base is quantized (`SFTTrainer.__init__`)."""
     if setup.recipe == "trl-sft" and is_quantized(setup.quant):
         return "bf16"
+    if is_zero(setup.parallel) and setup.quant != "fp32":
+        # DeepSpeed's bf16/fp16 engine (enabled in the compute dtype whenever the base is not fp32,
+        # as Trainer's bf16/fp16 flags fill the config) casts every float parameter of the module,
+        # PEFT's fp32 adapters included, to the engine dtype at initialize
+        # (deepspeed/runtime/engine.py::_cast_module_mixed_precision): adapters, their gradients and
+        # the LoRA-path activations are in the compute dtype.
+        return setup.compute_dtype
     return "fp32"
 
 

@@ -88,6 +88,15 @@ class LayoutTerms:
     gradients: Callable[[int], int]
     inflight: dict[str, int] = field(default_factory=dict)
     step_temp: int | None = None  # replaces the optimizer step's temporaries when set
+    # Optional: communication buffers alive only in some phases (ZeRO-1/2's per-backward reduce
+    # bucket, reduce-scatter inputs), reported as comm_buffers at the peak rather than as gathered weights.
+    phase_buffers: dict[str, int] = field(default_factory=dict)
+    # Gradient bytes per phase where the layout knows them outright (FSDP: the root's gradients stay
+    # unsharded until its post-backward, finished layers hold shards); other phases use `gradients`.
+    phase_gradients: dict[str, int] = field(default_factory=dict)
+
+    def gradients_in(self, phase: str, single: int) -> int:
+        return self.phase_gradients[phase] if phase in self.phase_gradients else self.gradients(single)
 
 
 def shard_group(setup: Setup) -> int:
@@ -125,7 +134,7 @@ def _instances(e: ParamEntry, layers: int) -> int:
 
 
 def layout_terms(setup: Setup, inv: Sequence[ParamEntry], *, layers: int, hidden: int, quant_state: int, buffers: int,
-                 train_itemsize: int, single_grads: int) -> LayoutTerms:
+                 train_itemsize: int, single_grads: int, head_grad: int = 0, first_layer_grads: int = 0) -> LayoutTerms:
     """Per-rank terms of `setup`'s layout (see the module docstring for the library code behind each)."""
     n = shard_group(setup)
     p = setup.parallel
@@ -136,7 +145,7 @@ def layout_terms(setup: Setup, inv: Sequence[ParamEntry], *, layers: int, hidden
                      train_itemsize=train_itemsize, single_grads=single_grads)
     if is_fsdp(p):
         return _fsdp(setup, inv, n, layers=layers, quant_state=quant_state, buffers=buffers, train_itemsize=train_itemsize,
-                     single_grads=single_grads)
+                     single_grads=single_grads, head_grad=head_grad, first_layer_grads=first_layer_grads)
     # DDP (and "none"): every rank holds the whole model, its gradients and optimizer state.
     whole = sum(e.bytes * (layers if e.per_layer else 1) for e in inv) + quant_state + buffers
     adapters = sum(e.bytes * (layers if e.per_layer else 1) for e in inv if e.lora)
@@ -148,7 +157,7 @@ def layout_terms(setup: Setup, inv: Sequence[ParamEntry], *, layers: int, hidden
 
 
 def _fsdp(setup: Setup, inv: Sequence[ParamEntry], n: int, *, layers: int, quant_state: int, buffers: int, train_itemsize: int,
-          single_grads: int) -> LayoutTerms:
+          single_grads: int, head_grad: int, first_layer_grads: int) -> LayoutTerms:
     """FSDP1 (FlatParameter per unit) and FSDP2 (per-parameter shards) on one rank."""
     compute = FLOAT_BYTES[setup.autocast] if setup.autocast != "none" else FLOAT_BYTES[setup.compute_dtype]
     v2 = setup.fsdp_version == 2
@@ -183,21 +192,87 @@ def _fsdp(setup: Setup, inv: Sequence[ParamEntry], n: int, *, layers: int, quant
     layer_gathered = layer_numel * (compute if setup.autocast != "none" else layer_size) + lora_per_layer
     root_gathered = root_numel * (compute if setup.autocast != "none" else root_size)
     layer_trainable = any(e.trainable for e in layer_base)
-    unit_grad = (layer_numel * train_itemsize if layer_trainable else 0) + lora_per_layer
+    layer_grad = sum(e.numel * e.count * train_itemsize for e in inv if e.per_layer and e.trainable)  # one layer's, unsharded
+    layer_grad_shard = sum(part(e) * e.count for e in trainable if e.per_layer) * train_itemsize
+    # Phases of a steady backward on one rank (torch/distributed/fsdp/_runtime_utils.py):
+    # - the root unit (embeddings, final norm, lm_head) is unsharded from forward until its
+    #   post-backward at the very end (`_post_forward_reshard` skips the root), and so are its
+    #   gradients: lm_head's and the norm's stay whole (`head_grad`) until then;
+    # - a layer unit is gathered by its pre-backward hook; BACKWARD_PRE prefetches the handle before
+    #   it in post-forward order (`_exec_order_utils.py::get_handle_to_backward_prefetch`). For a
+    #   trainable layer that is the layer below, so two layers are gathered; under PEFT's policy the
+    #   handle before a layer is its own LoRA unit, so a frozen base holds one layer at a time
+    #   (measured on the CPU ledger: full fine-tuning peaks with two layers gathered, LoRA with one);
+    # - a finished layer keeps only its gradient shard (`_post_backward_hook` reduce-scatters).
     hold = layers if setup.parallel == "fsdp_shard_grad_op" else 1
+    prefetch = 2 if layer_trainable else 1
     inflight = {
         "forward": root_gathered + layer_gathered * hold,
         "backward_loss": root_gathered + layer_gathered * hold,
-        # BACKWARD_PRE prefetch (FSDP1) / implicit prefetch (FSDP2): the next unit is gathered while
-        # this one's gradient is reduce-scattered.
-        "backward_layers": root_gathered + layer_gathered * max(hold, 2) + unit_grad,
-        "backward_first_layer": root_gathered + layer_gathered + unit_grad,
+        "backward_layers": root_gathered + layer_gathered * max(hold, prefetch),
+        # The last layers' backward: the layer above layer 0 with layer 0 prefetched when trainable.
+        "backward_first_layer": root_gathered + layer_gathered * max(min(hold, 2), prefetch),
     }
+    done = max(layers - prefetch, 0)  # layers whose gradients are already shards at that moment
+    partial = max(first_layer_grads - head_grad - (layers - 1) * layer_grad, 0)  # layer 0's own, as one process
+    phase_grads = {
+        "forward": 0,
+        "backward_loss": 0,
+        "backward_layers": head_grad,
+        "backward_first_layer": head_grad + done * layer_grad_shard + partial,
+    }
+    if v2:
+        inflight, phase_grads = _fsdp2_phases(setup, inv, n, layers=layers, layer_gathered=layer_gathered, layer_grad=layer_grad,
+                                              layer_grad_shard=layer_grad_shard, head_grad=head_grad, partial=partial, compute=compute)
     padding = max(shards - real // n, 0)
     if setup.offload == "params_and_optimizer":
         # CPUOffload(offload_params=True): shards, their gradients and the optimizer step live on the host.
         host = shards + grad_shards + opt
         mem = ShardedMemory(setup.parallel, setup.gpus, n, quant_state + buffers, 0, 0, 0, 0, 0, 0, host, host * setup.gpus_per_node)
-        return LayoutTerms(mem, lambda g: 0, inflight, step_temp=0)
+        return LayoutTerms(mem, lambda g: 0, inflight, step_temp=0, phase_gradients=dict.fromkeys(phase_grads, 0))
     mem = ShardedMemory(setup.parallel, setup.gpus, n, shards + quant_state + buffers, adapters, padding, grad_shards, opt, 0, 0, 0, 0)
-    return LayoutTerms(mem, lambda g: g * grad_shards // single_grads if single_grads else 0, inflight)
+    return LayoutTerms(mem, lambda g: g * grad_shards // single_grads if single_grads else 0, inflight, phase_gradients=phase_grads)
+
+
+def _fsdp2_phases(setup: Setup, inv: Sequence[ParamEntry], n: int, *, layers: int, layer_gathered: int, layer_grad: int,
+                  layer_grad_shard: int, head_grad: int, partial: int, compute: int) -> tuple[dict[str, int], dict[str, int]]:
+    """FSDP2 (`fully_shard`) as accelerate's `fsdp2_prepare_model` wraps a model: each decoder layer, the
+    input embedding alone, a tail group [final norm, lm_head] with reshard_after_forward=False (only
+    [lm_head] under PEFT), then the root.
+
+    - The tail stays unsharded from its forward to its backward; a layer is gathered for its forward and
+      again for its backward, and the group's flat all-gather output (`_fsdp_collectives.py::
+      foreach_all_gather`) stays alive beside the per-parameter unsharded tensors it was copied into
+      (`FSDPParam.all_gather_outputs`): two copies of one layer while it runs.
+    - A finished group's gradients go through a flat reduce-scatter input of the group's unsharded
+      gradient size (`foreach_reduce`), alive while the next group computes; then only the shard stays.
+    Measured on the CPU ledger (torch 2.13, ws 2): no-checkpointing peaks in the top layer's backward with
+    that layer twice plus the tail's reduce-scatter input; checkpointing in a middle layer with the layer
+    twice plus the previous layer's reduce-scatter input.
+    """
+    tail = [e for e in inv if not e.per_layer and e.trainable and not e.lora and e.dim0 != e.numel]  # lm_head-like rows
+    tail_gathered = sum(_ceil(e.dim0, n) * n * (e.numel // e.dim0) * e.count * compute for e in inv
+                        if not e.per_layer and not e.lora and e.numel > 0 and "lm_head" in e.name)
+    tail_grad = head_grad if any(tail) else 0
+    if setup.parallel == "fsdp_shard_grad_op":
+        # reshard_after_forward=False on every group: the whole model stays unsharded from its forward
+        # until each group's backward has run.
+        whole = sum(_ceil(e.dim0, n) * n * (e.numel // e.dim0 if e.dim0 else 1) * e.count * (layers if e.per_layer else 1)
+                    * (compute if not e.lora else e.itemsize) for e in inv)
+        inflight = {"forward": whole, "backward_loss": whole, "backward_layers": whole + tail_grad,
+                    "backward_first_layer": whole - max(layers - 2, 0) * layer_gathered + layer_grad}
+    else:
+        inflight = {
+            "forward": tail_gathered,
+            "backward_loss": tail_gathered,
+            "backward_layers": layer_gathered * 2 + tail_grad,
+            "backward_first_layer": layer_gathered * 2 + layer_grad,
+        }
+    done = max(layers - 2, 0)
+    phase_grads = {
+        "forward": 0,
+        "backward_loss": 0,
+        "backward_layers": tail_grad // n,
+        "backward_first_layer": tail_grad // n + done * layer_grad_shard + partial,
+    }
+    return inflight, phase_grads

@@ -11,7 +11,9 @@ session):
   test_validation_cpu.py (the whole matrix is the `full_matrix` tier);
 - test_profiler.py's six acceptance setups (validation_matrix.PROFILE_CASES).
 - real transformers Trainer / TRL SFTTrainer steps (validation_matrix.recipe_regression, when trl is
-  installed), checked by test_recipes_cpu.py.
+  installed), checked by test_recipes_cpu.py;
+- sharded runs at world size 2 (sharded_matrix: DDP, FSDP1, FSDP2, DeepSpeed ZeRO-2/3; one record per
+  rank), checked by test_sharded_validation.py.
 
 The ledger counts bytes, not time, so two runs side by side measure what one run alone does.
 """
@@ -111,6 +113,13 @@ def cpu_campaign(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.
     jobs += [Job(Setup(model=str(profile_model), **PROFILE_DEFAULTS, **f), None, PROFILE_STEPS) for f in PROFILE_CASES.values()]
     if importlib.util.find_spec("trl") is not None:  # real Trainer / SFTTrainer steps (test_recipes_cpu.py)
         jobs += [Job(s, None, RECIPE_STEPS) for s in recipe_regression()]
+    # Sharded ranks at world size 2 (test_sharded_validation.py): run_campaign starts one rank group
+    # per batch of setups; DeepSpeed's ZeRO rows when deepspeed is installed (the profile extra).
+    from sharded_matrix import SHARDED_STEPS, fsdp_setups, zero_setups
+
+    jobs += [Job(s, None, SHARDED_STEPS) for s in fsdp_setups()]
+    if importlib.util.find_spec("deepspeed") is not None:
+        jobs += [Job(s, None, SHARDED_STEPS) for s in zero_setups()]
     campaign = CpuCampaign(out=root / "runs.jsonl", checkpoints=root / "checkpoints", seed=validation_seed, cases=cases,
                            profile_model=profile_model)
     result = run_campaign(jobs, out=campaign.out, env=collect_env("cpu"), workers=WORKERS, timeout_s=600,

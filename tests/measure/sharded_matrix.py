@@ -42,6 +42,24 @@ def fsdp_setups() -> list[Setup]:
     return [Setup(**_BASE, **row) for row in rows]
 
 
+def zero_setups() -> list[Setup]:
+    """DeepSpeed ZeRO-2 and ZeRO-3 over full bf16, LoRA bf16 and QLoRA (bf16 quant storage), with and
+    without checkpointing: 8 runs, 16 records. Recipe `trainer`: Trainer's "auto" bucket sizes (hidden²),
+    as `transformers/integrations/deepspeed.py` fills them (DeepSpeed's own 5e8-element default is 1 GB
+    per rank on any model)."""
+    rows: list[dict[str, Any]] = [
+        dict(parallel="zero2", method="full", quant="bf16"),
+        dict(parallel="zero3", method="full", quant="bf16", grad_checkpointing=True),
+        dict(parallel="zero2", method="lora", quant="bf16", grad_checkpointing=True),
+        dict(parallel="zero3", method="lora", quant="bf16"),
+        dict(parallel="zero2", **_QLORA),
+        dict(parallel="zero3", **_QLORA, grad_checkpointing=True),
+        dict(parallel="zero2", **_QLORA, grad_checkpointing=True),
+        dict(parallel="zero3", **_QLORA),
+    ]
+    return [Setup(**_BASE, recipe="trainer", **row) for row in rows]
+
+
 def run_sharded(setups: list[Setup], *, out: Path, checkpoint_dir: Path, workers: int = 2, timeout_s: float = 600,
                 steps: int = SHARDED_STEPS) -> list[dict[str, Any]]:
     """Measure `setups` (rank groups through `run_campaign`); every record written to `out`."""
