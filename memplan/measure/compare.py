@@ -52,9 +52,10 @@ def compare_record(record: dict[str, Any]) -> list[dict[str, Any]]:
     mem = est["memory_bytes"]
     m = record.get("measured") or {}
     measured_weights = m.get("weights_bytes")
-    if setup.prepare_kbit_training and m.get("parameters_bytes") is not None:
-        # prepare_model_for_kbit_training upcasts after loading: compare what training holds.
-        measured_weights = m["parameters_bytes"] - (m.get("trainable_bytes") or 0)
+    if (setup.prepare_kbit_training or record.get("rank") is not None) and m.get("parameters_bytes") is not None:
+        # prepare_model_for_kbit_training upcasts after loading, and a rank's shard is made after
+        # loading the whole model: compare what training holds (per GPU for a rank).
+        measured_weights = m["parameters_bytes"] - ((m.get("trainable_bytes") or 0) if setup.method == "lora" else 0)
     pairs: list[tuple[str, int, Any]] = [("weights", mem["weights"], measured_weights)]
     if setup.method == "lora":
         pairs.append(("adapters", mem["adapters"], m.get("trainable_bytes")))
@@ -66,7 +67,9 @@ def compare_record(record: dict[str, Any]) -> list[dict[str, Any]]:
     ]
     if setup.device == "cuda":
         pairs.append(("device_peak", mem["peak"], m.get("nvml_peak_bytes")))
-    base = {"id": record["id"], "label": setup.label(layers=record.get("layers")), "layers": record.get("layers"),
+    rank = record.get("rank")
+    base = {"id": record["id"], "label": setup.label(layers=record.get("layers")) + (f" rank {rank}" if rank is not None else ""),
+            "layers": record.get("layers"),
             "device_name": (record.get("env") or {}).get("device_name")}
     d = setup.to_dict()
     for col in _SETUP_COLUMNS:

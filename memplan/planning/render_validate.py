@@ -32,10 +32,11 @@ __all__ = [
 
 
 def run_label(record: dict[str, Any]) -> str:
-    """The label `memplan profile` gives the record's run (`Setup.label`)."""
+    """The label `memplan profile` gives the record's run (`Setup.label`, and the rank of a sharded run)."""
     from memplan.training.setup import Setup
 
-    return Setup.from_dict(record["setup"]).label(layers=record.get("layers"))
+    rank = record.get("rank")
+    return Setup.from_dict(record["setup"]).label(layers=record.get("layers")) + (f" rank {rank}" if rank is not None else "")
 
 
 def _b(value: Any) -> str:

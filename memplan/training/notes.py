@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from memplan.model.lora import plan_lora, rank_above_capacity
 from memplan.model.storage import FLOAT_BYTES, is_quantized, weight_bytes
 from memplan.training.recipes import FUSED_TOKEN_CHUNK, FUSED_VOCAB_CHUNK
+from memplan.training.notes_sharding import sharding_notes
 from memplan.units import format_bytes
 
 if TYPE_CHECKING:
@@ -174,5 +175,5 @@ def _unvalidated(est: "Estimate") -> str | None:
 def estimate_notes(est: "Estimate") -> tuple[str, ...]:
     """Every note that applies to `est`, most memory-relevant first."""
     notes = [_fused_experts(est), _prepare_kbit(est), *_rank(est), _adapters(est), _copies(est), *_recipe(est), _sft_autocast(est),
-             _fused_adamw(est), _paged(est), _eager(est), _logits(est), _unvalidated(est)]
+             _fused_adamw(est), _paged(est), _eager(est), _logits(est), _unvalidated(est), *sharding_notes(est)]
     return tuple(n for n in notes if n)

@@ -35,6 +35,7 @@ ROOT_CONFTEST = Path(__file__).resolve().parents[1] / "conftest.py"
 # 8 = one run per family (the draw goes round the families in a shuffled order); with the
 # regression subset and the profiler cases this keeps the campaign near 5 minutes on 2 cores.
 RANDOM_RUNS = 8
+RANDOM_SHARDED_RUNS = 4  # random sharded ws=2 setups (test_sharded_validation.py)
 WORKERS = 2
 
 
@@ -66,6 +67,7 @@ class CpuCampaign:
     seed: int
     cases: list[Any]  # memplan.measure.random_setups.RandomCase
     profile_model: Path
+    sharded_cases: list[Any] = field(default_factory=list)  # memplan.measure.random_sharded cases
     records: list[dict[str, Any]] = field(default_factory=list)
 
     def of(self, setups: list[Any]) -> list[dict[str, Any]]:
@@ -120,8 +122,14 @@ def cpu_campaign(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.
     jobs += [Job(s, None, SHARDED_STEPS) for s in fsdp_setups()]
     if importlib.util.find_spec("deepspeed") is not None:
         jobs += [Job(s, None, SHARDED_STEPS) for s in zero_setups()]
+    # Random sharded setups nobody listed (memplan.measure.random_sharded), from the same seed.
+    from memplan.measure.random_sharded import draw_sharded_cases
+
+    sharded_cases = [c for c in draw_sharded_cases(RANDOM_SHARDED_RUNS, seed=validation_seed, folder=root / "random-sharded")
+                     if not c.setup.parallel.startswith("zero") or importlib.util.find_spec("deepspeed") is not None]
+    jobs += [Job(c.setup, None, SHARDED_STEPS) for c in sharded_cases]
     campaign = CpuCampaign(out=root / "runs.jsonl", checkpoints=root / "checkpoints", seed=validation_seed, cases=cases,
-                           profile_model=profile_model)
+                           profile_model=profile_model, sharded_cases=sharded_cases)
     result = run_campaign(jobs, out=campaign.out, env=collect_env("cpu"), workers=WORKERS, timeout_s=600,
                           checkpoint_dir=campaign.checkpoints)
     assert not result.interrupted
