@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from memplan.errors import SetupError
+from memplan.training.config_parallel import PARALLEL_KEYS, read_parallel
 
 __all__ = ["ConfigPlan", "read_config"]
 
@@ -88,9 +89,13 @@ def _quant(q: dict[str, Any]) -> dict[str, Any]:
     elif q.get("load_in_4bit"):
         out["quant"] = q.get("bnb_4bit_quant_type", "nf4")
         out["double_quant"] = bool(q.get("bnb_4bit_use_double_quant", q.get("use_bnb_nested_quant", False)))
+    names = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "uint8": "uint8"}
     dt = q.get("bnb_4bit_compute_dtype")
     if dt:
-        out["compute_dtype"] = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(str(dt).replace("torch.", ""), str(dt))
+        out["compute_dtype"] = names.get(str(dt).replace("torch.", ""), str(dt))
+    storage = q.get("bnb_4bit_quant_storage")
+    if storage:
+        out["quant_storage"] = names.get(str(storage).replace("torch.", ""), str(storage))
     return out
 
 
@@ -130,7 +135,7 @@ def _checkpointing(raw: dict[str, Any], plan: ConfigPlan) -> None:
         plan.notes.append("use_reentrant=True is modelled as non-reentrant checkpointing (same saved tensors per layer)")
 
 
-def _axolotl(raw: dict[str, Any], plan: ConfigPlan) -> None:
+def _axolotl(raw: dict[str, Any], plan: ConfigPlan, base: Path) -> None:
     f = plan.fields
     f["recipe"] = "axolotl"
     f["model"] = _model_name(raw["base_model"])
@@ -162,14 +167,15 @@ def _axolotl(raw: dict[str, Any], plan: ConfigPlan) -> None:
     if raw.get("sample_packing"):
         plan.notes.append(f"sample_packing fills each row to sequence_len ({f.get('seq_len')}): the estimate is for full rows")
     _modules_to_save(raw.get("lora_modules_to_save"), raw.get("peft_trainable_token_indices"), plan)
-    used = {"base_model", "load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype",
+    read_parallel(raw, plan, base)
+    used = {*PARALLEL_KEYS, "bnb_4bit_quant_storage", "base_model", "load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype",
             "adapter", "lora_r", "lora_dropout", "lora_target_linear", "lora_target_modules", "sequence_len", "micro_batch_size",
             "flash_attention", "sdp_attention", "eager_attention", "optimizer", "bf16", "fp16", "tf32", "gradient_checkpointing",
             "gradient_checkpointing_kwargs", "sample_packing", "lora_modules_to_save", "peft_trainable_token_indices"}
     _rest(raw, used, plan)
 
 
-def _trainer(raw: dict[str, Any], plan: ConfigPlan) -> None:
+def _trainer(raw: dict[str, Any], plan: ConfigPlan, base: Path) -> None:
     f = plan.fields
     sft = any(k in raw for k in ("max_length", "packing", "dataset_name", "dataset_text_field", "use_peft", "completion_only_loss",
                                  "assistant_only_loss", "padding_free", "max_seq_length"))
@@ -213,7 +219,8 @@ def _trainer(raw: dict[str, Any], plan: ConfigPlan) -> None:
     if raw.get("packing"):
         plan.notes.append(f"packing fills each row to max_length ({f['seq_len']}): the estimate is for full rows")
     _modules_to_save(raw.get("lora_modules_to_save"), None, plan)
-    used = {"model_name_or_path", "model", "load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "use_bnb_nested_quant",
+    read_parallel(raw, plan, base)
+    used = {*PARALLEL_KEYS, "bnb_4bit_quant_storage", "model_name_or_path", "model", "load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type", "use_bnb_nested_quant",
             "bnb_4bit_use_double_quant", "bnb_4bit_compute_dtype", "quantization_config", "use_peft", "lora_r", "lora_dropout",
             "lora_target_modules", "max_length", "max_seq_length", "per_device_train_batch_size", "attn_implementation", "optim",
             "bf16", "fp16", "tf32", "gradient_checkpointing", "gradient_checkpointing_kwargs", "packing", "lora_modules_to_save"}
@@ -269,7 +276,7 @@ def read_config(path: str | Path) -> ConfigPlan:
     plan = ConfigPlan(path=str(path), kind="", fields={})
     if "base_model" in raw:
         plan.kind = "axolotl config"
-        _axolotl(raw, plan)
+        _axolotl(raw, plan, real.parent)
     elif "peft_type" in raw or ("r" in raw and "target_modules" in raw):
         plan.kind = "PEFT adapter_config.json"
         _adapter_config(raw, plan)
@@ -280,5 +287,5 @@ def read_config(path: str | Path) -> ConfigPlan:
         if plan.fields.get("quant") in ("int8", "nf4", "fp4"):
             plan.fields["method"] = "lora"
     else:
-        _trainer(raw, plan)
+        _trainer(raw, plan, real.parent)
     return plan
