@@ -39,7 +39,9 @@ from memplan.training.activations_autocast import autocast_head_bytes, autocast_
 from memplan.training.modules_to_save import saved_copies
 from memplan.model.lora import LoraPlan
 from memplan.training.recipes import adapter_bytes, fused_lm_head, input_require_grads, lora_under_autocast
+from memplan.training.parallel import is_zero
 from memplan.training.setup import Setup
+from memplan.training.zero_gather import INPUT_GROUP
 from memplan.model.spec import ModelSpec
 from memplan.model.storage import FLOAT_BYTES, is_quantized
 
@@ -158,7 +160,11 @@ def _down_adapter_input(spec: ModelSpec, setup: Setup, plan: LoraPlan | None, t:
     are parameter targets; the autocast path keeps low-precision copies instead)."""
     if plan is None or setup.autocast != "none" or spec.model_type not in _GATED or spec.num_experts:
         return 0
-    if not setup.prepare_kbit_training:
+    # Under DeepSpeed the adapters are in the stream's dtype (recipes.adapter_dtype), so lora_A saves the
+    # input itself, as under prepare_model_for_kbit_training, and the same release shows on the ledger
+    # (tiny llama bf16 all-linear r16 s128 b2 gc, ZeRO-2 ws 2: +4.27% -> +0.55%).
+    zero_uncast = is_zero(setup.parallel) and _uncast_input(setup)
+    if not (setup.prepare_kbit_training or zero_uncast):
         # Checked on the ledger under prepare_model_for_kbit_training only (tiny llama nf4
         # all-linear: +9.46% -> +0.02%, +5.03% -> +0.21%). Elsewhere the input is freed the same
         # way, but the ledger puts the peak earlier, in the rebuilt down_proj's forward (a second
@@ -171,7 +177,7 @@ def _down_adapter_input(spec: ModelSpec, setup: Setup, plan: LoraPlan | None, t:
         return 0
     inter = down[0].in_features
     mask = _mask_bytes(setup, FP32) * t * inter if setup.lora_dropout > 0 else 0
-    return FP32 * t * inter + mask
+    return compute_bytes(setup) * t * inter + mask  # the input itself, in the stream's dtype (fp32 under prepare_kbit)
 
 
 def _zero3_linear_inputs(spec: ModelSpec, setup: Setup, plan: LoraPlan | None, t: int, *, input_grad: bool) -> int:
@@ -189,8 +195,6 @@ def _zero3_linear_inputs(spec: ModelSpec, setup: Setup, plan: LoraPlan | None, t
         return 0
     if is_quantized(setup.quant):  # every layer linear is a bnb layer
         return 0
-    from memplan.training.zero_gather import INPUT_GROUP
-
     e = compute_bytes(setup)
     h, a = spec.hidden_size, spec.num_heads * spec.head_dim
     # The input each group reads: the attention norm's output, the attention output (a fresh copy under
@@ -261,7 +265,8 @@ def _layer_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan | None, *, input_
     kv = spec.num_kv_heads * spec.head_dim
     full = setup.method == "full"
     inter = spec.intermediate_size
-    total = _lora_bytes(spec, plan, setup, t, input_grad=input_grad) + _zero3_linear_inputs(spec, setup, plan, t, input_grad=input_grad)
+    total = _lora_bytes(spec, plan, setup, t, input_grad=input_grad)
+    total += _zero3_linear_inputs(spec, setup, plan, t, input_grad=input_grad)
     if plan is not None and lora_under_autocast(setup):
         # The autocast cache's bf16 copies of this layer's fp32 adapter weights, saved by lora_A/lora_B.
         total += FLOAT_BYTES["bf16"] * sum(plan.rank * (lin.in_features + lin.out_features) for lin in plan.targets if lin.count == spec.num_layers)

@@ -271,7 +271,7 @@ def estimate(setup: Setup, *, model: ModelSpec | None = None, terms: DeviceTerms
             f"load {spec.name} in bf16 instead (--quant bf16, no --autocast)"
         )
     f = _fixed(spec, setup)
-    plan, wb, numels, train_itemsize, adapters, grads, opt = f.plan, f.weights, f.numels, f.train_itemsize, f.adapters, f.gradients, f.optimizer
+    plan, wb, adapters, grads, opt = f.plan, f.weights, f.adapters, f.gradients, f.optimizer
     dequant, opt_temp = f.dequant, f.opt_temp
     act = activation_bytes(spec, _activation_setup(setup), plan)
     if fused_lm_head(setup) and spec.is_causal_lm:

@@ -9,11 +9,15 @@ B = reduce_bucket_size elements (Trainer's "auto" h², DeepSpeed's 5e8: `shardin
   of one flat buffer of every trainable element, padded to a multiple of 2N (`__init__` ->
   `flatten_dense_tensors_aligned`, `nccl_start_alignment_factor = 2`), held whole by every rank; each rank
   keeps the fp32 master and optimizer state of its P = padded/N elements (arXiv:1910.02054 section 5.1,
-  K = 12 bytes per trainable parameter over N for Adam).
-- ZeRO-3 (`stage3.py::DeepSpeedZeroOptimizer_Stage3`, `partition_parameters.py`,
-  `partitioned_param_coordinator.py`): every parameter is partitioned on its own (ceil(numel/N) elements),
-  gathered when its module runs, and kept gathered while it is reused within stage3_max_reuse_distance
-  elements of the recorded fetch trace (`_gathered`).
+  K = 12 bytes per trainable parameter over N for Adam). The reduce bucket lives for one backward, from
+  the first gradient hook to the epilogue; stage 1 keeps autograd's whole gradients until the reduction
+  after the backward, stage 2 reduces while it goes; both copy the rank's gradients into
+  `grads_in_partition` (P plus the overhang of the parameters cut by the partition boundaries).
+- ZeRO-3 (`stage3.py::DeepSpeedZeroOptimizer_Stage3`, `partition_parameters.py`): every parameter is
+  partitioned on its own (ceil(numel/N) elements); the gradient partitions and the bucket are made once;
+  what is gathered in each phase follows `partitioned_param_coordinator.py` (memplan.training.zero_gather).
+- Phases are the estimator's (`estimate.py`); a phase's bytes are the worst rank's (the last rank makes its
+  gradient partition first; rank 0's holds the largest overhang).
 - CPU vs CUDA: on CUDA DeepSpeed's AdamW is FusedAdam (`ops/adam/fused_adam.py`: one fused kernel, no step
   temporaries); the CPU profiler runs `torch.optim.AdamW` (`torch_adam`), whose single-tensor path makes two
   fp32 temporaries the size of the partition (`exp_avg_sq.sqrt()` and its quotient). gloo's
@@ -21,7 +25,8 @@ B = reduce_bucket_size elements (Trainer's "auto" h², DeepSpeed's 5e8: `shardin
 
 Ignores: overlap_comm for stages 1/2 (off unless set; it doubles the bucket), stage3_max_live_parameters
 (1e9, above what the trace keeps), round_robin_gradients, NCCL's own buffers, the 4-byte step tensors and
-scalars of the norm and the loss scaler. Offloaded layouts are modelled from the code, not measured.
+scalars of the norm and the loss scaler, a reduction's flattened copy beside a layer's own backward
+transients (counted at the epilogue's reduction). Offloaded layouts are modelled from the code, not measured.
 """
 
 from __future__ import annotations
@@ -32,23 +37,22 @@ from memplan.training.optim import optimizer_bytes
 from memplan.training.setup import Setup
 from memplan.training.shard_inventory import ParamEntry
 from memplan.training.sharding import FP32, LayoutTerms, ShardedMemory, _ceil, _instances, zero_buckets
-from memplan.training.zero_gather import gathered_bytes
+from memplan.training.zero_gather import INPUT_GROUP, gathered_bytes, is_input_embedding
 
 __all__ = ["zero_terms", "zero_partition", "ZERO_SUB_GROUP_SIZE"]
 
 FP64 = 8
 ZERO_SUB_GROUP_SIZE = 1_000_000_000  # deepspeed/runtime/zero/config.py sub_group_size; Trainer leaves it
 ALIGNMENT_FACTOR = 2  # stage_1_and_2.py: nccl_start_alignment_factor, times the data-parallel size
-BACKWARD = ("backward_layers", "backward_first_layer")
 
 
 def _module_order(inv: Sequence[ParamEntry], layers: int) -> list[ParamEntry]:
     """Every parameter tensor in `model.parameters()` order: the input embedding, each decoder layer, then
     the final norm and the head (transformers' modeling order; LoRA A/B last in a layer, as memplan's
     inventory lists them: they only move partition boundaries by an adapter's size)."""
-    before = [e for e in inv if not e.per_layer and "embed" in e.name]
+    before = [e for e in inv if is_input_embedding(e)]
     per_layer = [e for e in inv if e.per_layer]
-    after = [e for e in inv if not e.per_layer and "embed" not in e.name]
+    after = [e for e in inv if not e.per_layer and not is_input_embedding(e)]
     out = [e for e in before for _ in range(e.count)]
     out += [e for _ in range(layers) for e in per_layer for _ in range(e.count)]
     return out + [e for e in after for _ in range(e.count)]
@@ -107,11 +111,17 @@ def zero_terms(setup: Setup, inv: Sequence[ParamEntry], n: int, *, layers: int, 
     # a bucket of one tensor is reduced in place. With B above every gradient, buckets fill to B.
     flat = min(reduce_bucket, psi_t) * ts if reduce_bucket > largest else 0
     one_reduction = psi_t <= reduce_bucket  # everything is reduced once, in the backward epilogue
+    # Stages 1/2 make the bucket at the first gradient hook (`process_gradients` -> `setup_buckets`). At the
+    # last layer's backward peak (its SwiGLU backward, after down_proj's) a gradient exists only if the head
+    # or down_proj trains: attention-only adapters (PEFT's q,v default) have none yet.
+    early_grads = any(e.trainable and ((not e.per_layer and not is_input_embedding(e)) or INPUT_GROUP.get(e.name.split(".")[0]) == 3)
+                      for e in inv)
+    bucket_phases = ("backward_layers",) * early_grads + ("backward_first_layer", "backward_end")
     offload_opt = setup.offload in ("optimizer", "params_and_optimizer")
     if setup.parallel == "zero3":
         return _stage3(setup, inv, n, order=order, ts=ts, reduce_bucket=reduce_bucket, prefetch=prefetch, persistence=persistence,
                        layers=layers, quant_state=quant_state, buffers=buffers, in_flight=in_flight, pending_last=pending_last,
-                       flat=flat, one_reduction=one_reduction, offload_opt=offload_opt, largest=largest)
+                       flat=flat, offload_opt=offload_opt, largest=largest)
     stage = 1 if setup.parallel == "zero1" else 2
     part, in_partition = zero_partition(trainable, n)
     grads_in_partition = in_partition * ts  # copy_grads_in_partition: `torch.empty(total_size, dtype=self.dtype)`
@@ -130,7 +140,7 @@ def zero_terms(setup: Setup, inv: Sequence[ParamEntry], n: int, *, layers: int, 
         host = master + states + part * FP32 + part * ts + largest * ts
         mem = ShardedMemory(setup.parallel, setup.gpus, n, params + largest * ts, adapters, (padded - psi_t) * ts, 0, 0, 0, 0,
                             host, host * setup.gpus_per_node)
-        buffers_at = {phase: bucket for phase in (*BACKWARD, "backward_end")}
+        buffers_at = {phase: bucket for phase in bucket_phases}
         grads_at = {"forward": 0, "backward_loss": 0, "backward_end": 0, "optimizer_step": 0}
         return LayoutTerms(mem, (lambda g: g) if stage == 1 else (lambda g: min(g, in_flight)), {}, step_temp=0,
                            phase_buffers=buffers_at, phase_gradients=grads_at)
@@ -155,13 +165,19 @@ def zero_terms(setup: Setup, inv: Sequence[ParamEntry], n: int, *, layers: int, 
                     break
                 lead += numel
         end = single_grads if one_reduction else single_grads - lead * ts + grads_in_partition
-        return LayoutTerms(mem, lambda g: g, {}, step_temp=step, phase_buffers={phase: bucket for phase in (*BACKWARD, "backward_end")},
+        return LayoutTerms(mem, lambda g: g, {}, step_temp=step, phase_buffers={phase: bucket for phase in bucket_phases},
                            phase_gradients={"backward_end": end, "optimizer_step": 0})
     # Stage 2 reduces as the backward goes (`reduce_independent_p_g_buckets_and_remove_grads`): gradients are
     # copied into the bucket and freed; the partition buffer exists from the first reduction that reaches
-    # the rank (the last rank's, at the first reduction).
-    early = 0 if one_reduction else grads_in_partition
-    buffers_at = {phase: bucket + (0 if one_reduction else flat) for phase in BACKWARD}
+    # the rank (the last rank's: once more than a bucket of gradients has been produced). A reduction's
+    # flattened copy is transient, made in a gradient hook: it is counted at the epilogue's reduction, not
+    # beside a layer's own backward transients.
+    reduced_after = reduce_bucket * ts
+
+    def in_backward(g: int) -> int:
+        return (grads_in_partition if g > reduced_after else 0) + min(g, in_flight)
+
+    buffers_at = {phase: bucket for phase in bucket_phases}
     # The epilogue (independent_gradient_partition_epilogue) reduces the last bucket; a single reduction
     # flattens every gradient before the partition buffer exists (the larger of the two is the peak).
     end_grads = grads_in_partition + pending_last
@@ -169,13 +185,12 @@ def zero_terms(setup: Setup, inv: Sequence[ParamEntry], n: int, *, layers: int, 
         end_grads = 0
     buffers_at["backward_end"] = bucket + (flat if end_grads == 0 or not one_reduction else 0)
     grads_at = {"forward": 0, "backward_loss": 0, "backward_end": end_grads, "optimizer_step": 0}
-    return LayoutTerms(mem, lambda g: early + min(g, in_flight), {}, step_temp=step, phase_buffers=buffers_at,
-                       phase_gradients=grads_at)
+    return LayoutTerms(mem, in_backward, {}, step_temp=step, phase_buffers=buffers_at, phase_gradients=grads_at)
 
 
 def _stage3(setup: Setup, inv: Sequence[ParamEntry], n: int, *, order: list[ParamEntry], ts: int, reduce_bucket: int, prefetch: int,
             persistence: int, layers: int, quant_state: int, buffers: int, in_flight: int, pending_last: int, flat: int,
-            one_reduction: bool, offload_opt: bool, largest: int) -> LayoutTerms:
+            offload_opt: bool, largest: int) -> LayoutTerms:
     def part_bytes(e: ParamEntry) -> int:
         return _ceil(e.numel, n) * e.itemsize * _instances(e, layers)
 
@@ -197,11 +212,10 @@ def _stage3(setup: Setup, inv: Sequence[ParamEntry], n: int, *, order: list[Para
     # interleaved partitions of a multi-gradient bucket; on gloo `reduce_scatter_tensor` copies its input
     # (a bucket's worth, or one gradient larger than the bucket), NCCL does not.
     gloo = setup.device == "cpu"
-    rs_input = flat if flat else max((e.numel for e in inv if e.trainable and e.per_layer), default=largest) * ts
-    buffers_at = {phase: (0 if one_reduction else flat + (rs_input if gloo else 0)) for phase in BACKWARD}
-    # The epilogue reduces the last bucket: the concatenation of several gradients, or the first
-    # parameter's (larger than the bucket) in place.
-    buffers_at["backward_end"] = flat + ((flat or pending_last) if gloo else 0)
+    # Counted at the epilogue's reduction of the last bucket (the concatenation of several gradients, or the
+    # first parameter's, larger than the bucket, in place), not beside a layer's backward transients: a
+    # reduction runs in a gradient hook, between the layer's matmuls.
+    buffers_at = {"backward_end": flat + ((flat or pending_last) if gloo else 0)}
     # step(): per sub group of ~sub_group_size partition elements, `flatten(averaged_gradients)` (a copy)
     # cast to fp32 (`_prepare_fp32_grad_for_sub_group`), then the optimizer over it; the fp64 norm of each
     # partition gradient first (`get_grad_norm_direct`).

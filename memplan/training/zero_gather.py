@@ -39,7 +39,7 @@ from memplan.training.setup import Setup
 from memplan.training.shard_inventory import ParamEntry
 from memplan.training.sharding import _ceil, _instances
 
-__all__ = ["gathered_bytes", "ZERO_MAX_REUSE_DISTANCE", "INPUT_GROUP"]
+__all__ = ["gathered_bytes", "is_input_embedding", "ZERO_MAX_REUSE_DISTANCE", "INPUT_GROUP"]
 
 ZERO_MAX_REUSE_DISTANCE = 1_000_000_000  # deepspeed/runtime/zero/config.py stage3_max_reuse_distance; Trainer leaves it
 # Position of a decoder layer's linears by the input they read (llama-family modeling code): the attention
@@ -52,6 +52,12 @@ def _module(e: ParamEntry) -> str:
     return e.name.split(".")[0]
 
 
+def is_input_embedding(e: ParamEntry) -> bool:
+    """The tables the model reads its inputs from, first in `model.parameters()` (llama-family
+    `embed_tokens`, BERT's `*_embeddings`, GPT-2's `wte` / `wpe`)."""
+    return not e.per_layer and ("embed" in e.name or e.name in ("wte", "wpe"))
+
+
 def gathered_bytes(setup: Setup, inv: Sequence[ParamEntry], n: int, *, layers: int, persistence: int, prefetch: int) -> dict[str, int]:
     """Bytes of gathered (unpartitioned) parameters on a rank in each estimator phase."""
     gc = bool(setup.grad_checkpointing)
@@ -62,13 +68,13 @@ def gathered_bytes(setup: Setup, inv: Sequence[ParamEntry], n: int, *, layers: i
 
     persistent = sum(gathered(e, _instances(e, layers)) for e in inv if e.numel <= persistence)
     big = [e for e in inv if e.numel > persistence]
-    before = [e for e in big if not e.per_layer and "embed" in e.name]
-    after = [e for e in big if not e.per_layer and "embed" not in e.name]
+    before = [e for e in big if is_input_embedding(e)]
+    after = [e for e in big if not e.per_layer and not is_input_embedding(e)]
     per_layer = [e for e in big if e.per_layer]
     # The input embedding is in the backward trace when its output requires grad: full fine-tuning, a
     # trainable copy, or checkpointing (transformers 5 `activation_checkpointing_enable` calls
     # `enable_input_require_grads` on models whose main input is input_ids).
-    embed_trainable = any(e.trainable and "embed" in e.name for e in inv)
+    embed_trainable = any(e.trainable and is_input_embedding(e) for e in inv)
     embed_used = full or gc or embed_trainable
     # Layer 0 without an input gradient (LoRA, no checkpointing): a frozen linear joins the backward only
     # when an adapted module before it made its input require grad.
@@ -92,7 +98,7 @@ def gathered_bytes(setup: Setup, inv: Sequence[ParamEntry], n: int, *, layers: i
     # Trace elements (every parameter's ds_numel, persistent ones included) of a layer and of the modules
     # after the layers; the head is used last in the forward and first in the backward.
     trace_layer = sum(e.numel * e.count for e in inv if e.per_layer)
-    trace_after = sum(e.numel * e.count for e in inv if not e.per_layer and ("embed" not in e.name or tied))
+    trace_after = sum(e.numel * e.count for e in inv if not e.per_layer and (not is_input_embedding(e) or tied))
     c = 3 if gc else 2
     budget = ZERO_MAX_REUSE_DISTANCE - 2 * trace_after
     if budget <= 0:

@@ -9,9 +9,9 @@ Reference values, by test:
   hidden² (`transformers/integrations/deepspeed.py::trainer_config_finalize`), DeepSpeed's default 5e8;
 - torch: `torch/optim/adamw.py::_single_tensor_adamw` makes two temporaries the size of a state;
 - the CPU storage ledger at world size 2 (DeepSpeed 0.19.8, torch 2.13, tiny llama h 256, 2 layers, vocab
-  1000, seq 64, batch 1, recipe trainer; rank 0 and rank 1 are identical): per-rank steady peaks, the
-  buffers DeepSpeed held at the peak (`measured.comm_buffers_at_peak`, `breakdown_at_peak`) and the
-  forward activations, each quoted where used, with the tolerance it is held to.
+  1000, seq 64, batch 1, recipe trainer unless a test says otherwise; rank 0 and rank 1 are identical):
+  per-rank steady peaks, the buffers DeepSpeed held at the peak (`measured.comm_buffers_at_peak`,
+  `breakdown_at_peak`) and the forward activations, each quoted where used, with the tolerance it is held to.
 """
 
 from __future__ import annotations
@@ -41,6 +41,14 @@ def _setup(parallel: str, **kw: object) -> Setup:
 
 def _est(parallel: str, **kw: object):
     return estimate(_setup(parallel, **kw))
+
+
+def _terms(setup: Setup):
+    """The layout's own terms (estimate's private step from the setup to memplan.training.sharding)."""
+    from memplan.training.estimate import _fixed, _layout
+
+    spec = load_model(setup.model)
+    return _layout(spec, setup, _fixed(spec, setup))
 
 
 @pytest.mark.parametrize("parallel", ZERO)
@@ -150,13 +158,7 @@ def test_zero3_with_checkpointing_keeps_the_whole_model() -> None:
 def test_zero3_full_fine_tune_gathers_the_whole_model_at_the_forward_end() -> None:
     # Every parameter is in the backward; Ψ << stage3_max_reuse_distance: 2 bytes x Ψ gathered on each
     # rank (ledger forward comm_buffers 4,317,185 = 4,186,112 + bucket 131,073, + 2,560 persistent norms).
-    e = estimate(_setup("zero3"))
-    assert e.sharding is not None
-    # The forward's gathered bytes are the layout's inflight term at the forward phase.
-    from memplan.training.estimate import _layout, _fixed
-
-    spec = load_model(LLAMA)
-    terms = _layout(spec, _setup("zero3"), _fixed(spec, _setup("zero3")))
+    terms = _terms(_setup("zero3"))
     assert terms.inflight["forward"] == 2 * PSI
     assert terms.inflight["optimizer_step"] == 0  # stage3.py::step -> _partition_all_parameters first
 
@@ -167,12 +169,9 @@ def test_zero3_reuse_distance_bounds_what_a_large_model_keeps() -> None:
     # 128, I 28672, V 32000) at the forward's end: the head (next used first) and the last layer (2 x head =
     # 0.52e9 ahead) are kept; the layer before it is 2 x (0.86e9 + 0.26e9) ahead and is released. Plus the
     # persistent tensors (<= 10h elements: norms, the r8 adapters of q and v).
-    from memplan.training.estimate import _fixed, _layout
-
     h, kv, inter, vocab, layers = 8192, 1024, 28672, 32000, 80
     setup = Setup(model="llama2-70b", method="lora", quant="bf16", seq_len=1024, batch_size=1, gpus=8, parallel="zero3")
-    spec = load_model("llama2-70b")
-    terms = _layout(spec, setup, _fixed(spec, setup))
+    terms = _terms(setup)
     layer = 2 * h * h + 2 * h * kv + 3 * h * inter
     persistent = layers * (2 * h + 8 * h + 8 * h + 8 * h + 8 * kv) + h
     assert terms.inflight["forward"] == 2 * (vocab * h + layer + persistent)
@@ -194,13 +193,7 @@ def test_zero3_linear_saves_frozen_linear_inputs_under_lora() -> None:
 def test_gloo_reduce_scatter_copy_is_counted_on_cpu_only() -> None:
     # Plain ZeRO-3 full: one reduction of every gradient in the epilogue: the concatenated input (2Ψ) on
     # both; gloo's reduce_scatter_tensor copies it again (ledger temporaries 4,188,672 x 2), NCCL does not.
-    from memplan.training.estimate import _fixed, _layout
-
-    spec = load_model(LLAMA)
-    out = {}
-    for device in ("cpu", "cuda"):
-        s = _setup("zero3", recipe="plain", device=device)
-        out[device] = _layout(spec, s, _fixed(spec, s)).phase_buffers["backward_end"]
+    out = {device: _terms(_setup("zero3", recipe="plain", device=device)).phase_buffers["backward_end"] for device in ("cpu", "cuda")}
     assert out == {"cpu": 4 * PSI, "cuda": 2 * PSI}
 
 
@@ -216,3 +209,44 @@ def test_offload_moves_master_and_moments_to_the_host() -> None:
     assert e.sharding is not None
     assert e.sharding.optimizer_states == e.sharding.master_weights == 0
     assert e.sharding.host_per_gpu >= 16 * PSI // 2
+
+
+@pytest.mark.parametrize("parallel", ["zero1", "zero2"])
+def test_stage12_bucket_exists_once_a_gradient_hook_fired(parallel: str) -> None:
+    # stage_1_and_2.py::process_gradients -> setup_buckets at the first gradient hook. Under PEFT's q,v
+    # default nothing in the last layer's MLP trains, so its backward peak comes before any hook (ledger,
+    # ZeRO-2 LoRA q,v gc s128 b2: comm_buffers 144 bytes at the peak, no bucket); with down_proj adapted
+    # (all-linear) or a trainable head the bucket is there.
+    qv = _terms(_setup(parallel, method="lora", seq_len=128, batch_size=2, grad_checkpointing=True)).phase_buffers
+    assert "backward_layers" not in qv and qv["backward_first_layer"] == 2 * H * H
+    every = _terms(_setup(parallel, method="lora", lora_targets=("all-linear",), seq_len=128, batch_size=2)).phase_buffers
+    assert every["backward_layers"] == 2 * H * H
+    assert _terms(_setup(parallel)).phase_buffers["backward_layers"] == 2 * H * H
+
+
+def test_zero3_tied_head_keeps_the_embedding_gathered() -> None:
+    # Qwen2's tied lm_head fetches the embedding table again at the forward's end (ledger, tiny qwen2 ZeRO-3
+    # LoRA s64 b2: allgather lm_head 38,895,616 bytes = 151,936 x 128 elements of bf16 at the backward peak).
+    qwen2 = str(TINY / "tiny-qwen2")
+    terms = _terms(Setup(model=qwen2, method="lora", quant="bf16", seq_len=64, batch_size=2, device="cpu", gpus=2,
+                         recipe="trainer", parallel="zero3"))
+    assert terms.inflight["backward_loss"] > 151_936 * 128 * 2
+    assert terms.inflight["backward_layers"] < 151_936 * 128 * 2  # released after the head's backward (LoRA, no gc)
+
+
+def test_zero1_holds_whole_gradients_and_the_partition_at_the_reduction() -> None:
+    # stage_1_and_2.py: stage 1 reduces after the backward (engine.py::allreduce_gradients -> reduce_gradients);
+    # the embedding (256,000 elements > the h² bucket) goes first and is reduced in place, so rank 0 makes
+    # grads_in_partition while every gradient is still whole (ledger ZeRO-1 full, backward peak: gradients
+    # 4,186,112 + 2,225,152, bucket 131,072).
+    terms = _terms(_setup("zero1"))
+    assert terms.phase_gradients["backward_end"] == 2 * PSI + 2 * 1_112_576
+    assert terms.phase_buffers["backward_end"] == 2 * H * H
+
+
+def test_lora_a_input_of_down_proj_is_released_before_the_swiglu_backward_under_deepspeed() -> None:
+    # DeepSpeed's bf16 adapters make lora_A save down_proj's input itself, which autograd frees before the
+    # SwiGLU multiply's backward (activations._down_adapter_input). Ledger, ZeRO-2 LoRA all-linear r16
+    # s128 b2 gc: rank peaks 9,478,056 / 9,503,144 bytes (1%).
+    e = _est("zero2", method="lora", lora_rank=16, lora_targets=("all-linear",), seq_len=128, batch_size=2, grad_checkpointing=True)
+    assert e.memory.allocated_peak == pytest.approx(9_503_144, rel=0.01)
