@@ -59,7 +59,7 @@ def frame(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
 
 
 def test_regression_subset_covers_every_quant_method_family_optimizer_and_autocast() -> None:
-    """The 12 runs CI measures on every run still exercise each value the full matrix does."""
+    """The 13 runs CI measures on every run still exercise each value the full matrix does."""
     from memplan.training.setup import OPTIMIZERS
 
     full, sub = matrix(), regression()

@@ -90,17 +90,19 @@ def matrix() -> list[Setup]:
         dict(model=_m("tiny-phi3"), method="full", quant="fp32", autocast="bf16", seq_len=64, batch_size=2),
         dict(model=_m("tiny-phi3"), quant="fp32", autocast="fp16", attention="eager", seq_len=128, batch_size=1),
     ]
+    # torch.optim.AdamW(fused=True) (TrainingArguments' adamw_torch_fused, its default from torch 2.8).
+    rows.append(dict(model=_m("tiny-llama"), method="full", quant="bf16", seq_len=64, batch_size=2, optimizer="adamw_fused"))
     return [Setup(device="cpu", **r) for r in rows]
 
 
 # The regression subset CI runs on every run (`python -m pytest -q`; the whole matrix is the
-# `full_matrix` tier): 12 of the runs above that together cover every quant (bf16, fp32, int8,
-# nf4, nf4 + double quant), both methods, all four families, all six optimizers, autocast
+# `full_matrix` tier): 13 of the runs above that together cover every quant (bf16, fp32, int8,
+# nf4, nf4 + double quant), both methods, all four families, all seven optimizers, autocast
 # none/bf16/fp16, checkpointing, eager attention, LoRA dropout, prepare_model_for_kbit_training
 # and all-linear targets. test_validation_cpu.py checks that coverage.
 # Indices into matrix(): a row inserted above one shifts them, and test_validation_cpu's coverage
 # test says which value the subset lost.
-REGRESSION = (7, 10, 12, 18, 19, 24, 29, 34, 36, 42, 46, 52)
+REGRESSION = (7, 10, 12, 18, 19, 24, 29, 34, 36, 42, 46, 52, 53)
 
 
 def regression() -> list[Setup]:
