@@ -20,12 +20,12 @@ import random
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from memplan.errors import MemplanError
 from memplan.training.setup import OPTIMIZERS, Setup
 
-__all__ = ["FAMILIES", "RandomCase", "draw_config", "draw_setup", "draw_cases", "fresh_seed"]
+__all__ = ["FAMILIES", "RandomCase", "draw_config", "draw_setup", "draw_case", "draw_cases", "fresh_seed"]
 
 FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "gemma2", "phi3", "gpt2", "bert")
 # Families whose config honours an explicit head_dim that differs from hidden / heads.
@@ -158,21 +158,26 @@ def draw_cases(n: int, *, seed: int, folder: str | Path) -> list[RandomCase]:
         if not order:
             order = rng.sample(FAMILIES, len(FAMILIES))
         family = order.pop()
-        config = draw_config(rng, family)
-        path = root / f"{i:03d}-{family}" / "config.json"
-        for _ in range(_MAX_TRIES):
-            try:
-                setup = draw_setup(rng, family, config, str(path))
-            except MemplanError:
-                continue
-            if _valid(setup, config, family):
-                break
-        else:  # pragma: no cover - every family has valid setups (bf16 LoRA, default targets)
-            raise MemplanError(f"no valid setup for the random {family} config {config} after {_MAX_TRIES} draws")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(config, indent=1), encoding="utf-8")
-        cases.append(RandomCase(family, config, setup))
+        cases.append(draw_case(rng, family, root / f"{i:03d}-{family}" / "config.json", draw_setup))
     return cases
+
+
+def draw_case(rng: random.Random, family: str, path: Path, draw: Callable[..., Setup]) -> RandomCase:
+    """A random config of `family` written to `path`, with the first setup `draw(rng, family, config,
+    model)` gives that the estimator accepts (its refusals are redrawn)."""
+    config = draw_config(rng, family)
+    for _ in range(_MAX_TRIES):
+        try:
+            setup = draw(rng, family, config, str(path))
+        except MemplanError:
+            continue
+        if _valid(setup, config, family):
+            break
+    else:  # pragma: no cover - every family has valid setups (bf16 LoRA, default targets)
+        raise MemplanError(f"no valid setup for the random {family} config {config} after {_MAX_TRIES} draws")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config, indent=1), encoding="utf-8")
+    return RandomCase(family, config, setup)
 
 
 # The estimator's accuracy claim (README, "How the numbers are made": activations "byte-exact on

@@ -10,13 +10,11 @@ draw does. The same seed gives the same cases.
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Any
 
-from memplan.errors import MemplanError
-from memplan.measure.random_setups import CLAIMED_FAMILIES, RandomCase, _targets, _valid, draw_config
+from memplan.measure.random_setups import CLAIMED_FAMILIES, RandomCase, _targets, draw_case
 from memplan.training.parallel import shards_parameters
 from memplan.training.setup import Setup
 
@@ -24,7 +22,6 @@ __all__ = ["draw_sharded_cases", "LAYOUTS"]
 
 # (parallel, fsdp_version)
 LAYOUTS = (("ddp", 1), ("fsdp", 1), ("fsdp", 2), ("fsdp_shard_grad_op", 1), ("fsdp_shard_grad_op", 2), ("zero2", 1), ("zero3", 1))
-_MAX_TRIES = 200
 
 
 def draw_sharded_setup(rng: random.Random, family: str, config: dict[str, Any], model: str) -> Setup:
@@ -53,18 +50,5 @@ def draw_sharded_cases(n: int, *, seed: int, folder: str | Path) -> list[RandomC
     cases: list[RandomCase] = []
     for i in range(n):
         family = rng.choice(CLAIMED_FAMILIES)
-        config = draw_config(rng, family)
-        path = root / f"{i:03d}-{family}-sharded" / "config.json"
-        for _ in range(_MAX_TRIES):
-            try:
-                setup = draw_sharded_setup(rng, family, config, str(path))
-            except MemplanError:
-                continue
-            if _valid(setup, config, family):
-                break
-        else:  # pragma: no cover - bf16 LoRA under DDP is always valid
-            raise MemplanError(f"no valid sharded setup for the random {family} config after {_MAX_TRIES} draws")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(config, indent=1), encoding="utf-8")
-        cases.append(RandomCase(family, config, setup))
+        cases.append(draw_case(rng, family, root / f"{i:03d}-{family}-sharded" / "config.json", draw_sharded_setup))
     return cases

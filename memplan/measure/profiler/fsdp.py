@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from memplan.measure.profiler import build
-from memplan.measure.profiler.run import optimizer_state_tensors
+from memplan.measure.profiler.run import LocalDriver
 from memplan.measure.profiler.sharded import RankContext
 from memplan.training.setup import Setup
 
@@ -90,9 +90,10 @@ def _mp_dtype(setup: Setup) -> torch.dtype | None:
     return build.TORCH_DTYPES[setup.autocast] if setup.autocast != "none" else None
 
 
-class _TorchWrapped:
+class _TorchWrapped(LocalDriver):
     """A torch-side wrapper (DDP, FSDP1, FSDP2) and its torch optimizer (made after wrapping, over
-    the wrapped module's trainable parameters, as Trainer creates it for FSDP)."""
+    the wrapped module's trainable parameters, as Trainer creates it for FSDP); backward, step,
+    zero_grad, grad_tensors and state_tensors are the single-process driver's."""
 
     def __init__(self, module: Any, setup: Setup, facts: dict[str, Any]) -> None:
         self.module = module
@@ -107,27 +108,8 @@ class _TorchWrapped:
             self.scaler = ShardedGradScaler("cuda" if setup.device == "cuda" else "cpu")
         self.facts = facts
 
-    def backward(self, loss: Any) -> None:
-        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-
-    def step(self) -> None:
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-
-    def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-
     def param_tensors(self) -> list[Any]:
         return list(self.module.parameters()) + list(self.module.buffers()) + module_quant_state_tensors(self.module)
-
-    def grad_tensors(self) -> list[Any]:
-        return [p.grad for p in self.params if p.grad is not None]
-
-    def state_tensors(self) -> list[Any]:
-        return optimizer_state_tensors(self.optimizer)
 
     def trainable_tensors(self) -> list[Any]:
         return list(self.params)

@@ -160,7 +160,7 @@ def record_trainable(led: Any, params: list[Any], measured: dict[str, Any]) -> N
     measured["parameters_bytes"] = led.category_bytes("parameters")
 
 
-class _LocalDriver:
+class LocalDriver:
     """One process, one device: the step as Trainer runs it without a distributed wrapper."""
 
     def __init__(self, model: Any, setup: Setup, params: list[Any]) -> None:
@@ -185,7 +185,7 @@ class _LocalDriver:
         self.optimizer.zero_grad(set_to_none=True)
 
     def grad_tensors(self) -> list[Any]:
-        return [p.grad for p in self.params]
+        return [p.grad for p in self.params if p.grad is not None]
 
     def state_tensors(self) -> list[Any]:
         return optimizer_state_tensors(self.optimizer)
@@ -193,7 +193,7 @@ class _LocalDriver:
 
 def step_loop(s: _Session, spec: ModelSpec, setup: Setup, steps: int, driver: Any, measured: dict[str, Any],
               *, forward: Any = None, after_step: Any = None) -> None:
-    """`steps` training steps through `driver` (`_LocalDriver`, or a sharded wrapper with the same
+    """`steps` training steps through `driver` (`LocalDriver`, or a sharded wrapper with the same
     members: module, backward, step, zero_grad, grad_tensors, state_tensors), each phase measured;
     the last step is the ledger's steady-state window. `forward` is what a step calls (default:
     `driver.module`, under autocast if the setup asks); `after_step(k)` runs after step k's phases."""
@@ -256,7 +256,7 @@ def _run(setup: Setup, spec: ModelSpec, steps: int, ckpt: Path, s: _Session, mea
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ProfileError("the setup leaves no trainable parameter; check --lora-targets")
-        driver = _LocalDriver(model, setup, params)
+        driver = LocalDriver(model, setup, params)
         adopt_model(led, model)
         s.end("setup")
         record_trainable(led, params, measured)
