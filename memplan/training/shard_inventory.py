@@ -40,6 +40,7 @@ class ParamEntry:
     lora: bool
     count: int
     per_layer: bool
+    output: bool = False  # the model's output head (lm_head / MLM decoder), `Linear.is_output`
 
     @property
     def bytes(self) -> int:
@@ -67,7 +68,8 @@ def parameter_inventory(spec: ModelSpec, *, quant: str, double_quant: bool, para
             numel = -(-packed // size)
             out.append(ParamEntry(lin.name + ".weight", numel, numel, size, False, False, per, per_layer))
         elif not lin.tied:
-            out.append(ParamEntry(lin.name + ".weight", lin.weight_numel, lin.out_features, float_size, full, False, per, per_layer))
+            out.append(ParamEntry(lin.name + ".weight", lin.weight_numel, lin.out_features, float_size, full, False, per, per_layer,
+                                  output=lin.is_output))
         if lin.bias:
             out.append(ParamEntry(lin.name + ".bias", lin.out_features, lin.out_features, float_size, full, False, per, per_layer))
     for t in spec.tensors:

@@ -253,10 +253,10 @@ def _fsdp2_phases(setup: Setup, inv: Sequence[ParamEntry], n: int, *, layers: in
     that layer twice plus the tail's reduce-scatter input; checkpointing in a middle layer with the layer
     twice plus the previous layer's reduce-scatter input.
     """
-    tail = [e for e in inv if not e.per_layer and e.trainable and not e.lora and e.dim0 != e.numel]  # lm_head-like rows
-    tail_gathered = sum(_ceil(e.dim0, n) * n * (e.numel // e.dim0) * e.count * compute for e in inv
-                        if not e.per_layer and not e.lora and e.numel > 0 and "lm_head" in e.name)
-    tail_grad = head_grad if any(tail) else 0
+    # The tail's weights gathered from its forward to its backward; its gradient is the single-process
+    # `head_grad` (lm_head's, 0 under LoRA), reduce-scattered before the layers' backward.
+    tail_gathered = sum(_ceil(e.dim0, n) * n * (e.numel // e.dim0) * e.count * compute for e in inv if e.output and not e.lora)
+    tail_grad = head_grad
     if setup.parallel == "fsdp_shard_grad_op":
         # reshard_after_forward=False on every group: the whole model stays unsharded from its forward
         # until each group's backward has run.

@@ -114,3 +114,17 @@ def test_zero3_holds_trainers_reduce_bucket_on_every_rank(zero_records: dict[str
         assert m["layout"]["zero"]["reduce_bucket_size"] == _HIDDEN**2
         assert m["layout"]["buffers"]["ipg_bucket"]["storage_bytes"] == _HIDDEN**2 * 2
         assert m["comm_buffers_at_peak"].get("ipg_bucket") == _HIDDEN**2 * 2
+
+
+def test_estimators_bucket_sizes_are_what_transformers_fills_in() -> None:
+    """The estimator's `zero_buckets` against transformers' own "auto" filler
+    (HfTrainerDeepSpeedConfig.trainer_config_finalize, run by ds_config), at a hidden size where
+    0.9·h² is not whole."""
+    from memplan.training.sharding import zero_buckets
+
+    setup = Setup(**_BASE, parallel="zero3", method="full", recipe="trainer")
+    for hidden in (_HIDDEN, 4096, 5120 + 7):
+        zero = ds_config(setup, hidden)["zero_optimization"]
+        reduce, prefetch, _live, persistence = zero_buckets(setup, hidden)
+        assert (zero["reduce_bucket_size"], zero["stage3_prefetch_bucket_size"], zero["stage3_param_persistence_threshold"]) \
+            == (reduce, prefetch, persistence)

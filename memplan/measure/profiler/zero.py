@@ -83,17 +83,17 @@ def ds_config(setup: Setup, hidden_size: int) -> dict[str, Any]:
     stage = _STAGE[setup.parallel]
     zero: dict[str, Any] = {"stage": stage}
     if setup.recipe != "plain":
-        # transformers/integrations/deepspeed.py::HfTrainerDeepSpeedConfig.trainer_config_finalize
-        zero["reduce_bucket_size"] = hidden_size * hidden_size
+        # "auto", as Trainer users write it; transformers fills it in below (the stage-3 keys at stage 3).
+        zero["reduce_bucket_size"] = "auto"
         if stage == 3:
-            zero["stage3_prefetch_bucket_size"] = int(0.9 * hidden_size * hidden_size)
-            zero["stage3_param_persistence_threshold"] = 10 * hidden_size
+            zero["stage3_prefetch_bucket_size"] = "auto"
+            zero["stage3_param_persistence_threshold"] = "auto"
     if setup.offload != "none":
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
         if setup.offload == "params_and_optimizer":
             zero["offload_param"] = {"device": "cpu", "pin_memory": True}
     low = setup.compute_dtype if setup.quant != "fp32" else "fp32"
-    return {
+    config = {
         "train_micro_batch_size_per_gpu": setup.batch_size,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": 1.0,  # TrainingArguments.max_grad_norm
@@ -104,6 +104,22 @@ def ds_config(setup: Setup, hidden_size: int) -> dict[str, Any]:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    return _fill_auto(config, hidden_size) if setup.recipe != "plain" else config
+
+
+def _fill_auto(config: dict[str, Any], hidden_size: int) -> dict[str, Any]:
+    """Trainer's own filler on the config: transformers/integrations/deepspeed.py::
+    HfTrainerDeepSpeedConfig.trainer_config_finalize sets the hidden-size "auto" keys from
+    `model.config.hidden_size` (the config has no scheduler, so of the TrainingArguments it only
+    asks for warmup steps, which nothing here uses)."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    hf = HfTrainerDeepSpeedConfig(config)
+    hf.trainer_config_finalize(SimpleNamespace(get_warmup_steps=lambda steps: 0),
+                               SimpleNamespace(config=SimpleNamespace(hidden_size=hidden_size)), 1)
+    return hf.config
 
 
 def _tensors_in(value: Any, depth: int = 0) -> list[torch.Tensor]:
