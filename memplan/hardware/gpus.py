@@ -101,9 +101,11 @@ def _parse(raw: object, where: str) -> GPUCatalog:
             gpus.append(GPU(**vals))
         except MemplanError as exc:
             raise MemplanError(f"{where}: gpus[{i}]: {exc}") from None
-    # A user catalog without a storage price gets the built-in one: AWS S3 Standard, first 50 TB,
-    # us-east-1, USD per GB-month with GB = 10^9 bytes (https://aws.amazon.com/s3/pricing/).
-    storage = check_storage_price(raw.get("storage_usd_per_gb_month", 0.023), what=f"{where}: storage_usd_per_gb_month")
+    # A user catalog without a storage price gets the built-in catalog's (data/gpus.json, with its source).
+    if "storage_usd_per_gb_month" not in raw and Path(where) == data_dir() / "gpus.json":
+        raise MemplanError(f"{where}: the built-in catalog must give storage_usd_per_gb_month")
+    price = raw["storage_usd_per_gb_month"] if "storage_usd_per_gb_month" in raw else gpu_catalog().storage_usd_per_gb_month
+    storage = check_storage_price(price, what=f"{where}: storage_usd_per_gb_month")
     keys = [g.key for g in gpus]
     if len(set(keys)) != len(keys):
         raise MemplanError(f"{where}: GPU keys must be unique")
