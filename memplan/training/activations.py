@@ -45,11 +45,11 @@ from memplan.training.zero_gather import INPUT_GROUP
 from memplan.model.spec import ModelSpec
 from memplan.model.storage import FLOAT_BYTES, is_quantized
 
-__all__ = ["ActivationBytes", "activation_bytes", "compute_bytes", "residual_bytes"]
+__all__ = ["GATED_FAMILIES", "ActivationBytes", "activation_bytes", "compute_bytes", "residual_bytes"]
 
 FP32 = 4
 INT64 = 8
-_GATED = ("llama", "mistral", "mixtral", "qwen2", "gemma2", "phi3")
+GATED_FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "gemma2", "phi3")
 
 
 @dataclass(frozen=True)
@@ -66,9 +66,13 @@ class ActivationBytes:
     logits_backward_extra: int  # fp32 gradients alive during the loss backward
     layer_backward_extra: int  # gradients alive inside one layer's backward
     rotary: int  # cos/sin tables, alive until layer 0's backward
-    # down_proj's LoRA-A saved input (and its dropout mask), freed before the SwiGLU backward
-    # peak of `layer_backward_extra`; 0 when down_proj is no target (see `_down_adapter_input`).
-    down_adapter_input: int
+    # down_proj's saved input (its LoRA-A's under LoRA, with the dropout mask; the base matmul's
+    # under full fine-tuning), freed before the SwiGLU backward peak of `layer_backward_extra`
+    # (see `_down_input_freed`); 0 where nothing is released.
+    down_input_freed: int
+    # Transients at down_proj's own backward: the gradient of its input (fp32 through a LoRA-A,
+    # the compute dtype through a trainable base) and the one flowing down the residual stream.
+    down_backward: int
     graph_residue: int  # a tokens x intermediate tensor alive from backward until the loss is freed
 
     @property
@@ -149,17 +153,24 @@ def _lora_per_token(spec: ModelSpec, plan: LoraPlan, setup: Setup, *, input_grad
     return total
 
 
-def _down_adapter_input(spec: ModelSpec, setup: Setup, plan: LoraPlan | None, t: int) -> int:
-    """What down_proj's LoRA branch saves of its tokens x intermediate input: the fp32 input
-    `lora_A` saves (a cast copy, or the input itself when the stream is already fp32) and the
-    dropout mask. Both are freed before the SwiGLU multiply's backward: PEFT's
-    `lora/layer.py::Linear.forward` builds `result + lora_B(lora_A(dropout(x))) * scaling`
-    after the base matmul, autograd runs the later-created adapter nodes first, and
-    `torch/csrc/autograd/engine.cpp::call_function` releases a node's saved tensors once it
-    has run (retain_graph=False). Dense gated MLPs without autocast only (Mixtral's experts
-    are parameter targets; the autocast path keeps low-precision copies instead)."""
-    if plan is None or setup.autocast != "none" or spec.model_type not in _GATED or spec.num_experts:
+def _down_input_freed(spec: ModelSpec, setup: Setup, plan: LoraPlan | None, t: int) -> int:
+    """What down_proj keeps of its tokens x intermediate input that is freed before the SwiGLU
+    multiply's backward. Autograd runs down_proj's nodes before the multiply's, and
+    `torch/csrc/autograd/engine.cpp::call_function` releases a node's saved tensors once it has run
+    (retain_graph=False), so the input is gone when the branch gradients are allocated.
+
+    - Full fine-tuning: the base matmul's saved input (for the weight gradient), in the compute
+      dtype. Ledger, tiny llama full bf16 s128 b2 gc (the rebuilt layer 0's backward): +1.84% -> +0.0x%.
+    - LoRA: the fp32 input `lora_A` saves (a cast copy, or the input itself when the stream is
+      already fp32) and the dropout mask; PEFT's `lora/layer.py::Linear.forward` builds
+      `result + lora_B(lora_A(dropout(x))) * scaling` after the base matmul, so the adapter's nodes
+      run first.
+    Dense gated MLPs without autocast only (Mixtral's experts are parameter targets; the autocast
+    path keeps low-precision copies instead)."""
+    if setup.autocast != "none" or spec.model_type not in GATED_FAMILIES or spec.num_experts:
         return 0
+    if plan is None:
+        return compute_bytes(setup) * t * spec.intermediate_size if setup.method == "full" else 0
     # Under DeepSpeed the adapters are in the stream's dtype (recipes.adapter_dtype), so lora_A saves the
     # input itself, as under prepare_model_for_kbit_training, and the same release shows on the ledger
     # (tiny llama bf16 all-linear r16 s128 b2 gc, ZeRO-2 ws 2: +4.27% -> +0.55%).
@@ -180,6 +191,16 @@ def _down_adapter_input(spec: ModelSpec, setup: Setup, plan: LoraPlan | None, t:
     return compute_bytes(setup) * t * inter + mask  # the input itself, in the stream's dtype (fp32 under prepare_kbit)
 
 
+def _down_backward(spec: ModelSpec, setup: Setup, plan: LoraPlan | None, t: int) -> int:
+    """Transients at down_proj's backward, when its input is released (`_down_input_freed`):
+    the gradient of that input (fp32 through lora_A, the compute dtype through a trainable base
+    matmul) and the residual-stream gradient."""
+    if not _down_input_freed(spec, setup, plan, t):
+        return 0
+    grad = FP32 if plan is not None else compute_bytes(setup)
+    return grad * t * spec.intermediate_size + residual_bytes(setup) * t * spec.hidden_size
+
+
 def _zero3_linear_inputs(spec: ModelSpec, setup: Setup, plan: LoraPlan | None, t: int, *, input_grad: bool) -> int:
     """What DeepSpeed ZeRO-3's linear adds to a layer's saved tensors under LoRA.
 
@@ -191,7 +212,7 @@ def _zero3_linear_inputs(spec: ModelSpec, setup: Setup, plan: LoraPlan | None, t
     output for o_proj. bitsandbytes 4-bit layers call `bnb.matmul_4bit`, not F.linear; Mixtral's fused
     experts are no F.linear either. Checked on the CPU ledger (tiny llama, ws 2): +274,432 bytes of
     forward activations under LoRA q,v, none under full fine-tuning. Ignores autocast (not measured)."""
-    if setup.parallel != "zero3" or plan is None or spec.model_type not in _GATED or setup.autocast != "none":
+    if setup.parallel != "zero3" or plan is None or spec.model_type not in GATED_FAMILIES or setup.autocast != "none":
         return 0
     if is_quantized(setup.quant):  # every layer linear is a bnb layer
         return 0
@@ -216,7 +237,7 @@ def _zero3_linear_inputs(spec: ModelSpec, setup: Setup, plan: LoraPlan | None, t
 def _zero3_head_input(spec: ModelSpec, setup: Setup, plan: LoraPlan | None) -> int:
     """ZeRO-3's linear saves a frozen lm_head's input (the final norm's output) under LoRA
     (`_zero3_linear_inputs`); bitsandbytes leaves lm_head unquantized, so QLoRA saves it too."""
-    if setup.parallel != "zero3" or plan is None or spec.model_type not in _GATED or setup.autocast != "none":
+    if setup.parallel != "zero3" or plan is None or spec.model_type not in GATED_FAMILIES or setup.autocast != "none":
         return 0
     if fused_lm_head(setup) or saved_copies(spec, setup).head_numel:
         return 0
@@ -231,7 +252,7 @@ def _int8_kept_bytes(spec: ModelSpec, setup: Setup, t: int, *, input_grad: bool,
     layer input needs no grad), the MLP norm output and down_proj's input; o_proj's input
     is SDPA's saved output, except under checkpointing, which frees saved tensors but
     cannot see ctx attributes."""
-    if setup.quant != "int8" or spec.model_type not in _GATED:
+    if setup.quant != "int8" or spec.model_type not in GATED_FAMILIES:
         return 0
     e = compute_bytes(setup)
     h, a = spec.hidden_size, spec.num_heads * spec.head_dim
@@ -271,7 +292,7 @@ def _layer_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan | None, *, input_
         # The autocast cache's bf16 copies of this layer's fp32 adapter weights, saved by lora_A/lora_B.
         total += FLOAT_BYTES["bf16"] * sum(plan.rank * (lin.in_features + lin.out_features) for lin in plan.targets if lin.count == spec.num_layers)
 
-    if spec.model_type in _GATED:
+    if spec.model_type in GATED_FAMILIES:
         # Norms: fp32 input copy + rsqrt; trainable weight also keeps the normalised tensor.
         n_norms = 4 if spec.model_type == "gemma2" else 2
         normed = FP32 if spec.model_type == "gemma2" else e
@@ -340,7 +361,7 @@ def activation_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan | None) -> Ac
         # every layer, measured); the rebuilt layer's int8 inputs replace the kept ones.
         layers = spec.num_layers * (r * t * h + _int8_kept_bytes(spec, setup, t, input_grad=True, inter=spec.intermediate_size))
         recompute = per - _int8_kept_bytes(spec, setup, t, input_grad=True, inter=spec.intermediate_size)
-        if r == FP32 and spec.model_type in _GATED:
+        if r == FP32 and spec.model_type in GATED_FAMILIES:
             # An fp32 residual stream makes `.to(torch.float32)` a no-op: the rebuilt layer's
             # first norm saves the layer input itself, already kept by the checkpoint.
             recompute -= FP32 * t * h
@@ -354,7 +375,7 @@ def activation_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan | None) -> Ac
     rotary = 0
     if setup.autocast != "none":
         head, rotary = autocast_head_bytes(spec, setup)
-    elif spec.model_type in _GATED:
+    elif spec.model_type in GATED_FAMILIES:
         # cos/sin are saved by the rotary multiplies, or kept as checkpointed layers' inputs.
         rotary = 2 * e * s * spec.head_dim
         head += rotary + FP32 * t * h + FP32 * t
@@ -390,7 +411,8 @@ def activation_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan | None) -> Ac
         logits_backward_extra=logits_bwd,
         layer_backward_extra=layer_bwd,
         rotary=rotary,
-        down_adapter_input=_down_adapter_input(spec, setup, plan, t),
+        down_input_freed=_down_input_freed(spec, setup, plan, t),
+        down_backward=_down_backward(spec, setup, plan, t),
         # Observed on the CPU ledger (torch 2.13): one compute-dtype tokens x intermediate
         # tensor outlives the backward until the loss tensor is released.
         graph_residue=e * t * inter,

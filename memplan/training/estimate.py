@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from functools import cached_property
 
-from memplan.training.activations import activation_bytes, compute_bytes, residual_bytes
+from memplan.training.activations import GATED_FAMILIES, activation_bytes, compute_bytes, residual_bytes
 from memplan.training.activations_autocast import AUTOCAST_FAMILIES, layer_weight_copies
 from memplan.model.catalog import load_model
 from memplan.training.device_terms import DeviceTerms, device_terms
@@ -179,6 +179,8 @@ class _Fixed:
     opt_temp: int
     head_grad: int
     first_layer_grads: int
+    layer_grads: int  # full fine-tuning: one decoder layer's gradients (0 under LoRA)
+    down_grad: int  # full fine-tuning: one layer's MLP output projection's gradient (0 under LoRA)
     adapter_file_bytes: tuple[tuple[str, int], ...]
     total_parameters: int
     active_parameters: int
@@ -216,9 +218,15 @@ def _fixed_parts(spec: ModelSpec, setup: Setup) -> _Fixed:
     else:
         opt_temp = 0
     head_grad = 0
+    # A tied output head's gradient lands in the input embedding's table at the loss's backward and
+    # stays through the layers' (tiny qwen2, tied, on the CPU ledger); the rest of the embeddings'
+    # gradients appear only at the very end.
+    tied_table = 0
+    if any(lin.is_output and lin.tied for lin in spec.linears):
+        tied_table = sum(t.numel * t.count for t in spec.tensors if t.component == "embeddings" and t.numel == spec.vocab_size * spec.hidden_size)
     if plan is None:
-        head_grad = sum(lin.weight_numel for lin in spec.linears if lin.is_output and not lin.tied) * train_itemsize
-    embed_grad = sum(t.numel * t.count for t in spec.tensors if t.component == "embeddings") * train_itemsize
+        head_grad = (sum(lin.weight_numel for lin in spec.linears if lin.is_output and not lin.tied) + tied_table) * train_itemsize
+    embed_grad = (sum(t.numel * t.count for t in spec.tensors if t.component == "embeddings") - tied_table) * train_itemsize
     if plan is None:
         # Every later layer's gradients exist, and of layer 0's own only the down-proj's
         # (its weight gradient is computed before the SwiGLU backward peaks).
@@ -226,11 +234,12 @@ def _fixed_parts(spec: ModelSpec, setup: Setup) -> _Fixed:
         per_layer_params += sum(t.numel * t.count for t in spec.tensors if t.count % spec.num_layers == 0 and t.component != "embeddings") // spec.num_layers
         last_linear = max((lin.weight_numel for lin in spec.linears if lin.component == "mlp"), default=0)
         first_layer_grads = max(grads - embed_grad - (per_layer_params - last_linear) * train_itemsize, 0)
+        layer_grads, down_grad = per_layer_params * train_itemsize, last_linear * train_itemsize
     else:
-        first_layer_grads = grads
+        first_layer_grads, layer_grads, down_grad = grads, 0, 0
     files = tuple((d, adapter_file_bytes(plan, d, base_dtype=setup.param_dtype)) for d in ("fp32", "fp16", "bf16")) if plan is not None else ()
     fixed = _Fixed(plan, wb, tuple(numels), sum(numels), train_itemsize, adapters, grads, opt, dequant, opt_temp, head_grad,
-                   first_layer_grads, files, spec.total_parameters, spec.active_parameters)
+                   first_layer_grads, layer_grads, down_grad, files, spec.total_parameters, spec.active_parameters)
     return add_saved_copies(fixed, spec, setup)  # PEFT modules_to_save copies (memplan.training.modules_to_save)
 
 
@@ -305,20 +314,39 @@ def estimate(setup: Setup, *, model: ModelSpec | None = None, terms: DeviceTerms
     )
     first_layer_grads = f.first_layer_grads
     # (phase, gradients, activations, logits, transients) alive on top of the persistent bytes.
-    # Inside a layer's MLP backward, in autograd's order (activations.py::_down_adapter_input):
-    # down_proj's lora_A runs first, holding its saved input and the fp32 gradient of it; then
-    # that input (and its dropout mask) is freed, before the SwiGLU multiply allocates its
-    # branch gradients (`layer_backward_extra`). Without a down_proj adapter nothing is freed.
+    # Inside a layer's MLP backward, in autograd's order (activations.py::_down_input_freed):
+    # down_proj's backward runs first (its lora_A, or its trainable base matmul), holding its saved
+    # input and the gradient of it (`down_backward`); then that input is freed, before the SwiGLU
+    # multiply allocates its branch gradients (`layer_backward_extra`).
     tokens = setup.batch_size * setup.seq_len
-    down_lora_a = FP32 * tokens * spec.intermediate_size + residual_bytes(setup) * tokens * spec.hidden_size if act.down_adapter_input else 0
-    layer_transients = max(act.layer_backward_extra - act.down_adapter_input, down_lora_a, dequant + e_tokens_inter)
+    layer_transients = max(act.layer_backward_extra - act.down_input_freed, act.down_backward, dequant + e_tokens_inter)
+    residual_grad = residual_bytes(setup) * tokens * spec.hidden_size
+    # A decoder layer's input RMSNorm (`LlamaRMSNorm.forward`: `.to(torch.float32)`, `pow`, `rsqrt`)
+    # keeps its fp32 input and rsqrt until its backward, which runs in fp32: five fp32 tokens x hidden
+    # temporaries beside the residual gradient (measured on the CPU ledger, tiny llama full bf16).
+    gated = spec.model_type in GATED_FAMILIES
+    norm_saved = FP32 * tokens * (spec.hidden_size + 1) if gated else 0
+    norm_backward = residual_grad + (5 * FP32 * tokens * spec.hidden_size if gated else 0)
+    below_top = act.layers if setup.grad_checkpointing else act.layers - (act.per_layer if spec.num_layers > 1 else act.first_layer)
+    # Layer 0's input norm: every gradient but the embedding's exists (full fine-tuning).
+    all_but_embedding = first_layer_grads - f.down_grad + f.layer_grads
     phases: tuple[tuple[str, int, int, int, int], ...] = (
+        # Inside the forward of the last layer but one: the layers before it have saved their tensors,
+        # the running layer holds a tokens x intermediate output beyond them. Never a single process's
+        # peak; a sharded layout gathers two layers there (FSDP2: the next layer's all-gather output).
+        ("forward_layers", 0, below_top + act.rotary, 0, e_tokens_inter),
         ("forward", 0, acts, act.logits_saved, max(act.logits_forward_extra, dequant) + weight_cache),
         ("backward_loss", 0, acts, act.logits_saved, max(act.logits_backward_extra, dequant)),
         # The final norm and the loss have been through backward: only the layers' saved
         # tensors (and the rotary tables) remain, plus one rebuilt layer.
-        ("backward_layers", head_grad, act.layers + act.rotary + act.recompute_layer, 0, layer_transients),
+        # The top layer's SwiGLU backward: its down_proj's weight gradient exists (full fine-tuning).
+        ("backward_layers", head_grad + f.down_grad, act.layers + act.rotary + act.recompute_layer, 0, layer_transients),
+        # The top layer's input-norm backward, then its end: all its weight gradients exist (full
+        # fine-tuning), the layers below keep their saved tensors (checkpointing: every layer's input).
+        ("backward_layer_norm", head_grad + f.layer_grads, below_top + norm_saved + act.rotary, 0, norm_backward),
+        ("backward_layer_end", head_grad + f.layer_grads, below_top + act.rotary, 0, residual_grad),
         ("backward_first_layer", first_layer_grads, first_layer_acts + act.rotary, 0, layer_transients),
+        ("backward_first_layer_norm", all_but_embedding, residual_grad + norm_saved + act.rotary, 0, norm_backward),
         ("backward_end", grads, 0, 0, act.graph_residue),
         # The training loop has released the loss (and with it the graph) before the step.
         ("optimizer_step", grads, 0, 0, opt_temp),
@@ -411,4 +439,4 @@ def _layout(spec: ModelSpec, setup: Setup, f: _Fixed) -> LayoutTerms:
                               quant_storage=setup.quant_storage, plan=f.plan, adapter_itemsize=f.train_itemsize)
     return layout_terms(setup, inv, layers=spec.num_layers, hidden=spec.hidden_size, quant_state=f.weights.quant_state,
                         buffers=f.weights.buffers, train_itemsize=f.train_itemsize, single_grads=f.gradients, head_grad=f.head_grad,
-                        first_layer_grads=f.first_layer_grads)
+                        first_layer_grads=f.first_layer_grads, down_grad=f.down_grad)

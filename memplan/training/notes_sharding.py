@@ -18,6 +18,37 @@ if TYPE_CHECKING:
 __all__ = ["sharding_notes"]
 
 
+# What FSDP holds unsharded at each phase of the step (memplan.training.sharding, from the wrappers' code).
+_FSDP_PEAK: dict[int, dict[str, str]] = {
+    1: {
+        "forward_layers": "the root unit and the layer running its forward",
+        "forward": "the root unit stays gathered from forward to backward",
+        "backward_loss": "the root unit stays gathered from forward to backward",
+        "backward_layers": "the root unit, the layer in backward and the one BACKWARD_PRE prefetches",
+        "backward_layer_norm": "the root unit, the layer in backward and the prefetched one, the layer's unsharded gradients",
+        "backward_layer_end": "a layer's post-backward: its unsharded gradients and the padded flat gradient built for the "
+                              "reduce-scatter, beside the gathered layers",
+        "backward_first_layer": "the root unit and layer 0",
+        "backward_first_layer_norm": "the root unit and layer 0, with layer 0's unsharded gradients",
+        "backward_end": "the root's post-backward: its unsharded gradients and their flat copy",
+    },
+    2: {
+        "forward_layers": "the layer running its forward and the next layer's flat all-gather output",
+        "forward": "the tail group (norm, lm_head) stays gathered until its backward",
+        "backward_loss": "the tail group (norm, lm_head) stays gathered until its backward",
+        "backward_layers": "the layer in backward, the next group's flat all-gather output and the previous group's "
+                           "reduce-scatter input",
+        "backward_layer_norm": "the layer in backward, the next group's all-gather output, the previous reduce-scatter "
+                               "input and the layer's unsharded gradients",
+        "backward_layer_end": "a layer's post-backward: its reduce-scatter input beside the next group's all-gather output",
+        "backward_first_layer": "layer 0, the embedding's (or layer 0's) all-gather output and layer 1's reduce-scatter input",
+        "backward_first_layer_norm": "layer 0 with its unsharded gradients, the embedding's all-gather output and layer 1's "
+                                     "reduce-scatter input",
+        "backward_end": "the embedding group's post-backward: the table, its unsharded gradient and the reduce-scatter input",
+    },
+}
+
+
 def sharding_notes(est: "Estimate") -> list[str]:
     s, sh = est.setup, est.sharding
     if sh is None:
@@ -26,11 +57,13 @@ def sharding_notes(est: "Estimate") -> list[str]:
            "NCCL's own buffers and communication time are not counted"]
     if is_fsdp(s.parallel):
         gathered = est.peak_parts.get("gathered", 0)
-        out.append(f"FSDP{s.fsdp_version} holds {format_bytes(gathered)} of unsharded parameters and gradient buffers at the peak"
-                   + (" (the root unit stays gathered from forward to backward; BACKWARD_PRE prefetch gathers the next "
-                      "trainable layer)" if s.fsdp_version == 1 else
-                      " (a layer's flat all-gather output beside its unsharded parameters, and the previous group's "
-                      "reduce-scatter input)"))
+        why = _FSDP_PEAK[s.fsdp_version].get(est.memory.peak_phase)
+        if why and gathered:
+            out.append(f"FSDP{s.fsdp_version} holds {format_bytes(gathered)} of unsharded parameters and gradient buffers at "
+                       f"the peak ({est.memory.peak_phase}: {why})")
+        else:
+            out.append(f"FSDP{s.fsdp_version} holds nothing unsharded at the peak ({est.memory.peak_phase}: the step runs on "
+                       "the rank's shards)")
         if s.fsdp_version == 1 and s.method == "lora":
             out.append("PEFT's fsdp_auto_wrap_policy wraps every LoRA Linear as its own FSDP unit (one dtype and one "
                        "requires_grad per FlatParameter)")

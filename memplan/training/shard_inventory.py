@@ -40,16 +40,21 @@ class ParamEntry:
     lora: bool
     count: int
     per_layer: bool
-    output: bool = False  # the model's output head (lm_head / MLM decoder), `Linear.is_output`
+    output: bool = False  # the model's output head (lm_head / MLM decoder, `Linear.is_output`), or the table tied to it
+    tied: bool = False  # the input embedding's table, shared with a tied output head
 
     @property
     def bytes(self) -> int:
         return self.numel * self.itemsize * self.count
 
 
-def _split(count: int, layers: int) -> tuple[int, bool]:
-    """(instances per layer, True) for a tensor repeated in every layer, else (count, False)."""
-    if layers and count % layers == 0:
+def _split(count: int, layers: int, path: str, component: str) -> tuple[int, bool]:
+    """(instances per layer, True) for a tensor repeated in every decoder layer, else (count, False).
+    A decoder layer's tensors have `{i}` in their module path; embeddings and heads never repeat, and a
+    tensor that appears once belongs to the root even in a one-layer model."""
+    if component in ("embeddings", "lm_head", "head") or not layers or count % layers:
+        return count, False
+    if "{i}" in path or (count > 1 and layers > 1):
         return count // layers, True
     return count, False
 
@@ -61,7 +66,7 @@ def parameter_inventory(spec: ModelSpec, *, quant: str, double_quant: bool, para
     full = plan is None
     out: list[ParamEntry] = []
     for lin in spec.linears:
-        per, per_layer = _split(lin.count, spec.num_layers)
+        per, per_layer = _split(lin.count, spec.num_layers, lin.path, lin.component)
         if is_quantized(quant) and is_quantized_linear(lin):
             packed, _state = linear_quantized_bytes(lin, quant, double_quant=double_quant)
             size = QUANT_STORAGE_BYTES[quant_storage] if quant != "int8" else 1
@@ -72,20 +77,23 @@ def parameter_inventory(spec: ModelSpec, *, quant: str, double_quant: bool, para
                                   output=lin.is_output))
         if lin.bias:
             out.append(ParamEntry(lin.name + ".bias", lin.out_features, lin.out_features, float_size, full, False, per, per_layer))
+    # A tied output head shares the input embedding's table: that table is the output head too.
+    tied_head = any(lin.is_output and lin.tied for lin in spec.linears)
     for t in spec.tensors:
-        per, per_layer = _split(t.count, spec.num_layers)
+        per, per_layer = _split(t.count, spec.num_layers, t.path, t.component)
         # An embedding table's first dimension is the vocabulary; a norm's is its width; fused
         # experts are (experts, ...). memplan keeps no shapes for tensors, so the first dimension
         # is the hidden size where it divides the numel (the row count of a table), else the numel.
         dim0 = t.numel // spec.hidden_size if t.numel % spec.hidden_size == 0 and t.numel > spec.hidden_size else t.numel
-        out.append(ParamEntry(t.name, t.numel, dim0, float_size, full, False, per, per_layer))
+        table_head = tied_head and t.component == "embeddings" and t.numel == spec.vocab_size * spec.hidden_size
+        out.append(ParamEntry(t.name, t.numel, dim0, float_size, full, False, per, per_layer, output=table_head, tied=table_head))
     if plan is not None:
         for lin in plan.targets:
-            per, per_layer = _split(lin.count, spec.num_layers)
+            per, per_layer = _split(lin.count, spec.num_layers, lin.path, lin.component)
             out.append(ParamEntry(lin.name + ".lora_A", plan.rank * lin.in_features, plan.rank, adapter_itemsize, True, True, per, per_layer))
             out.append(ParamEntry(lin.name + ".lora_B", lin.out_features * plan.rank, lin.out_features, adapter_itemsize, True, True, per, per_layer))
         for p in plan.param_targets:
-            per, per_layer = _split(p.count, spec.num_layers)
+            per, per_layer = _split(p.count, spec.num_layers, p.path, "experts")
             r = p.adapter_rank(plan.rank)
             out.append(ParamEntry(p.name + ".lora_A", r * p.in_features, r, adapter_itemsize, True, True, per, per_layer))
             out.append(ParamEntry(p.name + ".lora_B", p.out_features * r, p.out_features, adapter_itemsize, True, True, per, per_layer))

@@ -39,7 +39,7 @@ gradient accumulation (it does not change the peak).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Sequence
 
 from memplan.model.storage import FLOAT_BYTES
@@ -113,6 +113,21 @@ def zero_buckets(setup: Setup, hidden: int) -> tuple[int, int, int, int]:
     return hidden * hidden, int(0.9 * hidden * hidden), ZERO_MAX_LIVE, 10 * hidden
 
 
+# The moments inside a layer's backward that follow its SwiGLU backward (estimate.py's phases) and the
+# phase whose buffers they share when a layout does not tell them apart.
+_LAYER_MOMENTS = {"forward_layers": "forward", "backward_layer_norm": "backward_layers", "backward_layer_end": "backward_layers",
+                  "backward_first_layer_norm": "backward_first_layer"}
+
+
+def _same_buffers_at_layer_moments(terms: LayoutTerms) -> LayoutTerms:
+    """ZeRO's gathered parameters and buckets do not change inside one layer's backward: its later
+    moments hold what its SwiGLU backward holds."""
+    def fill(d: dict[str, int]) -> dict[str, int]:
+        return {**{k: d[v] for k, v in _LAYER_MOMENTS.items() if v in d}, **d}
+
+    return replace(terms, inflight=fill(terms.inflight), phase_buffers=fill(terms.phase_buffers))
+
+
 def _ceil(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -134,18 +149,18 @@ def _instances(e: ParamEntry, layers: int) -> int:
 
 
 def layout_terms(setup: Setup, inv: Sequence[ParamEntry], *, layers: int, hidden: int, quant_state: int, buffers: int,
-                 train_itemsize: int, single_grads: int, head_grad: int = 0, first_layer_grads: int = 0) -> LayoutTerms:
+                 train_itemsize: int, single_grads: int, head_grad: int = 0, first_layer_grads: int = 0, down_grad: int = 0) -> LayoutTerms:
     """Per-rank terms of `setup`'s layout (see the module docstring for the library code behind each)."""
     n = shard_group(setup)
     p = setup.parallel
     if is_zero(p):
         from memplan.training.sharding_zero import zero_terms
 
-        return zero_terms(setup, inv, n, layers=layers, hidden=hidden, quant_state=quant_state, buffers=buffers,
-                     train_itemsize=train_itemsize, single_grads=single_grads)
+        return _same_buffers_at_layer_moments(zero_terms(setup, inv, n, layers=layers, hidden=hidden, quant_state=quant_state,
+                                                         buffers=buffers, train_itemsize=train_itemsize, single_grads=single_grads))
     if is_fsdp(p):
         return _fsdp(setup, inv, n, layers=layers, quant_state=quant_state, buffers=buffers, train_itemsize=train_itemsize,
-                     single_grads=single_grads, head_grad=head_grad, first_layer_grads=first_layer_grads)
+                     single_grads=single_grads, head_grad=head_grad, first_layer_grads=first_layer_grads, down_grad=down_grad)
     # DDP (and "none"): every rank holds the whole model, its gradients and optimizer state.
     whole = sum(e.bytes * (layers if e.per_layer else 1) for e in inv) + quant_state + buffers
     adapters = sum(e.bytes * (layers if e.per_layer else 1) for e in inv if e.lora)
@@ -157,7 +172,7 @@ def layout_terms(setup: Setup, inv: Sequence[ParamEntry], *, layers: int, hidden
 
 
 def _fsdp(setup: Setup, inv: Sequence[ParamEntry], n: int, *, layers: int, quant_state: int, buffers: int, train_itemsize: int,
-          single_grads: int, head_grad: int, first_layer_grads: int) -> LayoutTerms:
+          single_grads: int, head_grad: int, first_layer_grads: int, down_grad: int) -> LayoutTerms:
     """FSDP1 (FlatParameter per unit) and FSDP2 (per-parameter shards) on one rank."""
     compute = FLOAT_BYTES[setup.autocast] if setup.autocast != "none" else FLOAT_BYTES[setup.compute_dtype]
     v2 = setup.fsdp_version == 2
@@ -166,11 +181,9 @@ def _fsdp(setup: Setup, inv: Sequence[ParamEntry], n: int, *, layers: int, quant
     lora_units = [e for e in inv if e.lora and not v2]  # FSDP1 + PEFT's policy: one unit per LoRA Linear
 
     def padded(entries: list[ParamEntry]) -> tuple[int, int]:
-        """(padded unsharded numel, itemsize) of one unit holding `entries` (one layer's, or the root's)."""
+        """(padded unsharded numel, itemsize) of one FSDP1 unit holding `entries` (one layer's, or the root's)."""
         if not entries:
             return 0, compute
-        if v2:  # each parameter's first dimension padded to a multiple of n
-            return sum(_ceil(e.dim0, n) * n * (e.numel // e.dim0 if e.dim0 else 1) * e.count for e in entries), entries[0].itemsize
         size = max(e.itemsize for e in entries)
         return _fsdp1_unit([(e, e.count) for e in entries], n, size), size
 
@@ -191,6 +204,15 @@ def _fsdp(setup: Setup, inv: Sequence[ParamEntry], n: int, *, layers: int, quant
     lora_per_layer = sum(m * size * k for m, size, k, per in lora_numels if per) // max(layers, 1)
     layer_gathered = layer_numel * (compute if setup.autocast != "none" else layer_size) + lora_per_layer
     root_gathered = root_numel * (compute if setup.autocast != "none" else root_size)
+    if v2:
+        # Per-parameter shards and all-gathers, each parameter in its own dtype (a LoRA adapter in fp32
+        # beside a bf16 base), gathered in the mixed-precision param_dtype when there is one.
+        def v2_bytes(entries: list[ParamEntry], size: int | None) -> int:
+            return sum(_ceil(e.dim0, n) * n * (e.numel // e.dim0 if e.dim0 else 1) * e.count * (size or e.itemsize) for e in entries)
+
+        gather_size = compute if setup.autocast != "none" else None
+        layer_gathered, root_gathered = v2_bytes(layer_base, gather_size), v2_bytes(root_base, gather_size)
+        shards = (v2_bytes(layer_base, None) * layers + v2_bytes(root_base, None)) // n
     layer_trainable = any(e.trainable for e in layer_base)
     layer_grad = sum(e.numel * e.count * train_itemsize for e in inv if e.per_layer and e.trainable)  # one layer's, unsharded
     layer_grad_shard = sum(part(e) * e.count for e in trainable if e.per_layer) * train_itemsize
@@ -204,12 +226,21 @@ def _fsdp(setup: Setup, inv: Sequence[ParamEntry], n: int, *, layers: int, quant
     #   handle before a layer is its own LoRA unit, so a frozen base holds one layer at a time
     #   (measured on the CPU ledger: full fine-tuning peaks with two layers gathered, LoRA with one);
     # - a finished layer keeps only its gradient shard (`_post_backward_hook` reduce-scatters).
+    # - at a trainable layer's post-backward (`_runtime_utils.py::_post_backward_hook` ->
+    #   `_reduce_grad`), its parameters' unsharded gradients and the padded flat gradient built from
+    #   them are alive at once, with the layer and the prefetched one still gathered (measured on the
+    #   CPU ledger: it is the peak of small-batch full fine-tuning).
     hold = layers if setup.parallel == "fsdp_shard_grad_op" else 1
     prefetch = min(2 if layer_trainable else 1, max(layers, 1))  # no layer below the last one to prefetch
+    gathered_layers = root_gathered + layer_gathered * max(hold, prefetch)
+    flat_grad = layer_numel * train_itemsize if layer_trainable else 0
     inflight = {
+        "forward_layers": root_gathered + layer_gathered * hold,
         "forward": root_gathered + layer_gathered * hold,
         "backward_loss": root_gathered + layer_gathered * hold,
-        "backward_layers": root_gathered + layer_gathered * max(hold, prefetch),
+        "backward_layers": gathered_layers,
+        "backward_layer_norm": gathered_layers,
+        "backward_layer_end": gathered_layers + flat_grad,
         # The last layers' backward: the layer above layer 0 with layer 0 prefetched when trainable.
         "backward_first_layer": root_gathered + layer_gathered * max(min(hold, 2, layers), prefetch),
         # The root's post-backward: still gathered, its parameters' own gradients and the padded flat
@@ -219,14 +250,25 @@ def _fsdp(setup: Setup, inv: Sequence[ParamEntry], n: int, *, layers: int, quant
     done = max(layers - prefetch, 0)  # layers whose gradients are already shards at that moment
     partial = max(first_layer_grads - head_grad - (layers - 1) * layer_grad, 0)  # layer 0's own, as one process
     phase_grads = {
+        "forward_layers": 0,
         "forward": 0,
         "backward_loss": 0,
-        "backward_layers": head_grad,
+        # The top layer's own unsharded gradients: down_proj's at its SwiGLU backward, all of them
+        # from its input norm's backward until its post-backward reduce-scatters them.
+        "backward_layers": head_grad + down_grad,
+        "backward_layer_norm": head_grad + layer_grad,
+        "backward_layer_end": head_grad + layer_grad,
         "backward_first_layer": head_grad + done * layer_grad_shard + partial,
+        "backward_first_layer_norm": head_grad + (layers - 1) * layer_grad_shard + layer_grad,
+        # The root's post-backward: its gradients are the unsharded copies counted in flight above; the
+        # layers' are shards (phi3 full s64 b1, ws 2: +10.8% -> +0.06% on the CPU ledger).
+        "backward_end": grad_shards - sum(part(e) * _instances(e, layers) for e in trainable if not e.per_layer) * train_itemsize,
     }
+    inflight["backward_first_layer_norm"] = root_gathered + layer_gathered
     if v2:
         inflight, phase_grads = _fsdp2_phases(setup, inv, n, layers=layers, layer_gathered=layer_gathered, layer_grad=layer_grad,
-                                              layer_grad_shard=layer_grad_shard, head_grad=head_grad, partial=partial, compute=compute)
+                                              layer_grad_shard=layer_grad_shard, head_grad=head_grad, partial=partial, compute=compute,
+                                              down_grad=down_grad, grad_shards=grad_shards, train_itemsize=train_itemsize)
     padding = max(shards - real // n, 0)
     if setup.offload == "params_and_optimizer":
         # CPUOffload(offload_params=True): shards, their gradients and the optimizer step live on the host.
@@ -238,47 +280,104 @@ def _fsdp(setup: Setup, inv: Sequence[ParamEntry], n: int, *, layers: int, quant
 
 
 def _fsdp2_phases(setup: Setup, inv: Sequence[ParamEntry], n: int, *, layers: int, layer_gathered: int, layer_grad: int,
-                  layer_grad_shard: int, head_grad: int, partial: int, compute: int) -> tuple[dict[str, int], dict[str, int]]:
+                  layer_grad_shard: int, head_grad: int, partial: int, compute: int, down_grad: int, grad_shards: int,
+                  train_itemsize: int) -> tuple[dict[str, int], dict[str, int]]:
     """FSDP2 (`fully_shard`) as accelerate's `fsdp2_prepare_model` wraps a model: each decoder layer, the
     input embedding alone, a tail group [final norm, lm_head] with reshard_after_forward=False (only
     [lm_head] under PEFT), then the root.
 
     - The tail stays unsharded from its forward to its backward; a layer is gathered for its forward and
-      again for its backward, and the group's flat all-gather output (`_fsdp_collectives.py::
-      foreach_all_gather`) stays alive beside the per-parameter unsharded tensors it was copied into
-      (`FSDPParam.all_gather_outputs`): two copies of one layer while it runs.
+      again for its backward. In forward a group's flat all-gather output (`_fsdp_collectives.py::
+      foreach_all_gather`) outlives its copy-out until the next group's; in backward the group before the
+      running one in forward order is prefetched (`_backward_prefetch`), its flat output alive beside the
+      running layer's unsharded parameters until it copies it out.
     - A finished group's gradients go through a flat reduce-scatter input of the group's unsharded
-      gradient size (`foreach_reduce`), alive while the next group computes; then only the shard stays.
-    Measured on the CPU ledger (torch 2.13, ws 2): no-checkpointing peaks in the top layer's backward with
-    that layer twice plus the tail's reduce-scatter input; checkpointing in a middle layer with the layer
-    twice plus the previous layer's reduce-scatter input.
+      gradient size (`foreach_reduce`), alive while the next group computes; `post_backward` reshards the
+      group, drops the previous input (`reduce_scatter_max_input_buffers`), then allocates its own.
+    - Layer 0's backward prefetches the input embedding's group, not another layer (under LoRA too: the
+      frozen table is gathered and, its backward never running, stays so until the backward ends).
+    - The embedding's group ends the backward: its all-gather output, its unsharded gradient and the
+      reduce-scatter input made from it (a trainable table: mistral and phi3 full s64-96 b1, -9% and -15%
+      before this moment was modelled).
+    Measured on the CPU ledger (torch 2.13, ws 2, tiny llama at 96, 256 and 400 tokens): the top layer's
+    backward (the layer, the next one's all-gather output, the tail's reduce-scatter input and the layer's
+    own unsharded gradients) or layer 0's (the layer once, the embedding's all-gather output, layer 1's
+    reduce-scatter input, every other layer's gradient shard).
     """
     # The tail's weights gathered from its forward to its backward; its gradient is the single-process
     # `head_grad` (lm_head's, 0 under LoRA), reduce-scattered before the layers' backward.
     tail_gathered = sum(_ceil(e.dim0, n) * n * (e.numel // e.dim0) * e.count * compute for e in inv if e.output and not e.lora)
+    embed_gathered = sum(_ceil(e.dim0, n) * n * (e.numel // e.dim0) * e.count * compute for e in inv
+                         if not (e.per_layer or e.output or e.lora) and e.dim0 != e.numel)  # tables, not norms
     tail_grad = head_grad
+    # A tied table is in the tail group ([norm, embedding, lm_head]): gathered from its forward until the
+    # group's post_backward, after the embedding's backward; its unsharded gradient (full fine-tuning)
+    # exists from the loss's backward on (measured: tiny qwen2, tied, at the loss and in the layers).
+    tied = any(e.tied for e in inv)
+    held = tail_gathered if tied else 0
+    held_grad = sum(e.numel * e.count * e.itemsize for e in inv if e.tied and e.trainable)
+    if tied:
+        tail_grad = 0  # not reduce-scattered before the layers
+    trainable_layers = layer_grad_shard > 0 and down_grad > 0  # full fine-tuning: the layers' weights train
+    below = layer_gathered if layers > 1 else embed_gathered  # what the top layer's backward prefetches
+    # Layer 0's own moment (full fine-tuning): itself once, the embedding's all-gather output, layer 1's
+    # reduce-scatter input; every later layer's gradient is a shard by then.
+    prev_rs = layer_grad if layers > 1 else tail_grad  # the reduce-scatter input of the group before layer 0's
+    first = (layer_gathered + embed_gathered + prev_rs, (layers - 1) * layer_grad_shard)
+    if layers > 2:
+        # A middle layer (layer 1) with layer 0 prefetched and layer 2's reduce-scatter input.
+        middle = (layer_gathered * 2 + layer_grad, (layers - 2) * layer_grad_shard)
+        first = max(first, middle, key=sum)
     if setup.parallel == "fsdp_shard_grad_op":
         # reshard_after_forward=False on every group: the whole model stays unsharded from its forward
-        # until each group's backward has run.
+        # until each group's backward has run (`post_backward` reshards it); layer 0's backward holds
+        # itself and the embedding, as under full sharding.
         whole = sum(_ceil(e.dim0, n) * n * (e.numel // e.dim0 if e.dim0 else 1) * e.count * (layers if e.per_layer else 1)
                     * (compute if not e.lora else e.itemsize) for e in inv)
-        inflight = {"forward": whole, "backward_loss": whole, "backward_layers": whole + tail_grad,
-                    "backward_first_layer": whole - max(layers - 2, 0) * layer_gathered + layer_grad}
+        # The tail's post_backward has resharded it (reshard_after_backward=True) before the layers run,
+        # unless it holds a tied table, whose group finishes after the embedding's backward.
+        top = whole - (0 if tied else tail_gathered) + tail_grad
+        inflight = {"forward_layers": whole, "forward": whole, "backward_loss": whole, "backward_layers": top,
+                    "backward_layer_norm": top, "backward_layer_end": top - tail_grad - layer_gathered + layer_grad,
+                    "backward_first_layer": layer_gathered + embed_gathered + prev_rs,
+                    "backward_first_layer_norm": layer_gathered + embed_gathered + prev_rs}
+        first = (0, (layers - 1) * layer_grad_shard)
     else:
         inflight = {
-            # At the loss the tail is gathered. Not modelled: the moment inside the last layer's forward
-            # (that layer twice while its activations are made), which wins when logits are small
-            # (random phi3 LoRA s115 b1 vocab ~1k: -7.5%).
+            # Inside a layer's forward: its unsharded parameters and its own flat all-gather output, which
+            # `FSDPParamGroup.wait_for_unshard` keeps in `comm_ctx.all_gather_state` until the next group's
+            # copy-out (forward only; in backward it is freed at once). On the CPU ledger the peak of
+            # small-token LoRA runs (random llama LoRA s18 b1, one layer: -16% without it). At the loss the
+            # tail is gathered.
+            "forward_layers": 2 * layer_gathered,
             "forward": tail_gathered,
             "backward_loss": tail_gathered,
-            "backward_layers": layer_gathered * 2 + tail_grad,
-            "backward_first_layer": layer_gathered * 2 + layer_grad,
+            "backward_layers": layer_gathered + below + tail_grad,
+            "backward_layer_norm": layer_gathered + below + tail_grad,
+            "backward_layer_end": below + layer_grad,
+            "backward_first_layer": first[0],
+            # Layer 0's input norm (full fine-tuning): all its gradients, unsharded, beside the above.
+            "backward_first_layer_norm": layer_gathered + embed_gathered + prev_rs,
         }
-    done = max(layers - 2, 0)
+        for phase in ("backward_layers", "backward_layer_norm", "backward_layer_end", "backward_first_layer", "backward_first_layer_norm"):
+            inflight[phase] += held
     phase_grads = {
+        "forward_layers": 0,
         "forward": 0,
         "backward_loss": 0,
-        "backward_layers": tail_grad // n,
-        "backward_first_layer": tail_grad // n + done * layer_grad_shard + partial,
+        "backward_layers": tail_grad // n + down_grad,
+        "backward_layer_norm": tail_grad // n + layer_grad,
+        "backward_layer_end": tail_grad // n + layer_grad,
+        "backward_first_layer": tail_grad // n + first[1] + partial,
+        "backward_first_layer_norm": tail_grad // n + (layers - 1) * layer_grad_shard + layer_grad,
     }
+    for phase in ("backward_layers", "backward_layer_norm", "backward_layer_end", "backward_first_layer", "backward_first_layer_norm"):
+        phase_grads[phase] += held_grad
+    # The group holding the input table (the embedding's, or the tail holding a tied one) at its
+    # post_backward: the table gathered, its group's gradients unsharded and their reduce-scatter input.
+    last_group = [e for e in inv if not (e.per_layer or e.lora) and (e.tied if tied else not e.output)]
+    last_grad = sum(_ceil(e.dim0, n) * n * (e.numel // e.dim0) * e.count for e in last_group if e.trainable) * train_itemsize
+    if last_grad:
+        inflight["backward_end"] = (held if tied else embed_gathered) + 2 * last_grad
+        phase_grads["backward_end"] = grad_shards  # the reduce-scatter output is the group's new shard gradient
     return inflight, phase_grads

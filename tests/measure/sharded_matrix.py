@@ -5,7 +5,8 @@ rank's record appended), so a session campaign can add `Job(s, None, SHARDED_STE
 setups to its own job list; `run_sharded` is the same thing on its own.
 
 Model: tests/data/tiny/tiny-llama (hidden 256, 2 layers, 1k vocabulary), so each FSDP unit's
-shard is mostly data, not padding. QLoRA bases use bnb_4bit_quant_storage = bf16, which FSDP
+shard is mostly data, not padding; two full fine-tuning rows use tiny mistral and phi3 (32k
+vocabularies), whose embedding and head gradients end the backward. QLoRA bases use bnb_4bit_quant_storage = bf16, which FSDP
 needs to flatten them (bitsandbytes docs/source/fsdp_qlora.md).
 """
 
@@ -16,7 +17,8 @@ from typing import Any
 
 from memplan.training.setup import Setup
 
-TINY_LLAMA = str(Path(__file__).resolve().parent.parent / "data" / "tiny" / "tiny-llama")
+TINY = Path(__file__).resolve().parent.parent / "data" / "tiny"
+TINY_LLAMA, TINY_MISTRAL, TINY_PHI3 = (str(TINY / m) for m in ("tiny-llama", "tiny-mistral", "tiny-phi3"))
 SHARDED_STEPS = 3
 _BASE = dict(model=TINY_LLAMA, device="cpu", gpus=2, seq_len=128, batch_size=2)
 _QLORA = dict(method="lora", quant="nf4", compute_dtype="bf16", quant_storage="bf16")
@@ -24,10 +26,15 @@ _QLORA = dict(method="lora", quant="nf4", compute_dtype="bf16", quant_storage="b
 
 def fsdp_setups() -> list[Setup]:
     """FSDP1 and FSDP2 (full shard and shard-grad-op) and DDP over full bf16, LoRA bf16 and QLoRA,
-    with and without checkpointing: 12 runs, 24 records."""
+    with and without checkpointing, at 96 to 256 tokens: 14 runs, 28 records."""
     rows: list[dict[str, Any]] = [
-        dict(parallel="fsdp", fsdp_version=1, method="full", quant="bf16"),
-        dict(parallel="fsdp", fsdp_version=2, method="full", quant="bf16", grad_checkpointing=True),
+        # 96 tokens (fewer than the hidden size): the layers' unsharded gradients, not their activations,
+        # set the peak (FSDP1: a layer's post-backward; FSDP2: layer 0's input-norm backward).
+        dict(parallel="fsdp", fsdp_version=1, method="full", quant="bf16", seq_len=96, batch_size=1),
+        dict(parallel="fsdp", fsdp_version=2, method="full", quant="bf16", grad_checkpointing=True, seq_len=96, batch_size=1),
+        # 32k vocabularies: the root's (FSDP1) and the embedding group's (FSDP2) post-backward.
+        dict(parallel="fsdp", fsdp_version=1, method="full", quant="bf16", model=TINY_PHI3, seq_len=64, batch_size=1),
+        dict(parallel="fsdp", fsdp_version=2, method="full", quant="bf16", model=TINY_MISTRAL, seq_len=96, batch_size=1),
         dict(parallel="fsdp", fsdp_version=1, method="lora", quant="bf16", grad_checkpointing=True),
         dict(parallel="fsdp", fsdp_version=2, method="lora", quant="bf16"),
         dict(parallel="fsdp", fsdp_version=1, **_QLORA),
@@ -35,11 +42,11 @@ def fsdp_setups() -> list[Setup]:
         dict(parallel="fsdp", fsdp_version=1, **_QLORA, grad_checkpointing=True),
         dict(parallel="fsdp", fsdp_version=2, **_QLORA),
         dict(parallel="fsdp_shard_grad_op", fsdp_version=1, method="lora", quant="bf16"),
-        dict(parallel="fsdp_shard_grad_op", fsdp_version=2, method="full", quant="bf16"),
+        dict(parallel="fsdp_shard_grad_op", fsdp_version=2, method="full", quant="bf16", grad_checkpointing=True, seq_len=200),
         dict(parallel="ddp", method="full", quant="bf16"),
         dict(parallel="ddp", method="lora", quant="nf4", compute_dtype="bf16", grad_checkpointing=True),
     ]
-    return [Setup(**_BASE, **row) for row in rows]
+    return [Setup(**{**_BASE, **row}) for row in rows]
 
 
 def zero_setups() -> list[Setup]:
@@ -57,7 +64,7 @@ def zero_setups() -> list[Setup]:
         dict(parallel="zero2", **_QLORA, grad_checkpointing=True),
         dict(parallel="zero3", **_QLORA),
     ]
-    return [Setup(**_BASE, recipe="trainer", **row) for row in rows]
+    return [Setup(**{**_BASE, "recipe": "trainer", **row}) for row in rows]
 
 
 def run_sharded(setups: list[Setup], *, out: Path, checkpoint_dir: Path, workers: int = 2, timeout_s: float = 600,

@@ -23,11 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sharded_matrix import fsdp_setups, zero_setups  # noqa: E402
 
 # label (Setup.label without the model path) -> why it misses 3%. Measured on the CPU ledger, ws 2.
-KNOWN_GAPS: dict[str, str] = {
-    "full bf16 s128 b2 gc adamw fsdp2x2": (
-        "+4.1% on the 2-layer model: the checkpointed full fine-tune's layer-0 backward is over-estimated in the "
-        "single-process phase model too (+1.1%, tests/measure validation), and FSDP2's two gathered copies sit on top of it"),
-}
+KNOWN_GAPS: dict[str, str] = {}
 KNOWN_GAP_BOUND = 0.06
 
 
