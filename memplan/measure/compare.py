@@ -11,7 +11,7 @@ its measurement:
 | gradients        | gradients                                        | gradients_bytes (last backward) |
 | optimizer_states | optimizer_states                                 | optimizer_state_bytes           |
 | activations      | activations_and_logits                           | activations_bytes (end of last forward) |
-| peak             | allocated_peak                                   | steady_peak_bytes (CUDA max allocated / CPU ledger) |
+| peak             | allocated_peak (+ host on a CPU run: offloaded state shares the RAM) | steady_peak_bytes (CUDA max allocated / CPU ledger) |
 | device_peak      | peak (CUDA only)                                 | nvml_peak_bytes                 |
 
 `rel_error` = (predicted - measured) / measured (0 when both are 0; None when nothing
@@ -30,11 +30,21 @@ from memplan.training.setup import Setup
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["COMPONENTS", "compare_record", "compare_records", "record_spec"]
+    from memplan.training.estimate import Estimate
+
+__all__ = ["COMPONENTS", "compare_record", "compare_records", "measured_peak_prediction", "record_spec"]
 
 COMPONENTS = ("weights", "adapters", "gradients", "optimizer_states", "activations", "peak", "device_peak")
 _SETUP_COLUMNS = ("model", "method", "quant", "double_quant", "lora_rank", "lora_targets", "seq_len", "batch_size",
                   "grad_checkpointing", "optimizer", "attention", "device", "autocast")
+
+
+def measured_peak_prediction(est: "Estimate") -> int:
+    """The estimate of what a profile's `steady_peak_bytes` counts: the allocated peak per GPU, plus,
+    on `--device cpu`, the state DeepSpeed offloads to the host, which its CPU accelerator keeps in the
+    same RAM as the "device" buffers (the ledger sees both in one process)."""
+    host = est.sharding.host_per_gpu if est.sharding is not None and est.setup.device == "cpu" else 0
+    return est.memory.allocated_peak + host
 
 
 def compare_record(record: dict[str, Any]) -> list[dict[str, Any]]:
@@ -48,8 +58,8 @@ def compare_record(record: dict[str, Any]) -> list[dict[str, Any]]:
         spec = record_spec(record)
     except MemplanError as exc:
         raise ProfileError(f"cannot re-estimate record {record.get('id')}: {exc}") from None
-    est = estimate(setup, model=spec).to_dict()
-    mem = est["memory_bytes"]
+    full = estimate(setup, model=spec)
+    mem = full.to_dict()["memory_bytes"]
     m = record.get("measured") or {}
     measured_weights = m.get("weights_bytes")
     if (setup.prepare_kbit_training or record.get("rank") is not None) and m.get("parameters_bytes") is not None:
@@ -63,7 +73,7 @@ def compare_record(record: dict[str, Any]) -> list[dict[str, Any]]:
         ("gradients", mem["gradients"], m.get("gradients_bytes")),
         ("optimizer_states", mem["optimizer_states"], m.get("optimizer_state_bytes")),
         ("activations", mem["activations_and_logits"], m.get("activations_bytes")),
-        ("peak", mem["allocated_peak"], m.get("steady_peak_bytes")),
+        ("peak", measured_peak_prediction(full), m.get("steady_peak_bytes")),
     ]
     if setup.device == "cuda":
         pairs.append(("device_peak", mem["peak"], m.get("nvml_peak_bytes")))

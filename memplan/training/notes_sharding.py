@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from memplan.model.storage import is_four_bit
+from memplan.model.storage import FLOAT_BYTES, is_four_bit
 from memplan.training.parallel import is_fsdp, is_zero
 from memplan.training.sharding import zero_buckets
 from memplan.units import format_bytes
@@ -72,11 +72,18 @@ def sharding_notes(est: "Estimate") -> list[str]:
     if is_zero(s.parallel):
         reduce_bucket, _prefetch, _live, persistence = zero_buckets(s, est.model.hidden_size)
         source = "DeepSpeed's default" if s.recipe == "plain" else "Trainer's \"auto\" (hidden²)"
-        out.append(f"ZeRO reduce bucket of {reduce_bucket:,} elements ({source}): {format_bytes(sh.comm_buffers)} per GPU"
+        # Stages 1/2 allocate the bucket at the first gradient hook (a phase buffer), stage 3 for the run.
+        ts = FLOAT_BYTES[est.adapter_dtype] if est.adapter_dtype else FLOAT_BYTES[s.param_dtype]
+        bucket = sh.comm_buffers or reduce_bucket * ts
+        out.append(f"ZeRO reduce bucket of {reduce_bucket:,} elements ({source}): {format_bytes(bucket)} per GPU"
                    + ("; set reduce_bucket_size (or run through Trainer, --recipe trainer) to shrink it"
-                      if s.recipe == "plain" and sh.comm_buffers > 2**28 else ""))
-        out.append(f"DeepSpeed keeps an fp32 master partition and fp32 optimizer states: {format_bytes(sh.master_weights)} "
-                   f"+ {format_bytes(sh.optimizer_states)} per GPU, whatever the model dtype")
+                      if s.recipe == "plain" and bucket > 2**28 else ""))
+        if s.offload == "none":
+            out.append(f"DeepSpeed keeps an fp32 master partition and fp32 optimizer states: {format_bytes(sh.master_weights)} "
+                       f"+ {format_bytes(sh.optimizer_states)} per GPU, whatever the model dtype")
+        else:
+            out.append("DeepSpeed keeps the fp32 master partition, the fp32 optimizer states and the fp32 gradient partition "
+                       "on the host (offload_optimizer), and steps there")
         if s.parallel == "zero3":
             out.append(f"ZeRO-3 keeps parameters of at most {persistence:,} elements (stage3_param_persistence_threshold) "
                        "gathered on every rank, and reuses gathered layers within stage3_max_reuse_distance")
@@ -85,5 +92,7 @@ def sharding_notes(est: "Estimate") -> list[str]:
                    "elements (still 0.5 bytes per weight); the quant state stays whole on every rank")
     if sh.host_per_gpu:
         out.append(f"offload ({s.offload}) needs {format_bytes(sh.host_per_gpu)} of host RAM per GPU, "
-                   f"{format_bytes(sh.host_per_node)} per node of {s.gpus_per_node}")
+                   f"{format_bytes(sh.host_per_node)} per node of {s.gpus_per_node}"
+                   + ("; on --device cpu DeepSpeed's CPU accelerator keeps both in the same RAM, so a rank's process "
+                      "holds the per-GPU figure plus the host's" if s.device == "cpu" else ""))
     return out

@@ -94,7 +94,9 @@ def check_layout(setup: "Setup") -> int:
         if is_zero(p) and setup.offload == "params_and_optimizer" and p != "zero3":
             # deepspeed/runtime/zero/config.py: offload_param is only valid with stage 3.
             raise SetupError(f"DeepSpeed offloads parameters only at stage 3; use --parallel zero3, or --offload optimizer with {p}")
-        if setup.device == "cpu":
+        if setup.device == "cpu" and not is_zero(p):
+            # DeepSpeed's CPU accelerator runs ZeRO-Offload (its "device" and host buffers share the RAM, which is
+            # how the profiler checks the offload terms); FSDP's CPUOffload has no device to move from there.
             raise SetupError("--offload moves state from the GPU to the host; with --device cpu there is no GPU to offload from")
     if setup.quant_storage not in QUANT_STORAGES:
         raise SetupError(f"--quant-storage must be one of {', '.join(QUANT_STORAGES)}, got {setup.quant_storage!r}")

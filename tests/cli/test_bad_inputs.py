@@ -60,7 +60,7 @@ ROWS: list[tuple[list[str], int, str]] = [
     ([*EST, "--gpus", "2", "--parallel", "ddp", "--offload", "optimizer"], 2, "--offload needs --parallel"),
     ([*EST, "--gpus", "2", "--parallel", "fsdp", "--offload", "optimizer"], 2, "FSDP offloads parameters and optimizer together"),
     ([*EST, "--gpus", "2", "--parallel", "zero2", "--offload", "params_and_optimizer"], 2, "offloads parameters only at stage 3"),
-    ([*EST, "--device", "cpu", "--gpus", "2", "--parallel", "zero2", "--offload", "optimizer"], 2, "no GPU to offload from"),
+    ([*EST, "--device", "cpu", "--gpus", "2", "--parallel", "fsdp", "--quant", "bf16", "--offload", "params_and_optimizer"], 2, "no GPU to offload from"),
     ([*EST, "--quant-storage", "bf16"], 2, "nf4/fp4 only"),
     ([*EST, "-q", "nf4", "--gpus", "2", "--parallel", "fsdp"], 2, "cannot flatten a uint8 4-bit base"),
     ([*EST, "-q", "nf4", "--gpus", "2", "--parallel", "zero3", "--quant-storage", "fp16"], 2, "must equal --compute-dtype"),

@@ -51,7 +51,8 @@ def fsdp_setups() -> list[Setup]:
 
 def zero_setups() -> list[Setup]:
     """DeepSpeed ZeRO-2 and ZeRO-3 over full bf16, LoRA bf16 and QLoRA (bf16 quant storage), with and
-    without checkpointing: 8 runs, 16 records. Recipe `trainer`: Trainer's "auto" bucket sizes (hidden²),
+    without checkpointing, two of them with optimizer (and parameter) offload: 10 runs, 20 records.
+    Recipe `trainer`: Trainer's "auto" bucket sizes (hidden²),
     as `transformers/integrations/deepspeed.py` fills them (DeepSpeed's own 5e8-element default is 1 GB
     per rank on any model)."""
     rows: list[dict[str, Any]] = [
@@ -63,6 +64,11 @@ def zero_setups() -> list[Setup]:
         dict(parallel="zero3", **_QLORA, grad_checkpointing=True),
         dict(parallel="zero2", **_QLORA, grad_checkpointing=True),
         dict(parallel="zero3", **_QLORA),
+        # ZeRO-Offload (the profiler's config AdamW has torch_adam: torch.optim.AdamW steps the host copies;
+        # DeepSpeed's CPU accelerator keeps "device" and host state in one RAM, so the ledger sees their sum):
+        # a 32k vocabulary, whose largest parameter's fp64 norm ends the backward; ZeRO-3 with parameters too.
+        dict(parallel="zero2", method="full", quant="bf16", offload="optimizer", model=TINY_MISTRAL, seq_len=96, batch_size=1),
+        dict(parallel="zero3", **_QLORA, offload="params_and_optimizer", grad_checkpointing=True),
     ]
     return [Setup(**{**_BASE, "recipe": "trainer", **row}) for row in rows]
 

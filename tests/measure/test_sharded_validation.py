@@ -4,7 +4,8 @@ The session campaign (tests/measure/conftest.py) runs sharded_matrix.fsdp_setups
 FSDP2, full shard and shard-grad-op) and, with deepspeed installed, sharded_matrix.zero_setups()
 (ZeRO-2/3), each as two real rank processes on gloo; every rank writes its own record. Each rank's
 steady-state peak (`measured.steady_peak_bytes`, the ledger's maximum over the last step) is compared
-with `estimate(setup).memory.allocated_peak`, which is per GPU under a layout.
+with `estimate(setup).memory.allocated_peak`, which is per GPU under a layout (plus, for ZeRO-Offload rows,
+the host state, which DeepSpeed's CPU accelerator keeps in the same RAM: `compare.measured_peak_prediction`).
 
 Thresholds from issue 13: median |error| <= 1%, max <= 3%. KNOWN_GAPS lists the rows that miss the max
 today, each with the measured cause; they are held to a looser bound so a regression still fails.
@@ -37,6 +38,7 @@ def sharded_rows(cpu_campaign, pytestconfig: pytest.Config):
 
     from conftest import REPORTS  # tests/conftest.py
 
+    from memplan.measure.compare import measured_peak_prediction
     from memplan.model.catalog import load_model
     from memplan.training.estimate import estimate
 
@@ -59,7 +61,7 @@ def sharded_rows(cpu_campaign, pytestconfig: pytest.Config):
     lines = [f"{'setup (per rank)':<62}{'rank':>5}{'predicted':>12}{'measured':>12}{'error':>9}"]
     for s, r in sorted(rows, key=lambda x: (x[0].parallel, x[0].label(), x[1]["rank"])):
         est = estimate(s, model=load_model(s.model))
-        pred, meas = est.memory.allocated_peak, r["measured"]["steady_peak_bytes"]
+        pred, meas = measured_peak_prediction(est), r["measured"]["steady_peak_bytes"]
         out.append((s, r["rank"], pred, meas))
         lines.append(f"{_short(s.label())[-62:]:<62}{r['rank']:>5}{pred / 2**20:>10.2f}Mi{meas / 2**20:>10.2f}Mi{100 * (pred - meas) / meas:>+8.2f}%")
     pytestconfig.stash[REPORTS][f"CPU validation, sharded ranks at world size 2 ({len(out)} rank records): estimate vs ledger"] = "\n".join(lines) + "\n"
@@ -68,7 +70,8 @@ def sharded_rows(cpu_campaign, pytestconfig: pytest.Config):
 
 def test_sharded_matrix_covers_the_issue() -> None:
     """At least 20 sharded runs at ws 2: FSDP1 and FSDP2, ZeRO-2 and ZeRO-3, full bf16, LoRA and QLoRA with
-    a bf16 quant storage, with and without checkpointing (optimizer offload needs a GPU: Setup refuses it on the CPU)."""
+    a bf16 quant storage, with and without checkpointing, and with optimizer offload (DeepSpeed's; FSDP's
+    CPUOffload has no host to move to on a CPU, and Setup refuses it there)."""
     setups = fsdp_setups() + zero_setups()
     assert len(setups) >= 20
     assert {s.gpus for s in setups} == {2}
@@ -76,6 +79,7 @@ def test_sharded_matrix_covers_the_issue() -> None:
     assert {(s.method, s.quant) for s in setups} >= {("full", "bf16"), ("lora", "bf16"), ("lora", "nf4")}
     assert all(s.quant_storage == "bf16" for s in setups if s.quant == "nf4" and s.parallel != "ddp")
     assert {s.grad_checkpointing for s in setups} == {True, False}
+    assert {s.offload for s in setups} >= {"none", "optimizer", "params_and_optimizer"}
 
 
 def test_per_rank_steady_peak_within_issue_thresholds(sharded_rows) -> None:
@@ -88,11 +92,15 @@ def test_per_rank_steady_peak_within_issue_thresholds(sharded_rows) -> None:
 
 
 def test_ranks_of_one_setup_agree(sharded_rows) -> None:
-    """Every rank holds the padded shard, so both ranks' peaks are the same (measured byte-identical)."""
-    by_setup: dict[str, set[int]] = {}
+    """Every rank holds the padded shard, so both ranks' peaks are the same (measured byte-identical), except
+    under ZeRO-Offload, whose per-parameter work at the end of the backward (the fp64 norm of each reduced
+    gradient's piece, its copy to the host) follows which parameters fall into a rank's partition: the
+    mistral row's ranks are 0.8% apart on the ledger, and the estimate (one figure per rank) is within 1%
+    of both."""
+    by_setup: dict[str, tuple[set[int], float]] = {}
     for s, _rank, _pred, meas in sharded_rows:
-        by_setup.setdefault(s.label(), set()).add(meas)
-    spread = {k: v for k, v in by_setup.items() if max(v) - min(v) > 0.001 * max(v)}
+        by_setup.setdefault(s.label(), (set(), 0.01 if s.offload != "none" else 0.001))[0].add(meas)
+    spread = {k: v for k, (v, tol) in by_setup.items() if max(v) - min(v) > tol * max(v)}
     assert not spread, spread
 
 
@@ -105,6 +113,7 @@ RANDOM_BOUND = 0.15
 def test_random_sharded_setups(cpu_campaign, pytestconfig: pytest.Config) -> None:
     from conftest import REPORTS  # tests/conftest.py
 
+    from memplan.measure.compare import measured_peak_prediction
     from memplan.model.architectures import spec_from_config
     from memplan.training.estimate import estimate
 
@@ -120,7 +129,7 @@ def test_random_sharded_setups(cpu_campaign, pytestconfig: pytest.Config) -> Non
     lines, worst = [f"{'random sharded setup (seed ' + str(cpu_campaign.seed) + ')':<70}{'rank':>5}{'error':>9}"], []
     for c, r in rows:
         est = estimate(c.setup, model=spec_from_config(c.config, name=c.family))
-        pred, meas = est.memory.allocated_peak, r["measured"]["steady_peak_bytes"]
+        pred, meas = measured_peak_prediction(est), r["measured"]["steady_peak_bytes"]
         err = (pred - meas) / meas
         worst.append((abs(err), c.setup.label()))
         lines.append(f"{c.family + ' ' + _short(c.setup.label())[-62:]:<70}{r['rank']:>5}{100 * err:>+8.2f}%")
