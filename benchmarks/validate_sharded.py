@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     args.records.parent.mkdir(parents=True, exist_ok=True)
     records = run_sharded(setups, out=args.records, checkpoint_dir=args.records.parent / "checkpoints", workers=1)
     wanted = {s.label() for s in setups}
+    from memplan.measure.compare import measured_peak_prediction
     from memplan.training.setup import Setup
 
     errors = []
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         if r["outcome"] != "ok":
             print(f"{s.label()[-70:]:<70}{r['rank']:>5}  {r['outcome']}: {(r.get('error') or r.get('oom') or {}).get('message', '')[:80]}")
             continue
-        pred, meas = estimate(s, model=load_model(s.model)).memory.allocated_peak, r["measured"]["steady_peak_bytes"]
+        pred, meas = measured_peak_prediction(estimate(s, model=load_model(s.model))), r["measured"]["steady_peak_bytes"]
         errors.append(abs(pred - meas) / meas)
         print(f"{s.label()[-70:]:<70}{r['rank']:>5}{pred / 2**20:>10.2f}Mi{meas / 2**20:>10.2f}Mi{100 * (pred - meas) / meas:>+8.2f}%")
     if errors:

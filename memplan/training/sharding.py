@@ -318,10 +318,9 @@ def _fsdp2_phases(setup: Setup, inv: Sequence[ParamEntry], n: int, *, layers: in
     held_grad = sum(e.numel * e.count * e.itemsize for e in inv if e.tied and e.trainable)
     if tied:
         tail_grad = 0  # not reduce-scattered before the layers
-    trainable_layers = layer_grad_shard > 0 and down_grad > 0  # full fine-tuning: the layers' weights train
     below = layer_gathered if layers > 1 else embed_gathered  # what the top layer's backward prefetches
-    # Layer 0's own moment (full fine-tuning): itself once, the embedding's all-gather output, layer 1's
-    # reduce-scatter input; every later layer's gradient is a shard by then.
+    # Layer 0's own moment: itself once, the embedding's all-gather output (prefetched, under LoRA too),
+    # layer 1's reduce-scatter input; every later layer's gradient is a shard by then.
     prev_rs = layer_grad if layers > 1 else tail_grad  # the reduce-scatter input of the group before layer 0's
     first = (layer_gathered + embed_gathered + prev_rs, (layers - 1) * layer_grad_shard)
     if layers > 2:
@@ -350,7 +349,10 @@ def _fsdp2_phases(setup: Setup, inv: Sequence[ParamEntry], n: int, *, layers: in
             # small-token LoRA runs (random llama LoRA s18 b1, one layer: -16% without it). At the loss the
             # tail is gathered.
             "forward_layers": 2 * layer_gathered,
-            "forward": tail_gathered,
+            # The last group gathered in forward keeps its flat all-gather output until the root's
+            # post-forward (`FSDPState._post_forward`), after the loss: the tail's own (mistral full s96 b1,
+            # ws 4: -8.3% without it), or, when a tied tail ran first with the embedding, the last layer's.
+            "forward": tail_gathered + (layer_gathered if tied else tail_gathered),
             "backward_loss": tail_gathered,
             "backward_layers": layer_gathered + below + tail_grad,
             "backward_layer_norm": layer_gathered + below + tail_grad,
