@@ -21,7 +21,7 @@ from memplan.training.recipes import adapter_dtype, fused_head_bytes, fused_lm_h
 from memplan.training.optim import OptimizerBytes, gradient_bytes, optimizer_bytes
 from memplan.training.modules_to_save import add_saved_copies, saved_copies
 from memplan.training.setup import Setup
-from memplan.training.shard_inventory import parameter_inventory
+from memplan.training.shard_inventory import layer_split, parameter_inventory
 from memplan.training.parallel import is_fsdp
 from memplan.training.sharding import LayoutTerms, ShardedMemory, layout_terms
 from memplan.model.spec import ModelSpec
@@ -230,8 +230,10 @@ def _fixed_parts(spec: ModelSpec, setup: Setup) -> _Fixed:
     if plan is None:
         # Every later layer's gradients exist, and of layer 0's own only the down-proj's
         # (its weight gradient is computed before the SwiGLU backward peaks).
-        per_layer_params = sum(lin.numel for lin in spec.linears if lin.count == spec.num_layers)
-        per_layer_params += sum(t.numel * t.count for t in spec.tensors if t.count % spec.num_layers == 0 and t.component != "embeddings") // spec.num_layers
+        # One decoder layer's parameters (shard_inventory.layer_split: by module path, so a one-layer model's
+        # final norm stays out).
+        per_layer_params = sum(p.numel * per for p in (*spec.linears, *spec.tensors)
+                               for per, in_layer in [layer_split(p.count, spec.num_layers, p.path, p.component)] if in_layer)
         last_linear = max((lin.weight_numel for lin in spec.linears if lin.component == "mlp"), default=0)
         first_layer_grads = max(grads - embed_grad - (per_layer_params - last_linear) * train_itemsize, 0)
         layer_grads, down_grad = per_layer_params * train_itemsize, last_linear * train_itemsize
@@ -333,7 +335,7 @@ def estimate(setup: Setup, *, model: ModelSpec | None = None, terms: DeviceTerms
     phases: tuple[tuple[str, int, int, int, int], ...] = (
         # Inside the forward of the last layer but one: the layers before it have saved their tensors,
         # the running layer holds a tokens x intermediate output beyond them. Never a single process's
-        # peak; a sharded layout gathers two layers there (FSDP2: the next layer's all-gather output).
+        # peak; a sharded layout holds a layer twice there (FSDP2: its own flat all-gather output).
         ("forward_layers", 0, below_top + act.rotary, 0, e_tokens_inter),
         ("forward", 0, acts, act.logits_saved, max(act.logits_forward_extra, dequant) + weight_cache),
         ("backward_loss", 0, acts, act.logits_saved, max(act.logits_backward_extra, dequant)),

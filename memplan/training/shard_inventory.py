@@ -24,7 +24,7 @@ from memplan.model.lora import LoraPlan
 from memplan.model.spec import ModelSpec
 from memplan.model.storage import FLOAT_BYTES, QUANT_STORAGE_BYTES, is_quantized, is_quantized_linear, linear_quantized_bytes
 
-__all__ = ["ParamEntry", "parameter_inventory"]
+__all__ = ["ParamEntry", "layer_split", "parameter_inventory"]
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ class ParamEntry:
         return self.numel * self.itemsize * self.count
 
 
-def _split(count: int, layers: int, path: str, component: str) -> tuple[int, bool]:
+def layer_split(count: int, layers: int, path: str, component: str) -> tuple[int, bool]:
     """(instances per layer, True) for a tensor repeated in every decoder layer, else (count, False).
     A decoder layer's tensors have `{i}` in their module path; embeddings and heads never repeat, and a
     tensor that appears once belongs to the root even in a one-layer model."""
@@ -66,7 +66,7 @@ def parameter_inventory(spec: ModelSpec, *, quant: str, double_quant: bool, para
     full = plan is None
     out: list[ParamEntry] = []
     for lin in spec.linears:
-        per, per_layer = _split(lin.count, spec.num_layers, lin.path, lin.component)
+        per, per_layer = layer_split(lin.count, spec.num_layers, lin.path, lin.component)
         if is_quantized(quant) and is_quantized_linear(lin):
             packed, _state = linear_quantized_bytes(lin, quant, double_quant=double_quant)
             size = QUANT_STORAGE_BYTES[quant_storage] if quant != "int8" else 1
@@ -80,7 +80,7 @@ def parameter_inventory(spec: ModelSpec, *, quant: str, double_quant: bool, para
     # A tied output head shares the input embedding's table: that table is the output head too.
     tied_head = any(lin.is_output and lin.tied for lin in spec.linears)
     for t in spec.tensors:
-        per, per_layer = _split(t.count, spec.num_layers, t.path, t.component)
+        per, per_layer = layer_split(t.count, spec.num_layers, t.path, t.component)
         # An embedding table's first dimension is the vocabulary; a norm's is its width; fused
         # experts are (experts, ...). memplan keeps no shapes for tensors, so the first dimension
         # is the hidden size where it divides the numel (the row count of a table), else the numel.
@@ -89,11 +89,11 @@ def parameter_inventory(spec: ModelSpec, *, quant: str, double_quant: bool, para
         out.append(ParamEntry(t.name, t.numel, dim0, float_size, full, False, per, per_layer, output=table_head, tied=table_head))
     if plan is not None:
         for lin in plan.targets:
-            per, per_layer = _split(lin.count, spec.num_layers, lin.path, lin.component)
+            per, per_layer = layer_split(lin.count, spec.num_layers, lin.path, lin.component)
             out.append(ParamEntry(lin.name + ".lora_A", plan.rank * lin.in_features, plan.rank, adapter_itemsize, True, True, per, per_layer))
             out.append(ParamEntry(lin.name + ".lora_B", lin.out_features * plan.rank, lin.out_features, adapter_itemsize, True, True, per, per_layer))
         for p in plan.param_targets:
-            per, per_layer = _split(p.count, spec.num_layers, p.path, "experts")
+            per, per_layer = layer_split(p.count, spec.num_layers, p.path, "experts")
             r = p.adapter_rank(plan.rank)
             out.append(ParamEntry(p.name + ".lora_A", r * p.in_features, r, adapter_itemsize, True, True, per, per_layer))
             out.append(ParamEntry(p.name + ".lora_B", p.out_features * r, p.out_features, adapter_itemsize, True, True, per, per_layer))
