@@ -140,6 +140,14 @@ class ModelSpec:
         return total - experts + experts * self.experts_per_token // self.num_experts
 
     @property
+    def tied_table(self) -> "Tensor | None":
+        """The input embedding table a tied output head shares (its weight is counted there, once),
+        or None when the head has its own weight."""
+        if not any(lin.is_output and lin.tied for lin in self.linears):
+            return None
+        return next((t for t in self.tensors if t.component == "embeddings" and t.numel == self.vocab_size * self.hidden_size), None)
+
+    @property
     def linear_names(self) -> tuple[str, ...]:
         """Leaf names of the linear modules, in model order, without duplicates."""
         return tuple(dict.fromkeys(lin.name for lin in self.linears))

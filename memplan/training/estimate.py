@@ -221,9 +221,7 @@ def _fixed_parts(spec: ModelSpec, setup: Setup) -> _Fixed:
     # A tied output head's gradient lands in the input embedding's table at the loss's backward and
     # stays through the layers' (tiny qwen2, tied, on the CPU ledger); the rest of the embeddings'
     # gradients appear only at the very end.
-    tied_table = 0
-    if any(lin.is_output and lin.tied for lin in spec.linears):
-        tied_table = sum(t.numel * t.count for t in spec.tensors if t.component == "embeddings" and t.numel == spec.vocab_size * spec.hidden_size)
+    tied_table = spec.tied_table.numel * spec.tied_table.count if spec.tied_table is not None else 0
     if plan is None:
         head_grad = (sum(lin.weight_numel for lin in spec.linears if lin.is_output and not lin.tied) + tied_table) * train_itemsize
     embed_grad = (sum(t.numel * t.count for t in spec.tensors if t.component == "embeddings") - tied_table) * train_itemsize
@@ -323,9 +321,12 @@ def estimate(setup: Setup, *, model: ModelSpec | None = None, terms: DeviceTerms
     tokens = setup.batch_size * setup.seq_len
     layer_transients = max(act.layer_backward_extra - act.down_input_freed, act.down_backward, dequant + e_tokens_inter)
     residual_grad = residual_bytes(setup) * tokens * spec.hidden_size
-    # A decoder layer's input RMSNorm (`LlamaRMSNorm.forward`: `.to(torch.float32)`, `pow`, `rsqrt`)
-    # keeps its fp32 input and rsqrt until its backward, which runs in fp32: five fp32 tokens x hidden
-    # temporaries beside the residual gradient (measured on the CPU ledger, tiny llama full bf16).
+    # A decoder layer's input RMSNorm (`LlamaRMSNorm.forward`: `.to(torch.float32)`, `pow(2).mean`,
+    # `rsqrt`, multiply) keeps its fp32 input and rsqrt until its backward, which runs in fp32. At its peak
+    # five fp32 tokens x hidden tensors are alive beside the residual gradient: the upcast gradient times
+    # rsqrt and times the input (MulBackward0, two), the mean's spread gradient (div), and PowBackward0's
+    # `2 * x` and its product with the gradient (pow, mul) — on the CPU ledger, tiny llama full bf16 at 96
+    # tokens, those five ops by name.
     gated = spec.model_type in GATED_FAMILIES
     norm_saved = FP32 * tokens * (spec.hidden_size + 1) if gated else 0
     norm_backward = residual_grad + (5 * FP32 * tokens * spec.hidden_size if gated else 0)

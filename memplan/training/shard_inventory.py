@@ -78,14 +78,14 @@ def parameter_inventory(spec: ModelSpec, *, quant: str, double_quant: bool, para
         if lin.bias:
             out.append(ParamEntry(lin.name + ".bias", lin.out_features, lin.out_features, float_size, full, False, per, per_layer))
     # A tied output head shares the input embedding's table: that table is the output head too.
-    tied_head = any(lin.is_output and lin.tied for lin in spec.linears)
+    tied_table = spec.tied_table
     for t in spec.tensors:
         per, per_layer = layer_split(t.count, spec.num_layers, t.path, t.component)
         # An embedding table's first dimension is the vocabulary; a norm's is its width; fused
         # experts are (experts, ...). memplan keeps no shapes for tensors, so the first dimension
         # is the hidden size where it divides the numel (the row count of a table), else the numel.
         dim0 = t.numel // spec.hidden_size if t.numel % spec.hidden_size == 0 and t.numel > spec.hidden_size else t.numel
-        table_head = tied_head and t.component == "embeddings" and t.numel == spec.vocab_size * spec.hidden_size
+        table_head = t is tied_table
         out.append(ParamEntry(t.name, t.numel, dim0, float_size, full, False, per, per_layer, output=table_head, tied=table_head))
     if plan is not None:
         for lin in plan.targets:

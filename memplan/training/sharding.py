@@ -132,6 +132,12 @@ def _ceil(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _dim0_padded(e: ParamEntry, n: int) -> int:
+    """Elements of one of `e`'s tensors once FSDP2 pads its first dimension to a multiple of n
+    (`_fsdp_param.py::FSDPParam._init_sharded_param`), times its count."""
+    return _ceil(e.dim0, n) * n * (e.numel // e.dim0 if e.dim0 else 1) * e.count
+
+
 def _fsdp1_unit(entries: Sequence[tuple[ParamEntry, int]], n: int, itemsize: int) -> int:
     """Padded numel of one FlatParameter holding `entries` ((entry, copies) in module order)."""
     align = FSDP_ALIGNMENT_BYTES // itemsize
@@ -208,7 +214,7 @@ def _fsdp(setup: Setup, inv: Sequence[ParamEntry], n: int, *, layers: int, quant
         # Per-parameter shards and all-gathers, each parameter in its own dtype (a LoRA adapter in fp32
         # beside a bf16 base), gathered in the mixed-precision param_dtype when there is one.
         def v2_bytes(entries: list[ParamEntry], size: int | None) -> int:
-            return sum(_ceil(e.dim0, n) * n * (e.numel // e.dim0 if e.dim0 else 1) * e.count * (size or e.itemsize) for e in entries)
+            return sum(_dim0_padded(e, n) * (size or e.itemsize) for e in entries)
 
         gather_size = compute if setup.autocast != "none" else None
         layer_gathered, root_gathered = v2_bytes(layer_base, gather_size), v2_bytes(root_base, gather_size)
@@ -306,9 +312,8 @@ def _fsdp2_phases(setup: Setup, inv: Sequence[ParamEntry], n: int, *, layers: in
     """
     # The tail's weights gathered from its forward to its backward; its gradient is the single-process
     # `head_grad` (lm_head's, 0 under LoRA), reduce-scattered before the layers' backward.
-    tail_gathered = sum(_ceil(e.dim0, n) * n * (e.numel // e.dim0) * e.count * compute for e in inv if e.output and not e.lora)
-    embed_gathered = sum(_ceil(e.dim0, n) * n * (e.numel // e.dim0) * e.count * compute for e in inv
-                         if not (e.per_layer or e.output or e.lora) and e.dim0 != e.numel)  # tables, not norms
+    tail_gathered = sum(_dim0_padded(e, n) * compute for e in inv if e.output and not e.lora)
+    embed_gathered = sum(_dim0_padded(e, n) * compute for e in inv if not (e.per_layer or e.output or e.lora) and e.dim0 != e.numel)  # tables
     tail_grad = head_grad
     # A tied table is in the tail group ([norm, embedding, lm_head]): gathered from its forward until the
     # group's post_backward, after the embedding's backward; its unsharded gradient (full fine-tuning)
@@ -331,8 +336,7 @@ def _fsdp2_phases(setup: Setup, inv: Sequence[ParamEntry], n: int, *, layers: in
         # reshard_after_forward=False on every group: the whole model stays unsharded from its forward
         # until each group's backward has run (`post_backward` reshards it); layer 0's backward holds
         # itself and the embedding, as under full sharding.
-        whole = sum(_ceil(e.dim0, n) * n * (e.numel // e.dim0 if e.dim0 else 1) * e.count * (layers if e.per_layer else 1)
-                    * (compute if not e.lora else e.itemsize) for e in inv)
+        whole = sum(_dim0_padded(e, n) * (layers if e.per_layer else 1) * (compute if not e.lora else e.itemsize) for e in inv)
         # The tail's post_backward has resharded it (reshard_after_backward=True) before the layers run,
         # unless it holds a tied table, whose group finishes after the embedding's backward.
         top = whole - (0 if tied else tail_gathered) + tail_grad
@@ -378,7 +382,7 @@ def _fsdp2_phases(setup: Setup, inv: Sequence[ParamEntry], n: int, *, layers: in
     # The group holding the input table (the embedding's, or the tail holding a tied one) at its
     # post_backward: the table gathered, its group's gradients unsharded and their reduce-scatter input.
     last_group = [e for e in inv if not (e.per_layer or e.lora) and (e.tied if tied else not e.output)]
-    last_grad = sum(_ceil(e.dim0, n) * n * (e.numel // e.dim0) * e.count for e in last_group if e.trainable) * train_itemsize
+    last_grad = sum(_dim0_padded(e, n) for e in last_group if e.trainable) * train_itemsize
     if last_grad:
         inflight["backward_end"] = (held if tied else embed_gathered) + 2 * last_grad
         phase_grads["backward_end"] = grad_shards  # the reduce-scatter output is the group's new shard gradient
