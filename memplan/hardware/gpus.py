@@ -57,6 +57,7 @@ class GPUCatalog:
     gpus: tuple[GPU, ...]
     storage_usd_per_gb_month: float
     source: str
+    gpus_per_node: int  # GPUs in one server: the default node size (data/gpus.json, with its source)
 
     def get(self, name: str) -> GPU:
         key = name.strip().lower().replace(" ", "-")
@@ -109,7 +110,14 @@ def _parse(raw: object, where: str) -> GPUCatalog:
     keys = [g.key for g in gpus]
     if len(set(keys)) != len(keys):
         raise MemplanError(f"{where}: GPU keys must be unique")
-    return GPUCatalog(gpus=tuple(gpus), storage_usd_per_gb_month=float(storage), source=str(raw.get("source", where)))
+    # The node size, like the storage price: a user catalog without one gets the built-in catalog's.
+    if "gpus_per_node" not in raw and Path(where) == data_dir() / "gpus.json":
+        raise MemplanError(f"{where}: the built-in catalog must give gpus_per_node")
+    per_node = raw["gpus_per_node"] if "gpus_per_node" in raw else gpu_catalog().gpus_per_node
+    if isinstance(per_node, bool) or not isinstance(per_node, int) or per_node < 1:
+        raise MemplanError(f"{where}: gpus_per_node must be a positive integer, got {per_node!r}")
+    return GPUCatalog(gpus=tuple(gpus), storage_usd_per_gb_month=float(storage), source=str(raw.get("source", where)),
+                      gpus_per_node=per_node)
 
 
 @lru_cache(maxsize=1)

@@ -27,7 +27,7 @@ first appearance):
 | double_quant, grad_checkpointing, prepare_kbit_training | bool | the setup |
 | autocast | category | none, bf16, fp16: mixed precision over fp32 weights; `none` for every other base |
 | recipe | category | plain, trainer, trl-sft, axolotl: what the trainer does besides the loop (`memplan.training.recipes`) |
-| gpus, gpus_per_node | int64 | the layout: world size, GPUs per node (as resolved: min(gpus, 8) unless given) |
+| gpus, gpus_per_node | int64 | the layout: world size, GPUs per node (as resolved: min(gpus, data/gpus.json's gpus_per_node) unless given) |
 | parallel, offload, quant_storage | category | the layout (`memplan.training.parallel`); quant_storage is uint8 off nf4/fp4 |
 | fsdp_version | Int64 | 1 or 2 under FSDP layouts; NA for the others |
 | lora_rank | Int64 | NA for full fine-tuning |

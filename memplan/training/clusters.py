@@ -33,7 +33,7 @@ from memplan.model.catalog import load_model
 from memplan.model.spec import ModelSpec
 from memplan.model.storage import is_four_bit
 from memplan.training.estimate import estimate
-from memplan.training.parallel import DEFAULT_GPUS_PER_NODE, is_fsdp, shards_parameters
+from memplan.training.parallel import default_gpus_per_node, is_fsdp, shards_parameters
 from memplan.training.setup import Setup
 
 __all__ = ["LAYOUT_NAMES", "layout_text", "MAX_CLUSTER_GPUS", "CHOSEN_LAYOUTS", "Cluster", "LayoutFit", "gpu_counts",
@@ -99,7 +99,7 @@ class LayoutFit:
 
 def gpu_counts(gpus_per_node: int | None = None, *, ceiling: int = MAX_CLUSTER_GPUS, start: int = 1) -> tuple[int, ...]:
     """Candidate world sizes in ascending order: powers of two below a node, the node, then whole nodes."""
-    node = gpus_per_node or DEFAULT_GPUS_PER_NODE
+    node = gpus_per_node or default_gpus_per_node()
     counts = [n for n in (1 << k for k in range(node.bit_length())) if n < node] + list(range(node, ceiling + 1, node))
     return tuple(n for n in counts if start <= n <= ceiling)
 

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from memplan.training.setup import Setup
 
 __all__ = ["Parallel", "PARALLELS", "Offload", "OFFLOADS", "QuantStorage", "QUANT_STORAGES", "FSDP_VERSIONS",
-           "is_fsdp", "is_zero", "shards_parameters", "check_layout", "MAX_GPUS", "DEFAULT_GPUS_PER_NODE"]
+           "is_fsdp", "is_zero", "shards_parameters", "check_layout", "MAX_GPUS", "default_gpus_per_node"]
 
 Parallel = Literal["none", "ddp", "fsdp", "fsdp_shard_grad_op", "fsdp_hybrid", "zero1", "zero2", "zero3"]
 PARALLELS: tuple[str, ...] = get_args(Parallel)
@@ -39,7 +39,6 @@ QuantStorage = Literal["uint8", "bf16", "fp16", "fp32"]
 QUANT_STORAGES: tuple[str, ...] = get_args(QuantStorage)
 FSDP_VERSIONS = (1, 2)
 MAX_GPUS = 100_000
-DEFAULT_GPUS_PER_NODE = 8  # an 8-GPU server (p5, p4d, DGX), accelerate's usual node
 
 
 def is_fsdp(parallel: str) -> bool:
@@ -59,6 +58,14 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def default_gpus_per_node() -> int:
+    """GPUs in one server when --gpus-per-node is not given: the built-in GPU catalog's node
+    (data/gpus.json `gpus_per_node`, an 8-GPU cloud instance, with its source)."""
+    from memplan.hardware.gpus import gpu_catalog
+
+    return gpu_catalog().gpus_per_node
+
+
 def check_layout(setup: "Setup") -> int:
     """Refuse impossible layouts (raises SetupError); return the resolved `gpus_per_node`."""
     gpus = setup.gpus
@@ -66,7 +73,7 @@ def check_layout(setup: "Setup") -> int:
         raise SetupError(f"--gpus must be a whole number of GPUs from 1 to {MAX_GPUS:,}, got {gpus!r}")
     per_node = setup.gpus_per_node
     if per_node is None:
-        per_node = min(gpus, DEFAULT_GPUS_PER_NODE)
+        per_node = min(gpus, default_gpus_per_node())
     elif isinstance(per_node, bool) or not isinstance(per_node, int) or per_node < 1:
         raise SetupError(f"--gpus-per-node must be a positive integer, got {per_node!r}")
     per_node = min(per_node, gpus)

@@ -115,7 +115,7 @@ def fit_answer(setup: Setup, catalog: GPUCatalog, *, gpu: GPU | None = None, gpu
                spec: ModelSpec | None = None) -> FitAnswer:
     """The single-GPU answers, and the cluster search where it applies: a layout was given
     (`--parallel`), or none was and one GPU does not hold the setup (`gpu`, or with no `gpu`
-    any catalog GPU). `gpus_per_node`: the node size whole-node counts step by (None: 8)."""
+    any catalog GPU). `gpus_per_node`: the node size whole-node counts step by (None: data/gpus.json's gpus_per_node)."""
     spec = spec if spec is not None else load_model(setup.model)
     est = estimate(setup, model=spec)  # an impossible setup raises here, once
     fitting = _fitting(est, catalog)

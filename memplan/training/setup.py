@@ -108,7 +108,7 @@ class Setup:
     modules_to_save: tuple[str, ...] | None = None
     # The parallel layout (memplan.training.parallel); batch_size stays per GPU.
     gpus: int = 1
-    gpus_per_node: int | None = None  # None: min(gpus, 8), resolved
+    gpus_per_node: int | None = None  # None: min(gpus, data/gpus.json's gpus_per_node), resolved
     parallel: Parallel = "none"
     fsdp_version: int = 1
     offload: Offload = "none"

@@ -124,6 +124,19 @@ def test_user_catalog_defaults_optional_fields(tmp_path: Path) -> None:
     g = cat.get("x1")
     assert (g.pcie_gen, g.usd_per_hour, g.price_provider, g.price_date) == (4, 0.0, "", "")
     assert cat.storage_usd_per_gb_month == 0.023 and cat.source.endswith("gpus.json")
+    assert cat.gpus_per_node == gpu_catalog().gpus_per_node  # the built-in catalog's node
+
+
+def test_the_node_size_is_data_with_its_source_and_setups_resolve_to_it(tmp_path: Path) -> None:
+    """An 8-GPU server: REFERENCE.md prices AWS p4d/p4de/p5/p5en/p6-b200 per instance / 8."""
+    raw = json.loads((Path(__file__).resolve().parents[2] / "data" / "gpus.json").read_text())
+    assert raw["gpus_per_node"] == 8 and "/ 8" in raw["gpus_per_node_source"]
+    assert gpu_catalog().gpus_per_node == 8
+    from memplan.training.setup import Setup
+
+    assert Setup(model="llama2-7b", gpus=32, parallel="fsdp").gpus_per_node == 8
+    assert Setup(model="llama2-7b", gpus=4, parallel="fsdp").gpus_per_node == 4  # a node is never bigger than the job
+    assert load_gpu_catalog(_write(tmp_path, {"gpus": [_entry()], "gpus_per_node": 4})).gpus_per_node == 4
 
 
 def test_no_path_is_the_builtin_catalog() -> None:
@@ -146,6 +159,8 @@ def test_no_path_is_the_builtin_catalog() -> None:
         ({"gpus": [_entry(usd_per_hour=-2)]}, r"usd_per_hour: a GPU-hour price must be a positive number"),
         ({"gpus": [_entry(), _entry(name="Other")]}, "GPU keys must be unique"),
         ({"gpus": [_entry()], "storage_usd_per_gb_month": "cheap"}, "storage_usd_per_gb_month must be a number of USD per GB-month from 0"),
+        ({"gpus": [_entry()], "gpus_per_node": 0}, "gpus_per_node must be a positive integer"),
+        ({"gpus": [_entry()], "gpus_per_node": 8.5}, "gpus_per_node must be a positive integer"),
     ],
 )
 def test_malformed_catalog_is_a_memplan_error(tmp_path: Path, raw: object, message: str) -> None:

@@ -145,7 +145,7 @@ def test_nothing_holds_it_is_said_plainly(a: Assumptions) -> None:
 
     tiny = GPU(key="tiny", name="tiny", memory_bytes=10**9, usable_bytes=2**30, bandwidth_bytes_per_s=10**12, bf16_tflops=100.0,
                pcie_gen=4, usd_per_hour=1.0, price_provider="test", price_date="")
-    cat = GPUCatalog(gpus=(tiny,), storage_usd_per_gb_month=0.0, source="test")
+    cat = GPUCatalog(gpus=(tiny,), storage_usd_per_gb_month=0.0, source="test", gpus_per_node=8)
     t = training_cost(load_model("llama2-7b"), cat, a, method="full", tokens=1_000_000)
     assert not t.fits and t.usd is None and t.gpu_hours is None
     assert "no cluster of up to 1,024 GPUs" in t.note

@@ -123,7 +123,7 @@ def test_ties_break_by_the_other_criterion() -> None:
     # Llama-2-7B NF4 QLoRA at 512 tokens: a few GiB, fits all but "tiny".
     setup = Setup(model="llama2-7b", quant="nf4")
     cat = GPUCatalog(gpus=(_gpu("tiny", 1, 0.01), _gpu("mid-dear", 40, 3.0), _gpu("mid-cheap", 40, 2.0),
-                           _gpu("big-cheap", 80, 2.0), _gpu("huge", 160, 9.0)), storage_usd_per_gb_month=0.0, source="test")
+                           _gpu("big-cheap", 80, 2.0), _gpu("huge", 160, 9.0)), storage_usd_per_gb_month=0.0, source="test", gpus_per_node=8)
     assert not fits(setup, cat.get("tiny")) and fits(setup, cat.get("mid-dear"))
     assert smallest_gpu(setup, cat).key == "mid-cheap"  # same memory: the cheaper one
     assert cheapest_gpu(setup, cat).key == "mid-cheap"  # same price: the smaller one
