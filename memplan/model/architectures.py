@@ -212,6 +212,10 @@ def _gemma2(c: _Cfg) -> dict[str, Any]:
     d = _decoder(c, qkv_bias=ab, o_bias=ab, mlp_bias=False, tie_default=True, norms_per_layer=4, head_dim=c.int("head_dim", 256))
     d["buffers"] = d["buffers"] + (Buffer("model.embed_tokens.embed_scale", 1, 4, follows_load_dtype=True),)
     d["hidden_act"] = c.str("hidden_activation", c.str("hidden_act", "gelu_pytorch_tanh"))
+    # configuration_gemma2.py::Gemma2Config: attn_logit_softcapping=50.0, final_logit_softcapping=30.0
+    # when the config leaves them out; an explicit null turns one off.
+    for key, default in (("attn_logit_softcapping", 50.0), ("final_logit_softcapping", 30.0)):
+        d[key] = c.float(key, default) if c.raw.get(key, default) is not None else None
     return d
 
 

@@ -114,6 +114,9 @@ class ModelSpec:
     is_causal_lm: bool = True
     torch_dtype: str = "bfloat16"
     keep_in_fp32_modules: tuple[str, ...] = ()
+    # Gemma2's tanh softcapping of the attention scores and of the logits (None: off).
+    attn_logit_softcapping: float | None = None
+    final_logit_softcapping: float | None = None
     source: str = ""
     config: dict = field(default_factory=dict, compare=False, repr=False)
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from memplan.training.activations_autocast import autocast_head_bytes, autocast_layer_bytes, low_bytes
+from memplan.training.activations_classic import classic_attention_backward, classic_head_bytes, classic_layer_bytes
 from memplan.training.modules_to_save import saved_copies
 from memplan.model.lora import LoraPlan
 from memplan.training.recipes import adapter_bytes, fused_lm_head, input_require_grads, lora_under_autocast
@@ -74,6 +75,10 @@ class ActivationBytes:
     # the compute dtype through a trainable base) and the one flowing down the residual stream.
     down_backward: int
     graph_residue: int  # a tokens x intermediate tensor alive from backward until the loss is freed
+    # Eager attention's softmax backward in the top (or rebuilt) layer (`_eager_attention_backward`):
+    # the fp32 transients alive there, and what that layer has released by then. 0 under SDPA/flash.
+    attention_backward: int = 0
+    attention_freed: int = 0
 
     @property
     def saved(self) -> int:
@@ -246,18 +251,19 @@ def _zero3_head_input(spec: ModelSpec, setup: Setup, plan: LoraPlan | None) -> i
     return compute_bytes(setup) * setup.batch_size * setup.seq_len * spec.hidden_size
 
 
-def _int8_kept_bytes(spec: ModelSpec, setup: Setup, t: int, *, input_grad: bool, inter: int) -> int:
+def _int8_kept_bytes(spec: ModelSpec, setup: Setup, t: int, *, input_grad: bool, inter: int, plan: LoraPlan | None = None) -> int:
     """bnb `MatMul8bitLt.forward` keeps its input `A` in `ctx.tensors` (a plain attribute,
-    not `save_for_backward`) whenever A needs grad: the attention norm output (unless the
-    layer input needs no grad), the MLP norm output and down_proj's input; o_proj's input
+    not `save_for_backward`) whenever A needs grad (`_grad_flow`): the attention norm output
+    (unless the layer input needs no grad), the MLP norm output and down_proj's input; o_proj's input
     is SDPA's saved output, except under checkpointing, which frees saved tensors but
     cannot see ctx attributes."""
     if setup.quant != "int8" or spec.model_type not in GATED_FAMILIES:
         return 0
     e = compute_bytes(setup)
     h, a = spec.hidden_size, spec.num_heads * spec.head_dim
-    kept = e * t * h * (2 if input_grad else 1) + e * t * inter
-    if setup.grad_checkpointing:
+    g = _grad_flow(spec, setup, plan, input_grad=input_grad)
+    kept = e * t * h * (int(input_grad) + int(g.mlp_in)) + (e * t * inter if g.gate or g.up else 0)
+    if setup.grad_checkpointing and g.qkv:
         kept += e * t * a
     return kept
 
@@ -273,6 +279,60 @@ def _first_layer_input_grad(spec: ModelSpec, setup: Setup) -> bool:
     if setup.prepare_kbit_training or input_require_grads(setup):  # SFTTrainer calls it itself
         return True
     return setup.grad_checkpointing and not is_quantized(setup.quant)
+
+
+@dataclass(frozen=True)
+class _GradFlow:
+    """Which tensors of one gated decoder layer need a gradient. Every layer's do under full
+    fine-tuning, or once its input does; layer 0's input under LoRA needs none without
+    `enable_input_require_grads` (`_first_layer_input_grad`), and then only what flows from an
+    adapted projection does (autograd saves a tensor for an op only where a gradient needs it)."""
+
+    qkv: bool  # q, k, v (an adapted q/k/v projection, or a grad-requiring input)
+    mlp_in: bool  # the residual after the attention, the MLP's input
+    gate: bool  # the gate projection's output
+    up: bool  # the up projection's output
+    norms: int  # the RMSNorms that save their input
+
+
+def _grad_flow(spec: ModelSpec, setup: Setup, plan: LoraPlan | None, *, input_grad: bool) -> _GradFlow:
+    names = {lin.name for lin in plan.targets if lin.count == spec.num_layers} if plan is not None else set()
+    every = input_grad or setup.method == "full"
+    qkv = every or bool(names & {"q_proj", "k_proj", "v_proj", "qkv_proj"})
+    attn_out = qkv or "o_proj" in names
+    mlp_in = every or attn_out
+    gate = mlp_in or bool(names & {"gate_proj", "gate_up_proj"})
+    up = mlp_in or bool(names & {"up_proj", "gate_up_proj"})
+    mlp_out = gate or up or "down_proj" in names
+    _, n_norms = _norm_bytes(spec, setup, 1)
+    if every:
+        norms = n_norms
+    elif spec.model_type == "gemma2":  # input, post-attention, pre-feed-forward, post-feed-forward norms
+        norms = attn_out + mlp_in + mlp_out
+    else:  # input and post-attention norms
+        norms = int(mlp_in)
+    return _GradFlow(qkv=qkv, mlp_in=mlp_in, gate=gate, up=up, norms=norms)
+
+
+def _frozen_input_masks(spec: ModelSpec, setup: Setup, plan: LoraPlan | None, g: _GradFlow, t: int) -> int:
+    """LoRA dropout masks `_lora_bytes` counts for o/gate/up/down adapters that dropout does not keep:
+    their input needs no gradient (layer 0 before any adapted projection)."""
+    if plan is None or setup.lora_dropout <= 0 or g.mlp_in:
+        return 0
+    needs = {"o_proj": g.qkv, "gate_proj": False, "up_proj": False, "gate_up_proj": False, "down_proj": g.gate or g.up}
+    return sum(_mask_bytes(setup, FP32) * t * lin.in_features for lin in plan.targets
+               if lin.count == spec.num_layers and lin.name in needs and not needs[lin.name])
+
+
+def _norm_bytes(spec: ModelSpec, setup: Setup, t: int) -> tuple[int, int]:
+    """(bytes one RMSNorm saves, norms per decoder layer) of a gated family: the fp32 input copy and
+    rsqrt; a trainable weight also keeps the normalised tensor. Gemma2 has four norms per layer
+    (pre/post attention and feed-forward), multiplies in fp32 and saves `1 + weight.float()`."""
+    gemma2 = spec.model_type == "gemma2"
+    h = spec.hidden_size
+    normed = FP32 if gemma2 else compute_bytes(setup)
+    per_norm = FP32 * t * h + FP32 * t + (normed * t * h if setup.method == "full" else 0) + (FP32 * h if gemma2 else 0)
+    return per_norm, 4 if gemma2 else 2
 
 
 def _layer_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan | None, *, input_grad: bool) -> int:
@@ -293,21 +353,32 @@ def _layer_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan | None, *, input_
         total += FLOAT_BYTES["bf16"] * sum(plan.rank * (lin.in_features + lin.out_features) for lin in plan.targets if lin.count == spec.num_layers)
 
     if spec.model_type in GATED_FAMILIES:
-        # Norms: fp32 input copy + rsqrt; trainable weight also keeps the normalised tensor.
-        n_norms = 4 if spec.model_type == "gemma2" else 2
-        normed = FP32 if spec.model_type == "gemma2" else e
-        per_norm = FP32 * t * h + FP32 * t + (normed * t * h if full else 0)
-        if spec.model_type == "gemma2":
-            per_norm += FP32 * h  # Gemma2RMSNorm saves `1 + weight.float()` for the multiply
-        total += per_norm * (n_norms - (0 if input_grad else 1))
-        # Attention.
-        if setup.attention == "eager":
-            # q, expanded k and v, fp32 softmax and its compute-dtype copy. `q @ k.T` saves q
-            # only for k's gradient: not in layer 0 when k comes from a frozen input.
-            k_grad = input_grad or (plan is not None and any(lin.name in ("k_proj", "qkv_proj") for lin in plan.targets))
-            total += (3 if k_grad else 2) * e * t * a + (FP32 + e) * b * spec.num_heads * s * s
-            if spec.config.get("attn_logit_softcapping"):
-                total += e * b * spec.num_heads * s * s  # Gemma2: tanh(scores / cap) output
+        g = _grad_flow(spec, setup, plan, input_grad=input_grad)
+        per_norm, _ = _norm_bytes(spec, setup, t)
+        total += per_norm * g.norms - _frozen_input_masks(spec, setup, plan, g, t)
+        # Attention. Nothing in it needs a gradient when its input does not (layer 0 under LoRA) and
+        # no q/k/v projection is adapted: autograd saves none of its tensors (o_proj's adapter keeps
+        # its own input copy, counted with the LoRA bytes). Ledger: tiny gemma2 fp4 LoRA on up_proj,
+        # eager s169 b3: two layers' softmax and softcap outputs alive at the loss, not three.
+        if not g.qkv:
+            pass
+        elif setup.attention == "eager":
+            # `q @ k.T` saves q for k's gradient and k for q's; the fp32 softmax output (and Gemma2's
+            # tanh of the scores) is saved where the scores need a gradient; `probs @ v` saves the
+            # compute-dtype probabilities for v's gradient and the expanded v for theirs. An fp32
+            # stream makes `.to(query.dtype)` a no-op: the probabilities are the softmax output.
+            # Ledger: tiny llama fp4 LoRA on v_proj and up_proj, eager s239 b3 (one layer): only
+            # the bf16 probabilities are kept, +9.7% before.
+            names = {lin.name for lin in plan.targets} if plan is not None else set()
+            fused = "qkv_proj" in names
+            q_grad, k_grad, v_grad = (input_grad or full or fused or n in names for n in ("q_proj", "k_proj", "v_proj"))
+            scores_grad = q_grad or k_grad
+            probs = b * spec.num_heads * s * s
+            total += e * t * a * (int(k_grad) + int(q_grad) + int(scores_grad))  # q, expanded k, expanded v
+            if scores_grad:
+                total += FP32 * probs + (e * probs if spec.attn_logit_softcapping else 0)
+            if v_grad and not (scores_grad and e == FP32):
+                total += (e if e != FP32 else FP32) * probs
             total += e * t * a if full else 0  # o_proj input (a fresh contiguous copy)
         else:
             total += e * t * (a + kv) + e * t * kv + e * t * a + FP32 * b * spec.num_heads * s
@@ -317,7 +388,7 @@ def _layer_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan | None, *, input_
                 total += e * t * kv
         if full:
             total += e * t * h  # q/k/v input (the norm output), shared by the three
-        total += _int8_kept_bytes(spec, setup, t, input_grad=input_grad, inter=inter)
+        total += _int8_kept_bytes(spec, setup, t, input_grad=input_grad, inter=inter, plan=plan)
         # MLP.
         if spec.num_experts:
             # MixtralExperts: per routed token, gate_up output (2I), act output (I), down output (h).
@@ -326,24 +397,15 @@ def _layer_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan | None, *, input_
             if full:
                 total += e * t * k * (h + inter)
         else:
-            total += 3 * e * t * inter
+            # SwiGLU `act(gate) * up`: the activation saves its input (the gate output) and the
+            # multiply saves `up` for the gate branch's gradient and `act(gate)` for up's.
+            total += e * t * inter * (2 * g.gate + g.up)
             if full:
                 total += e * t * h + e * t * inter  # gate/up input, down input
         return total
 
-    # GPT-2 / BERT: LayerNorm saves input + fp32 mean/rstd; dropout masks (p = 0.1 defaults).
-    cfg = spec.config
-    p_res = float(cfg.get("resid_pdrop", cfg.get("hidden_dropout_prob", 0.0)) or 0.0)
-    m = _mask_bytes(setup, e)
-    total += 2 * (e * t * h + 2 * FP32 * t)
-    total += e * t * 3 * h + e * t * h + FP32 * b * spec.num_heads * s  # qkv (one storage), out, lse
-    if p_res > 0:
-        total += 2 * m * t * h
-    gelu_saved = 4 if spec.hidden_act in ("gelu_new", "gelu_fast") else 1  # NewGELUActivation's tanh chain
-    total += gelu_saved * e * t * inter
-    if full:
-        total += e * t * (h + h + h + inter)  # inputs of qkv, attn out-proj, fc, mlp out-proj
-    return total
+    # GPT-2 / BERT (activations_classic.py).
+    return classic_layer_bytes(spec, setup, plan, e=e, input_grad=input_grad, lora=total)
 
 
 def activation_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan | None) -> ActivationBytes:
@@ -382,7 +444,7 @@ def activation_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan | None) -> Ac
         if full:
             head += 2 * e * t * h + INT64 * t
     else:
-        head += e * t * h + 2 * FP32 * t + (e * t * h + INT64 * t if full else 0)
+        head = classic_head_bytes(spec, setup, e=e, lm_head_grad=full)
     if saved_copies(spec, setup).head_numel and not (fused_lm_head(setup) and spec.is_causal_lm):
         # A trainable `modules_to_save` copy of lm_head saves its input (the final norm's output,
         # cast to the low dtype under autocast) for its weight gradient, as full fine-tuning does.
@@ -391,10 +453,13 @@ def activation_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan | None) -> Ac
     head += _zero3_head_input(spec, setup, plan)
 
     logits = t * spec.vocab_size
-    softcap = spec.config.get("final_logit_softcapping") if spec.model_type == "gemma2" else None
-    logits_saved = FP32 * logits + (e * logits if softcap else 0)  # tanh output under softcapping
+    logits_saved = FP32 * logits + (e * logits if spec.final_logit_softcapping else 0)  # tanh output under softcapping
     logits_fwd = e * logits + (FP32 * logits if e != FP32 else 0)  # no upcast copy of fp32 logits
     logits_bwd = 2 * FP32 * logits
+    if not spec.is_causal_lm:
+        # BertForMaskedLM calls CrossEntropyLoss on the scores as they are (modeling_bert.py): its
+        # log_softmax and both backward gradients stay in the compute dtype.
+        logits_saved, logits_fwd, logits_bwd = e * logits, e * logits, 2 * e * logits
     inter = spec.intermediate_size * (spec.experts_per_token if spec.num_experts else 1)
     # Inside the last layer's MLP backward: the gradient of the down-proj input and both
     # SwiGLU branch gradients (MulBackward0), plus the hidden-size gradient flowing down
@@ -416,4 +481,43 @@ def activation_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan | None) -> Ac
         # Observed on the CPU ledger (torch 2.13): one compute-dtype tokens x intermediate
         # tensor outlives the backward until the loss tensor is released.
         graph_residue=e * t * inter,
+        **_eager_attention_backward(spec, setup, plan, t),
     )
+
+
+def _eager_attention_backward(spec: ModelSpec, setup: Setup, plan: LoraPlan | None, t: int) -> dict[str, int]:
+    """The softmax backward of one layer's eager attention (`eager_attention_forward`:
+    `softmax(scores, dtype=torch.float32).to(query.dtype)`, then `matmul(probs, value)`).
+
+    Autograd reaches it after the layer's MLP and after the `probs @ value` matmul, whose node
+    releases the compute-dtype probabilities it saved (`engine.cpp::call_function`). The `.to()`
+    backward upcasts the probabilities' gradient to fp32 and `_softmax_backward_data` writes an
+    fp32 gradient of the scores beside it while the saved fp32 softmax output is still held: two
+    fp32 batch x heads x s x s transients. Released by then and subtracted: the compute-dtype
+    probabilities, the norms after the attention (`_norm_bytes`), the SwiGLU MLP's saved outputs
+    (gate, activation, up; with a trainable base also its two inputs) and a trainable o_proj's
+    input. The MLP's LoRA inputs are released too and are not subtracted (a small over-count). Ledger: tiny gemma2 full bf16 eager
+    s102 b3 (one layer, 44-token vocabulary) -14.7% at backward_loss before, +4.4% now (its q,
+    counted here, was released too); tiny qwen2 LoRA bf16 eager s700 b1 -2.1% before, +0.3% now.
+    Without autocast; GPT-2 and BERT: `activations_classic.classic_attention_backward`."""
+    if setup.autocast != "none":
+        return {}
+    if spec.model_type not in GATED_FAMILIES:
+        return classic_attention_backward(spec, setup, plan, e=compute_bytes(setup))
+    if setup.attention != "eager":
+        return {}
+    names = {lin.name for lin in plan.targets} if plan is not None else set()
+    if spec.num_layers == 1 and not _first_layer_input_grad(spec, setup) and not names & {"q_proj", "k_proj", "qkv_proj"}:
+        return {}  # the only layer's scores need no gradient: no softmax backward runs
+    e = compute_bytes(setup)
+    probs = setup.batch_size * spec.num_heads * setup.seq_len * setup.seq_len
+    per_norm, n_norms = _norm_bytes(spec, setup, t)
+    # The compute-dtype probabilities (none on an fp32 stream) and every norm after the input norm.
+    freed = (e * probs if e != FP32 else 0) + per_norm * (n_norms - 1)
+    if not spec.num_experts:
+        freed += 3 * e * t * spec.intermediate_size
+        if setup.method == "full":
+            freed += e * t * (spec.hidden_size + spec.intermediate_size)
+    if setup.method == "full":
+        freed += e * t * spec.num_heads * spec.head_dim  # o_proj's input, saved for its weight gradient
+    return {"attention_backward": 2 * FP32 * probs, "attention_freed": freed}

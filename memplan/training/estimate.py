@@ -344,6 +344,11 @@ def estimate(setup: Setup, *, model: ModelSpec | None = None, terms: DeviceTerms
         # tensors (and the rotary tables) remain, plus one rebuilt layer.
         # The top layer's SwiGLU backward: its down_proj's weight gradient exists (full fine-tuning).
         ("backward_layers", head_grad + f.down_grad, act.layers + act.rotary + act.recompute_layer, 0, layer_transients),
+        # Eager attention only: the top (or rebuilt) layer's softmax backward, after its MLP's
+        # (activations._eager_attention_backward), beside the residual and attention-output gradients.
+        *((("backward_attention", head_grad + f.layer_grads, act.layers + act.rotary + act.recompute_layer - act.attention_freed,
+             0, act.attention_backward + residual_grad + compute_bytes(setup) * tokens * spec.num_heads * spec.head_dim),)
+          if act.attention_backward else ()),
         # The top layer's input-norm backward, then its end: all its weight gradients exist (full
         # fine-tuning), the layers below keep their saved tensors (checkpointing: every layer's input).
         ("backward_layer_norm", head_grad + f.layer_grads, below_top + norm_saved + act.rotary, 0, norm_backward),
@@ -358,8 +363,10 @@ def estimate(setup: Setup, *, model: ModelSpec | None = None, terms: DeviceTerms
         # Per rank: gradients as the layout keeps them, its buffers in flight, its step temporaries.
         # The optimizer steps over the rank's shard: its temporaries shrink with it.
         step_temp = layout.step_temp if layout.step_temp is not None else opt_temp * layout.gradients(grads) // grads if grads else 0
-        phases = tuple((name, layout.gradients_in(name, g), a, lg, (step_temp if name == "optimizer_step" else t) + layout.inflight.get(name, 0)
-                        + layout.phase_buffers.get(name, 0))
+        # The attention backward shares the top layer's buffers with its input-norm backward.
+        at = {"backward_attention": "backward_layer_norm"}
+        phases = tuple((name, layout.gradients_in(at.get(name, name), g), a, lg, (step_temp if name == "optimizer_step" else t)
+                        + layout.inflight.get(at.get(name, name), 0) + layout.phase_buffers.get(at.get(name, name), 0))
                        for name, g, a, lg, t in phases)
     best, best_alive = phases[0], -1
     for phase in phases:  # the first phase wins a tie
