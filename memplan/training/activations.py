@@ -27,8 +27,13 @@ peft 0.21, torch 2.13). What autograd keeps for backward:
   gradient and the fp32 gradient of the logits at once (12 bytes per logit).
 - Gradient checkpointing (non-reentrant, `GradientCheckpointingLayer`): each layer keeps
   only its input; backward rebuilds one layer at a time.
-Ignores: embedding/attention/residual dropout (0.0 in every llama-family config; GPT-2
-and BERT default to 0.1 and are modelled with their masks), allocator rounding.
+- Eager attention's softmax backward (`_eager_attention_backward`): two fp32 batch x heads x
+  s x s transients in the top (or rebuilt) layer, after its MLP has released its tensors.
+- Layer 0 under LoRA (`_grad_flow`): with a frozen input, only what flows from an adapted
+  projection needs a gradient, so only that is saved.
+GPT-2 and BERT blocks: `activations_classic.py`.
+Ignores: embedding/attention/residual dropout of the gated families (0.0 in every config of
+theirs), allocator rounding.
 """
 
 from __future__ import annotations

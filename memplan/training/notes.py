@@ -165,15 +165,18 @@ def _logits(est: "Estimate") -> str | None:
             "loss buffers at the peak (the loss upcasts them; transformers loss_utils.py::ForCausalLMLoss)")
 
 
-def _unvalidated(est: "Estimate") -> str | None:
-    if est.model.model_type in ("gpt2", "bert"):
-        return (f"unvalidated: {est.model.model_type} activations are modelled from modeling_{est.model.model_type}.py but "
-                "differ from the CPU ledger by up to -48% on random setups; treat the activations as a lower bound")
+def _classic_on_cuda(est: "Estimate") -> str | None:
+    """GPT-2/BERT activations are checked on the CPU ledger, where SDPA with dropout runs torch's math
+    kernel; on CUDA the flash / memory-efficient kernels take the dropout themselves."""
+    if est.model.model_type in ("gpt2", "bert") and est.setup.device == "cuda":
+        return (f"{est.model.model_type} activations are checked on the CPU ledger (activations_classic.py); on CUDA, SDPA keeps "
+                "the attention dropout inside its kernel (no batch x heads x s x s tensors) and dropout masks are bool: "
+                "modelled from torch, not yet measured")
     return None
 
 
 def estimate_notes(est: "Estimate") -> tuple[str, ...]:
     """Every note that applies to `est`, most memory-relevant first."""
     notes = [_fused_experts(est), _prepare_kbit(est), *_rank(est), _adapters(est), _copies(est), *_recipe(est), _sft_autocast(est),
-             _fused_adamw(est), _paged(est), _eager(est), _logits(est), _unvalidated(est), *sharding_notes(est)]
+             _fused_adamw(est), _paged(est), _eager(est), _logits(est), _classic_on_cuda(est), *sharding_notes(est)]
     return tuple(n for n in notes if n)

@@ -11,17 +11,13 @@ What is asserted, and why:
   the generator, the profiler or the estimator's validation;
 - weights within 0.1% on every run, every family: the README claims the weights of every
   format equal the loaded model's storages for every catalog family;
-- every run of every family but gpt2/bert: steady-state peak |error| <= 30%. The fixed matrix
-  holds the claimed families (llama, mistral, qwen2, phi3) to 3%, but setups nobody listed do
-  not all stay there: the 200-run campaign in the README (seed 2026) measured median 0.07%,
-  p95 8.3%, max 24.6% for them (eager attention outside bf16, fp32/fp16 compute under a
-  quantized base, fp4 the worst), mixtral max 20.9%, gemma2 max 31.2% (gemma2 is held to 40%).
-  A bound that a fresh draw breaks on most seeds would only teach people to rerun CI; this one
-  catches a missing or doubled memory term, and the table shows every error;
-- the claimed families' median over the draw stays under 5% (the campaign's median is 0.07%);
-- gpt2 and bert are reported in the table only: their activations are documented as not
-  validated (the campaign: median 21%, max 70%; SDPA-with-dropout attention on the CPU saves
-  far more than modelled), and every estimate of theirs carries a note saying so.
+- every run of every family: steady-state peak |error| <= 30%. The fixed matrix holds its runs to
+  3%, but setups nobody listed do not all stay there: a 120-run draw (README, seed 20261130,
+  drawn after the last model change and used to fit nothing) measured median 0.32%, p95 7.9%,
+  max 13.3% over all eight families (claimed ones: median 0.08%, max 13.3%). 30% leaves room
+  for the tail a fresh draw can find; a bound that fresh draws break would only teach people to
+  rerun CI. It catches a missing or doubled memory term, and the table shows every error;
+- the claimed families' median over the draw stays under 5%.
 Nothing here is fitted: a failure is an estimator (or claim) error to report with its seed.
 """
 
@@ -34,11 +30,9 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-# From the README's 200-run campaign (seed 2026), see the module docstring.
+# From the README's random draws, see the module docstring.
 RUN_BOUND = 0.30
-GEMMA2_BOUND = 0.40
 CLAIMED_MEDIAN_BOUND = 0.05
-REPORTED_ONLY = ("gpt2", "bert")  # README "Known limits": activations modelled but not validated
 
 
 @pytest.fixture(scope="module")
@@ -76,12 +70,11 @@ def test_weights_within_0_1_percent_every_family(draw) -> None:
     assert abs(worst.weights_rel_error) <= 0.001, f"seed {campaign.seed}: {worst.to_dict()}"
 
 
-def test_every_validated_family_within_the_run_bound(draw) -> None:
+def test_every_family_within_the_run_bound(draw) -> None:
     campaign, frame = draw
-    ok = frame[(frame.outcome == "ok") & ~frame.family.isin(REPORTED_ONLY)]
-    assert len(ok), "the draw holds no run of a validated family"
-    bound = ok.family.map(lambda f: GEMMA2_BOUND if f == "gemma2" else RUN_BOUND)
-    off = ok[ok.peak_rel_error.abs() > bound]
+    ok = frame[frame.outcome == "ok"]
+    assert len(ok), "the draw holds no ok run"
+    off = ok[ok.peak_rel_error.abs() > RUN_BOUND]
     assert off.empty, f"seed {campaign.seed}: beyond the bound:\n{_show(off)}"
 
 
