@@ -47,6 +47,9 @@ _FSDP_PEAK: dict[int, dict[str, str]] = {
         "backward_end": "the embedding group's post-backward: the table, its unsharded gradient and the reduce-scatter input",
     },
 }
+# Eager attention's softmax backward holds what the same layer's input-norm backward holds (estimate.py).
+for _phases in _FSDP_PEAK.values():
+    _phases["backward_attention"] = _phases["backward_layer_norm"]
 
 
 def sharding_notes(est: "Estimate") -> list[str]:
