@@ -149,8 +149,11 @@ def _lora_per_token(spec: ModelSpec, plan: LoraPlan, setup: Setup, *, input_grad
             continue
         if not masks_only:
             total += ab * plan.rank  # A's output, saved by lora_B
-            if not _uncast_input(setup):
-                total += ab * lin.in_features  # the cast of the input to the adapter dtype, saved by lora_A
+            if setup.lora_dropout > 0 or not _uncast_input(setup):
+                # lora_A saves its own input: the dropout's output (a new tensor per adapted module,
+                # even where the input is already fp32), else the cast to the adapter dtype. Ledger:
+                # tiny qwen2 fp4 kbit-prep q,v dropout 0.1: v_proj's dropout output was missing.
+                total += ab * lin.in_features
             else:
                 # The input is already fp32: no cast copy; lora_A saves the module input itself,
                 # which q/k/v (and gate/up) share, and which SDPA already keeps for o_proj.
@@ -276,14 +279,17 @@ def _int8_kept_bytes(spec: ModelSpec, setup: Setup, t: int, *, input_grad: bool,
 def _first_layer_input_grad(spec: ModelSpec, setup: Setup) -> bool:
     """Does layer 0's input require grad? For full fine-tuning yes; under LoRA only when
     PEFT calls `enable_input_require_grads`: with checkpointing on a non-quantized base
-    (peft_model.py::_prepare_model_for_gradient_checkpointing) or with
+    (peft_model.py::_prepare_model_for_gradient_checkpointing) or with checkpointing under
     `prepare_model_for_kbit_training`; or when the input embedding is a trainable
     `modules_to_save` copy (memplan.training.modules_to_save)."""
     if setup.method == "full" or saved_copies(spec, setup).input_grad:
         return True
-    if setup.prepare_kbit_training or input_require_grads(setup):  # SFTTrainer calls it itself
+    if input_require_grads(setup):  # SFTTrainer calls it itself
         return True
-    return setup.grad_checkpointing and not is_quantized(setup.quant)
+    # prepare_model_for_kbit_training calls it only with use_gradient_checkpointing=True
+    # (peft/utils/other.py): without checkpointing layer 0's input needs no grad (checked on the
+    # profiler's model: the embedding output's requires_grad, tiny llama and BERT).
+    return setup.grad_checkpointing and (setup.prepare_kbit_training or not is_quantized(setup.quant))
 
 
 @dataclass(frozen=True)
