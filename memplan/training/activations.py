@@ -31,7 +31,11 @@ peft 0.21, torch 2.13). What autograd keeps for backward:
   s x s transients in the top (or rebuilt) layer, after its MLP has released its tensors.
 - Layer 0 under LoRA (`_grad_flow`): with a frozen input, only what flows from an adapted
   projection needs a gradient, so only that is saved.
-GPT-2 and BERT blocks: `activations_classic.py`.
+- Phi-3 slices q, k, v out of one fused output: SDPA's saved v keeps all of it.
+- The top layer inside an adapted MLP projection's LoRA forward (`_mlp_lora_moments`), in the
+  forward and in the layer a checkpointed backward rebuilds (which stops at the layer's last
+  saved tensor): the branch's fp32 output and its scaled copy beside the base result.
+GPT-2 and BERT blocks: `activations_classic.py`; what the LoRA branches save: `activations_lora.py`.
 Ignores: embedding/attention/residual dropout of the gated families (0.0 in every config of
 theirs), allocator rounding.
 """
@@ -42,20 +46,19 @@ from dataclasses import dataclass
 
 from memplan.training.activations_autocast import autocast_head_bytes, autocast_layer_bytes, low_bytes
 from memplan.training.activations_classic import classic_attention_backward, classic_head_bytes, classic_layer_bytes
+from memplan.training.activations_zero3 import zero3_head_input, zero3_linear_inputs
+from memplan.training.activations_lora import (ATTENTION_INPUTS, FP32, GATED_FAMILIES, compute_bytes, layer_lora_bytes, mask_bytes,
+                                               mlp_forward_moment, mlp_saved, module_bytes, residual_bytes)
 from memplan.training.modules_to_save import saved_copies
 from memplan.model.lora import LoraPlan
 from memplan.training.recipes import adapter_bytes, fused_lm_head, input_require_grads, lora_under_autocast
-from memplan.training.parallel import is_zero
 from memplan.training.setup import Setup
-from memplan.training.zero_gather import INPUT_GROUP
 from memplan.model.spec import ModelSpec
 from memplan.model.storage import FLOAT_BYTES, is_quantized
 
 __all__ = ["GATED_FAMILIES", "ActivationBytes", "activation_bytes", "compute_bytes", "residual_bytes"]
 
-FP32 = 4
 INT64 = 8
-GATED_FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "gemma2", "phi3")
 
 
 @dataclass(frozen=True)
@@ -84,86 +87,18 @@ class ActivationBytes:
     # the fp32 transients alive there, and what that layer has released by then. 0 under SDPA/flash.
     attention_backward: int = 0
     attention_freed: int = 0
+    # Inside the worst adapted MLP projection's LoRA forward (`_mlp_lora_moments`): the running top
+    # layer's bytes then (its tensors before the MLP and what the MLP holds so far) and the branch's
+    # transients; in the forward without checkpointing, and in the layer a checkpointed backward rebuilds
+    # (its transients include the gradient that backward holds there). 0 without LoRA on the MLP.
+    mlp_forward_layer: int = 0
+    mlp_forward_transient: int = 0
+    mlp_recompute_layer: int = 0
+    mlp_recompute_transient: int = 0
 
     @property
     def saved(self) -> int:
         return self.layers + self.head + self.logits_saved
-
-
-def compute_bytes(setup: Setup) -> int:
-    """Element size of the activations. `prepare_model_for_kbit_training` casts the
-    embeddings, norms and lm_head to fp32, so the whole residual stream (and every
-    non-quantized op on it) runs in fp32 (peft/utils/other.py). Under autocast the
-    matmul outputs (attention, MLP, logits) are low precision."""
-    if setup.autocast != "none":
-        return low_bytes(setup)
-    return FP32 if setup.prepare_kbit_training else FLOAT_BYTES[setup.param_dtype]
-
-
-def residual_bytes(setup: Setup) -> int:
-    """Element size of the residual stream (layer inputs, norm inputs): fp32 under autocast."""
-    return FP32 if setup.autocast != "none" else compute_bytes(setup)
-
-
-def _mask_bytes(setup: Setup, e: int) -> int:
-    # torch native_dropout keeps a bool mask on CUDA; on the CPU the mask has the input dtype.
-    return 1 if setup.device == "cuda" else e
-
-
-def _lora_bytes(spec: ModelSpec, plan: LoraPlan | None, setup: Setup, t: int, *, input_grad: bool, masks_only: bool = False) -> int:
-    """Per-layer bytes the LoRA branches save (fp32 input copy, A's output, dropout mask)."""
-    if plan is None:
-        return 0
-    key = (id(plan), spec.num_layers, _uncast_input(setup), setup.lora_dropout > 0, _mask_bytes(setup, FP32), input_grad, masks_only,
-           adapter_bytes(setup), lora_under_autocast(setup))
-    hit = _LORA_PER_TOKEN.get(key)
-    if hit is None or hit[0] is not plan:
-        if len(_LORA_PER_TOKEN) >= 4096:
-            _LORA_PER_TOKEN.clear()
-        hit = (plan, _lora_per_token(spec, plan, setup, input_grad=input_grad, masks_only=masks_only))
-        _LORA_PER_TOKEN[key] = hit
-    return t * hit[1]
-
-
-# Memo of the per-token LoRA bytes (the loop over targets is the sweep's hot spot), keyed by the
-# plan's identity and the setup fields it reads; the entry keeps the plan alive so its id stays its own.
-_LORA_PER_TOKEN: dict[tuple, tuple[LoraPlan, int]] = {}
-
-
-def _uncast_input(setup: Setup) -> bool:
-    """Is the adapted modules' input fp32 already, so that PEFT's `_cast_input_dtype` returns it
-    uncopied (`x.dtype == dtype`): under prepare_model_for_kbit_training, or on an fp32 base
-    without autocast; or bf16 adapters (SFTTrainer on a quantized base, memplan.training.recipes)
-    over a bf16 stream."""
-    return setup.autocast == "none" and compute_bytes(setup) == adapter_bytes(setup)
-
-
-def _lora_per_token(spec: ModelSpec, plan: LoraPlan, setup: Setup, *, input_grad: bool, masks_only: bool) -> int:
-    total = 0
-    ab = adapter_bytes(setup)  # fp32 (PEFT's autocast_adapter_dtype), bf16 under SFTTrainer's QLoRA cast
-    if lora_under_autocast(setup):
-        ab = FLOAT_BYTES["bf16"]  # autocast's bf16 casts are what lora_A / lora_B save (recipes.lora_under_autocast)
-    shared_inputs: set[str] = set()
-    for lin in plan.targets:
-        if lin.count != spec.num_layers:  # lm_head / MLM head: counted in the head
-            continue
-        if not masks_only:
-            total += ab * plan.rank  # A's output, saved by lora_B
-            if setup.lora_dropout > 0 or not _uncast_input(setup):
-                # lora_A saves its own input: the dropout's output (a new tensor per adapted module,
-                # even where the input is already fp32), else the cast to the adapter dtype. Ledger:
-                # tiny qwen2 fp4 kbit-prep q,v dropout 0.1: v_proj's dropout output was missing.
-                total += ab * lin.in_features
-            else:
-                # The input is already fp32: no cast copy; lora_A saves the module input itself,
-                # which q/k/v (and gate/up) share, and which SDPA already keeps for o_proj.
-                group = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}.get(lin.name, lin.name)
-                if group not in shared_inputs and lin.name != "o_proj":
-                    shared_inputs.add(group)
-                    total += ab * lin.in_features
-        if setup.lora_dropout > 0 and (input_grad or lin.name not in ("q_proj", "k_proj", "v_proj", "qkv_proj", "c_attn", "query", "key", "value")):
-            total += _mask_bytes(setup, FP32) * lin.in_features
-    return total
 
 
 def _down_input_freed(spec: ModelSpec, setup: Setup, plan: LoraPlan | None, t: int) -> int:
@@ -184,24 +119,18 @@ def _down_input_freed(spec: ModelSpec, setup: Setup, plan: LoraPlan | None, t: i
         return 0
     if plan is None:
         return compute_bytes(setup) * t * spec.intermediate_size if setup.method == "full" else 0
-    # Under DeepSpeed the adapters are in the stream's dtype (recipes.adapter_dtype), so lora_A saves the
-    # input itself, as under prepare_model_for_kbit_training, and the same release shows on the ledger
-    # (tiny llama bf16 all-linear r16 s128 b2 gc, ZeRO-2 ws 2: +4.27% -> +0.55%).
-    zero_uncast = is_zero(setup.parallel) and _uncast_input(setup)
-    if not (setup.prepare_kbit_training or zero_uncast):
-        # Checked on the ledger under prepare_model_for_kbit_training only (tiny llama nf4
-        # all-linear: +9.46% -> +0.02%, +5.03% -> +0.21%). Elsewhere the input is freed the same
-        # way, but the ledger puts the peak earlier, in the rebuilt down_proj's forward (a second
-        # fp32 t x I buffer alive; traced on tiny qwen2 bf16 all-linear gc), which the unreduced
-        # SwiGLU term covers (bf16 -1.6%; subtracting: -5.5%; an fp32 base: +4.8% vs -7.3%).
-        # That moment is not modelled yet.
-        return 0
+    # Checked on the ledger under prepare_model_for_kbit_training (tiny llama nf4 all-linear: +9.46% ->
+    # +0.02%), under DeepSpeed, whose adapters are in the stream's dtype (recipes.adapter_dtype: tiny
+    # llama bf16 all-linear r16 s128 b2 gc, ZeRO-2 ws 2: +4.27% -> +0.55%), and on a bf16 or 4-bit base,
+    # once the rebuilt down_proj's forward is a moment of its own (`_mlp_lora_moments`; tiny llama nf4
+    # LoRA down_proj gc: +2.0% before).
     down = [lin for lin in plan.targets if lin.name == "down_proj" and lin.count == spec.num_layers]
     if not down:
         return 0
     inter = down[0].in_features
-    mask = _mask_bytes(setup, FP32) * t * inter if setup.lora_dropout > 0 else 0
-    return compute_bytes(setup) * t * inter + mask  # the input itself, in the stream's dtype (fp32 under prepare_kbit)
+    mask = mask_bytes(setup, FP32) * t * inter if setup.lora_dropout > 0 else 0
+    # lora_A's saved input in the adapter dtype: the cast copy, the dropout's output, or the input itself.
+    return adapter_bytes(setup) * t * inter + mask
 
 
 def _down_backward(spec: ModelSpec, setup: Setup, plan: LoraPlan | None, t: int) -> int:
@@ -212,51 +141,6 @@ def _down_backward(spec: ModelSpec, setup: Setup, plan: LoraPlan | None, t: int)
         return 0
     grad = FP32 if plan is not None else compute_bytes(setup)
     return grad * t * spec.intermediate_size + residual_bytes(setup) * t * spec.hidden_size
-
-
-def _zero3_linear_inputs(spec: ModelSpec, setup: Setup, plan: LoraPlan | None, t: int, *, input_grad: bool) -> int:
-    """What DeepSpeed ZeRO-3's linear adds to a layer's saved tensors under LoRA.
-
-    ZeRO-3 replaces F.linear process-wide (`partition_parameters.py::Init._enable_mem_efficient_linear`)
-    with `zero/linear.py::LinearFunctionForZeroStage3`, whose `setup_context` saves (input, weight,
-    bias) whenever the op joins the graph: a frozen linear whose input requires grad saves its input,
-    which plain F.linear (addmm saves `mat1` only for the weight's gradient) does not. Nothing new where
-    autograd keeps that tensor already: lora_A's uncast input (q/k/v share one, gate/up another), SDPA's
-    output for o_proj. bitsandbytes 4-bit layers call `bnb.matmul_4bit`, not F.linear; Mixtral's fused
-    experts are no F.linear either. Checked on the CPU ledger (tiny llama, ws 2): +274,432 bytes of
-    forward activations under LoRA q,v, none under full fine-tuning. Ignores autocast (not measured)."""
-    if setup.parallel != "zero3" or plan is None or spec.model_type not in GATED_FAMILIES or setup.autocast != "none":
-        return 0
-    if is_quantized(setup.quant):  # every layer linear is a bnb layer
-        return 0
-    e = compute_bytes(setup)
-    h, a = spec.hidden_size, spec.num_heads * spec.head_dim
-    # The input each group reads: the attention norm's output, the attention output (a fresh copy under
-    # eager attention; SDPA's saved output otherwise), the MLP norm's output, the gated product.
-    sizes = {0: e * t * h, 1: e * t * a if setup.attention == "eager" else 0, 2: e * t * h,
-             3: 0 if spec.num_experts else e * t * spec.intermediate_size}
-    adapted = {INPUT_GROUP[lin.name] for lin in plan.targets if lin.count == spec.num_layers and lin.name in INPUT_GROUP}
-    first = min(adapted, default=len(sizes))
-    total = 0
-    for group, size in sizes.items():
-        if not input_grad and group <= first:
-            continue  # its input does not require grad: the op is not recorded
-        if group in adapted and _uncast_input(setup):
-            continue  # lora_A saves this very tensor
-        total += size
-    return total
-
-
-def _zero3_head_input(spec: ModelSpec, setup: Setup, plan: LoraPlan | None) -> int:
-    """ZeRO-3's linear saves a frozen lm_head's input (the final norm's output) under LoRA
-    (`_zero3_linear_inputs`); bitsandbytes leaves lm_head unquantized, so QLoRA saves it too."""
-    if setup.parallel != "zero3" or plan is None or spec.model_type not in GATED_FAMILIES or setup.autocast != "none":
-        return 0
-    if fused_lm_head(setup) or saved_copies(spec, setup).head_numel:
-        return 0
-    if any(lin.is_output for lin in plan.targets) and _uncast_input(setup):
-        return 0
-    return compute_bytes(setup) * setup.batch_size * setup.seq_len * spec.hidden_size
 
 
 def _int8_kept_bytes(spec: ModelSpec, setup: Setup, t: int, *, input_grad: bool, inter: int, plan: LoraPlan | None = None) -> int:
@@ -299,18 +183,31 @@ class _GradFlow:
     `enable_input_require_grads` (`_first_layer_input_grad`), and then only what flows from an
     adapted projection does (autograd saves a tensor for an op only where a gradient needs it)."""
 
-    qkv: bool  # q, k, v (an adapted q/k/v projection, or a grad-requiring input)
+    q: bool  # the query projection's output (adapted, or a grad-requiring input)
+    k: bool
+    v: bool
     mlp_in: bool  # the residual after the attention, the MLP's input
     gate: bool  # the gate projection's output
     up: bool  # the up projection's output
     norms: int  # the RMSNorms that save their input
+    input_grad: bool  # the layer's input
+
+    @property
+    def qkv(self) -> bool:
+        """Does any of q, k, v (so the attention output) need a gradient?"""
+        return self.q or self.k or self.v
+
+    def lora_inputs(self) -> dict[str, bool]:
+        """Whether each adapted module's input needs a gradient (which keeps its LoRA dropout mask)."""
+        return {**dict.fromkeys(ATTENTION_INPUTS, self.input_grad), "o_proj": self.qkv, "gate_proj": self.mlp_in,
+                "up_proj": self.mlp_in, "gate_up_proj": self.mlp_in, "down_proj": self.gate or self.up}
 
 
 def _grad_flow(spec: ModelSpec, setup: Setup, plan: LoraPlan | None, *, input_grad: bool) -> _GradFlow:
     names = {lin.name for lin in plan.targets if lin.count == spec.num_layers} if plan is not None else set()
     every = input_grad or setup.method == "full"
-    qkv = every or bool(names & {"q_proj", "k_proj", "v_proj", "qkv_proj"})
-    attn_out = qkv or "o_proj" in names
+    q, k, v = (every or "qkv_proj" in names or n in names for n in ("q_proj", "k_proj", "v_proj"))
+    attn_out = q or k or v or "o_proj" in names
     mlp_in = every or attn_out
     gate = mlp_in or bool(names & {"gate_proj", "gate_up_proj"})
     up = mlp_in or bool(names & {"up_proj", "gate_up_proj"})
@@ -322,17 +219,7 @@ def _grad_flow(spec: ModelSpec, setup: Setup, plan: LoraPlan | None, *, input_gr
         norms = attn_out + mlp_in + mlp_out
     else:  # input and post-attention norms
         norms = int(mlp_in)
-    return _GradFlow(qkv=qkv, mlp_in=mlp_in, gate=gate, up=up, norms=norms)
-
-
-def _frozen_input_masks(spec: ModelSpec, setup: Setup, plan: LoraPlan | None, g: _GradFlow, t: int) -> int:
-    """LoRA dropout masks `_lora_bytes` counts for o/gate/up/down adapters that dropout does not keep:
-    their input needs no gradient (layer 0 before any adapted projection)."""
-    if plan is None or setup.lora_dropout <= 0 or g.mlp_in:
-        return 0
-    needs = {"o_proj": g.qkv, "gate_proj": False, "up_proj": False, "gate_up_proj": False, "down_proj": g.gate or g.up}
-    return sum(_mask_bytes(setup, FP32) * t * lin.in_features for lin in plan.targets
-               if lin.count == spec.num_layers and lin.name in needs and not needs[lin.name])
+    return _GradFlow(q=q, k=k, v=v, mlp_in=mlp_in, gate=gate, up=up, norms=norms, input_grad=every)
 
 
 def _norm_bytes(spec: ModelSpec, setup: Setup, t: int) -> tuple[int, int]:
@@ -351,14 +238,13 @@ def _layer_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan | None, *, input_
     b, s = setup.batch_size, setup.seq_len
     t = b * s
     if setup.autocast != "none":
-        masks = _lora_bytes(spec, plan, setup, t, input_grad=input_grad, masks_only=True)
+        masks = layer_lora_bytes(spec, plan, setup, t, input_grad=dict.fromkeys(ATTENTION_INPUTS, input_grad), masks_only=True)
         return autocast_layer_bytes(spec, setup, plan, input_grad=input_grad, lora_bytes=masks)
     h, a = spec.hidden_size, spec.num_heads * spec.head_dim
     kv = spec.num_kv_heads * spec.head_dim
     full = setup.method == "full"
     inter = spec.intermediate_size
-    total = _lora_bytes(spec, plan, setup, t, input_grad=input_grad)
-    total += _zero3_linear_inputs(spec, setup, plan, t, input_grad=input_grad)
+    total = zero3_linear_inputs(spec, setup, plan, t, input_grad=input_grad)
     if plan is not None and lora_under_autocast(setup):
         # The autocast cache's bf16 copies of this layer's fp32 adapter weights, saved by lora_A/lora_B.
         total += FLOAT_BYTES["bf16"] * sum(plan.rank * (lin.in_features + lin.out_features) for lin in plan.targets if lin.count == spec.num_layers)
@@ -366,7 +252,7 @@ def _layer_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan | None, *, input_
     if spec.model_type in GATED_FAMILIES:
         g = _grad_flow(spec, setup, plan, input_grad=input_grad)
         per_norm, _ = _norm_bytes(spec, setup, t)
-        total += per_norm * g.norms - _frozen_input_masks(spec, setup, plan, g, t)
+        total += layer_lora_bytes(spec, plan, setup, t, input_grad=g.lora_inputs()) + per_norm * g.norms
         # Attention. Nothing in it needs a gradient when its input does not (layer 0 under LoRA) and
         # no q/k/v projection is adapted: autograd saves none of its tensors (o_proj's adapter keeps
         # its own input copy, counted with the LoRA bytes). Ledger: tiny gemma2 fp4 LoRA on up_proj,
@@ -380,23 +266,25 @@ def _layer_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan | None, *, input_
             # stream makes `.to(query.dtype)` a no-op: the probabilities are the softmax output.
             # Ledger: tiny llama fp4 LoRA on v_proj and up_proj, eager s239 b3 (one layer): only
             # the bf16 probabilities are kept, +9.7% before.
-            names = {lin.name for lin in plan.targets} if plan is not None else set()
-            fused = "qkv_proj" in names
-            q_grad, k_grad, v_grad = (input_grad or full or fused or n in names for n in ("q_proj", "k_proj", "v_proj"))
-            scores_grad = q_grad or k_grad
+            scores_grad = g.q or g.k
             probs = b * spec.num_heads * s * s
-            total += e * t * a * (int(k_grad) + int(q_grad) + int(scores_grad))  # q, expanded k, expanded v
+            total += e * t * a * (int(g.k) + int(g.q) + int(scores_grad))  # q, expanded k, expanded v
             if scores_grad:
                 total += FP32 * probs + (e * probs if spec.attn_logit_softcapping else 0)
-            if v_grad and not (scores_grad and e == FP32):
+            if g.v and not (scores_grad and e == FP32):
                 total += (e if e != FP32 else FP32) * probs
             total += e * t * a if full else 0  # o_proj input (a fresh contiguous copy)
         else:
-            total += e * t * (a + kv) + e * t * kv + e * t * a + FP32 * b * spec.num_heads * s
+            # The roped q and k, v, the output and the fp32 logsumexp. Phi-3 slices v out of the fused
+            # qkv output (`modeling_phi3.py::Phi3Attention.forward`), so SDPA's saved v keeps all of it
+            # (ledger, tiny phi3 GQA 6/1 heads, full and LoRA: the whole qkv output alive, -7.4% before).
+            v = e * t * (a + 2 * kv) if spec.model_type == "phi3" else e * t * kv
+            total += e * t * (a + kv) + v + e * t * a + FP32 * b * spec.num_heads * s
             if spec.model_type == "phi3" and full:
-                # v is a strided view of the fused qkv output; with a trainable qkv_proj one
-                # more kv-sized tensor is kept (measured on the CPU ledger).
-                total += e * t * kv
+                # Phi-3's rope ends in `torch.cat`, so q (and SDPA's output) are head-major and
+                # `transpose(1, 2).contiguous()` copies the output: a trainable o_proj saves that copy.
+                # Ledger: tiny phi3 full bf16, `sdpa_attention.py` clone alive per layer.
+                total += e * t * a
         if full:
             total += e * t * h  # q/k/v input (the norm output), shared by the three
         total += _int8_kept_bytes(spec, setup, t, input_grad=input_grad, inter=inter, plan=plan)
@@ -416,7 +304,8 @@ def _layer_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan | None, *, input_
         return total
 
     # GPT-2 / BERT (activations_classic.py).
-    return classic_layer_bytes(spec, setup, plan, e=e, input_grad=input_grad, lora=total)
+    lora = layer_lora_bytes(spec, plan, setup, t, input_grad=dict.fromkeys(ATTENTION_INPUTS, input_grad))
+    return classic_layer_bytes(spec, setup, plan, e=e, input_grad=input_grad, lora=total + lora)
 
 
 def activation_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan | None) -> ActivationBytes:
@@ -461,7 +350,7 @@ def activation_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan | None) -> Ac
         # cast to the low dtype under autocast) for its weight gradient, as full fine-tuning does.
         # TRL's fused LM head saves that input anyway (recipes.fused_head_bytes).
         head += (low_bytes(setup) if setup.autocast != "none" else e) * t * h
-    head += _zero3_head_input(spec, setup, plan)
+    head += zero3_head_input(spec, setup, plan)
 
     logits = t * spec.vocab_size
     logits_saved = FP32 * logits + (e * logits if spec.final_logit_softcapping else 0)  # tanh output under softcapping
@@ -493,7 +382,56 @@ def activation_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan | None) -> Ac
         # tensor outlives the backward until the loss tensor is released.
         graph_residue=e * t * inter,
         **_eager_attention_backward(spec, setup, plan, t),
+        **_mlp_lora_moments(spec, setup, plan, t, top=per if spec.num_layers > 1 else first, recompute=recompute,
+                            input_grad=first_grad or spec.num_layers > 1),
     )
+
+
+def _mlp_lora_moments(spec: ModelSpec, setup: Setup, plan: LoraPlan | None, t: int, *, top: int, recompute: int,
+                      input_grad: bool) -> dict[str, int]:
+    """The top layer inside its worst adapted MLP projection's LoRA forward
+    (`activations_lora.mlp_forward_moment`): without checkpointing in the forward, after the layers
+    below saved their tensors (`top`: what the top layer saves once finished); with checkpointing in
+    the backward, when the rebuilt layer (`recompute`) runs that forward again. There the backward
+    holds, beside the residual gradient, what the layer's backward made before its first unpack of a
+    saved tensor, which is when non-reentrant checkpointing rebuilds it: the scaled gradient of an adapted
+    down_proj's lora_B output (ledger: tiny phi3 nf4 LoRA all-linear s153 b2 gc, -19.4% before).
+    Dense gated MLPs without autocast."""
+    if plan is None or setup.autocast != "none" or spec.model_type not in GATED_FAMILIES or spec.num_experts:
+        return {}
+    g = _grad_flow(spec, setup, plan, input_grad=input_grad)
+    flags = g.lora_inputs()
+    held, transient = mlp_forward_moment(spec, setup, plan, t, gate=g.gate, up=g.up, input_grad=flags,
+                                         rebuilt=setup.grad_checkpointing)
+    if not transient:
+        return {}
+    mlp = mlp_saved(spec, setup, plan, t, gate=g.gate, up=g.up, input_grad=flags)
+    e = compute_bytes(setup)
+    # int8 keeps the MLP input and down_proj's input in ctx (`_int8_kept_bytes`): `held` counts them.
+    int8_mlp = e * t * (spec.hidden_size * g.mlp_in + spec.intermediate_size * (g.gate or g.up)) if setup.quant == "int8" else 0
+    if not setup.grad_checkpointing:
+        # The model's forward holds the embedding output (`inputs_embeds`) and the running layer's input
+        # (its loop variable) until the layer returns: one tensor when the top layer is layer 0.
+        inputs = residual_bytes(setup) * t * spec.hidden_size * (2 if spec.num_layers > 1 else 1)
+        return {"mlp_forward_layer": top - mlp - int8_mlp + held + inputs, "mlp_forward_transient": transient}
+    if any(m.name == "down_proj" for m in module_bytes(spec, plan, setup)):
+        grad = adapter_bytes(setup) * t * spec.hidden_size  # lora_B's output gradient, scaled
+        if not is_quantized(setup.quant) and adapter_bytes(setup) != e:
+            # `lora/layer.py::Linear.forward` adds the adapter-dtype branch to the base result (promoted),
+            # so the add's backward casts the gradient back for the base result too (ledger: tiny qwen2
+            # bf16 LoRA all-linear gc, two compute-dtype gradients; bnb's branches cast before the add).
+            grad += e * t * spec.hidden_size
+    elif is_quantized(setup.quant) and (g.gate or g.up):
+        # bitsandbytes' MatMul4Bit/MatMul8bitLt keep their weight in ctx, not `save_for_backward`: the frozen
+        # down_proj's backward runs before any unpack, and its input gradient (the compute dtype) is held
+        # while the SwiGLU multiply's unpack rebuilds the layer (ledger: tiny phi3 nf4 LoRA qkv,gate_up gc).
+        grad = compute_bytes(setup) * t * spec.intermediate_size
+    else:
+        grad = 0  # a frozen nn.Linear saves its weight: unpacking it rebuilds the layer first
+    # The rebuilt layer's int8 matmuls keep their inputs before the MLP too (`_int8_kept_bytes`; `recompute`
+    # leaves them out, and `held` counts the MLP's). Ledger: tiny phi3 int8 LoRA qkv,gate_up gc, -2.9% before.
+    kept = _int8_kept_bytes(spec, setup, t, input_grad=input_grad, inter=spec.intermediate_size, plan=plan) - int8_mlp
+    return {"mlp_recompute_layer": recompute - mlp + held + kept, "mlp_recompute_transient": transient + grad}
 
 
 def _eager_attention_backward(spec: ModelSpec, setup: Setup, plan: LoraPlan | None, t: int) -> dict[str, int]:
@@ -517,8 +455,8 @@ def _eager_attention_backward(spec: ModelSpec, setup: Setup, plan: LoraPlan | No
         return classic_attention_backward(spec, setup, plan, e=compute_bytes(setup))
     if setup.attention != "eager":
         return {}
-    names = {lin.name for lin in plan.targets} if plan is not None else set()
-    if spec.num_layers == 1 and not _first_layer_input_grad(spec, setup) and not names & {"q_proj", "k_proj", "qkv_proj"}:
+    only = _grad_flow(spec, setup, plan, input_grad=_first_layer_input_grad(spec, setup))
+    if spec.num_layers == 1 and not (only.q or only.k):
         return {}  # the only layer's scores need no gradient: no softmax backward runs
     e = compute_bytes(setup)
     probs = setup.batch_size * spec.num_heads * setup.seq_len * setup.seq_len

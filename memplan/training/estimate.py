@@ -23,7 +23,7 @@ from memplan.training.modules_to_save import add_saved_copies, saved_copies
 from memplan.training.setup import Setup
 from memplan.training.shard_inventory import layer_split, parameter_inventory
 from memplan.training.parallel import is_fsdp
-from memplan.training.sharding import LayoutTerms, ShardedMemory, layout_terms
+from memplan.training.sharding import SAME_AS, LayoutTerms, ShardedMemory, layout_terms
 from memplan.model.spec import ModelSpec
 from memplan.model.storage import FLOAT_BYTES, WeightBytes, is_quantized, weight_bytes
 
@@ -313,6 +313,7 @@ def estimate(setup: Setup, *, model: ModelSpec | None = None, terms: DeviceTerms
         else act.first_layer
     )
     first_layer_grads = f.first_layer_grads
+    tied_sum = 2 * spec.tied_table.numel * spec.tied_table.count * f.train_itemsize if spec.tied_table is not None and plan is None else 0
     # (phase, gradients, activations, logits, transients) alive on top of the persistent bytes.
     # Inside a layer's MLP backward, in autograd's order (activations.py::_down_input_freed):
     # down_proj's backward runs first (its lora_A, or its trainable base matmul), holding its saved
@@ -338,8 +339,21 @@ def estimate(setup: Setup, *, model: ModelSpec | None = None, terms: DeviceTerms
         # the running layer holds a tokens x intermediate output beyond them. Never a single process's
         # peak; a sharded layout holds a layer twice there (FSDP2: its own flat all-gather output).
         ("forward_layers", 0, below_top + act.rotary, 0, e_tokens_inter),
+        # Without checkpointing: the top layer inside its worst adapted MLP projection's LoRA forward.
+        *((("forward_mlp", 0, below_top + act.rotary + act.mlp_forward_layer, 0, act.mlp_forward_transient),)
+          if act.mlp_forward_transient else ()),
         ("forward", 0, acts, act.logits_saved, max(act.logits_forward_extra, dequant) + weight_cache),
         ("backward_loss", 0, acts, act.logits_saved, max(act.logits_backward_extra, dequant)),
+        # The final norm's backward (the same five fp32 temporaries as a layer's input norm, below, with no
+        # residual stream beside them): the logits and lm_head's input are gone, every layer's saved
+        # tensors remain. The peak where the vocabulary is small (ledger: tiny phi3 LoRA qkv_proj s153 b2,
+        # 116-token vocabulary: the five by name, -7.6% before).
+        *((("backward_final_norm", head_grad, act.layers + act.rotary + norm_saved, 0, norm_backward - residual_grad),)
+          if gated else ()),
+        # With checkpointing: the rebuilt top layer inside its worst adapted MLP projection's LoRA forward,
+        # beside the gradient of the layer's output.
+        *((("backward_recompute", head_grad, act.layers + act.rotary + act.mlp_recompute_layer, 0,
+            act.mlp_recompute_transient + residual_grad),) if act.mlp_recompute_transient else ()),
         # The final norm and the loss have been through backward: only the layers' saved
         # tensors (and the rotary tables) remain, plus one rebuilt layer.
         # The top layer's SwiGLU backward: its down_proj's weight gradient exists (full fine-tuning).
@@ -355,7 +369,11 @@ def estimate(setup: Setup, *, model: ModelSpec | None = None, terms: DeviceTerms
         ("backward_layer_end", head_grad + f.layer_grads, below_top + act.rotary, 0, residual_grad),
         ("backward_first_layer", first_layer_grads, first_layer_acts + act.rotary, 0, layer_transients),
         ("backward_first_layer_norm", all_but_embedding, residual_grad + norm_saved + act.rotary, 0, norm_backward),
-        ("backward_end", grads, 0, 0, act.graph_residue),
+        # A tied table's two gradients meet here: autograd's input buffer has held the head's since the
+        # loss's backward, the embedding's arrives, and `InputBuffer::add` sums them out of place before
+        # AccumulateGrad takes the sum (ledger: tiny bert and phi3 full bf16, tied, three vocab x hidden
+        # tensors alive; -31.5% and -28.2% before).
+        ("backward_end", grads, 0, 0, act.graph_residue + tied_sum),
         # The training loop has released the loss (and with it the graph) before the step.
         ("optimizer_step", grads, 0, 0, opt_temp),
     )
@@ -363,10 +381,8 @@ def estimate(setup: Setup, *, model: ModelSpec | None = None, terms: DeviceTerms
         # Per rank: gradients as the layout keeps them, its buffers in flight, its step temporaries.
         # The optimizer steps over the rank's shard: its temporaries shrink with it.
         step_temp = layout.step_temp if layout.step_temp is not None else opt_temp * layout.gradients(grads) // grads if grads else 0
-        # The attention backward shares the top layer's buffers with its input-norm backward.
-        at = {"backward_attention": "backward_layer_norm"}
-        phases = tuple((name, layout.gradients_in(at.get(name, name), g), a, lg, (step_temp if name == "optimizer_step" else t)
-                        + layout.inflight.get(at.get(name, name), 0) + layout.phase_buffers.get(at.get(name, name), 0))
+        phases = tuple((name, layout.gradients_in(SAME_AS.get(name, name), g), a, lg, (step_temp if name == "optimizer_step" else t)
+                        + layout.inflight.get(SAME_AS.get(name, name), 0) + layout.phase_buffers.get(SAME_AS.get(name, name), 0))
                        for name, g, a, lg, t in phases)
     best, best_alive = phases[0], -1
     for phase in phases:  # the first phase wins a tie
@@ -378,8 +394,8 @@ def estimate(setup: Setup, *, model: ModelSpec | None = None, terms: DeviceTerms
     overhead = terms.overhead_bytes(best_total)
     peak = best_total + overhead
     if layout is not None:
-        gathered = layout.inflight.get(best_phase, 0)
-        phase_buffers = layout.phase_buffers.get(best_phase, 0)
+        gathered = layout.inflight.get(SAME_AS.get(best_phase, best_phase), 0)
+        phase_buffers = layout.phase_buffers.get(SAME_AS.get(best_phase, best_phase), 0)
         lm = layout.memory
         resident_parts = {"weights": lm.parameters - lm.adapters, "adapters": lm.adapters, "optimizer_states": lm.optimizer_states,
                           "master_weights": lm.master_weights, "comm_buffers": lm.comm_buffers + phase_buffers, "gathered": gathered}

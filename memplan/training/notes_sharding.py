@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from memplan.model.storage import FLOAT_BYTES, is_four_bit
 from memplan.training.parallel import is_fsdp, is_zero
-from memplan.training.sharding import zero_buckets
+from memplan.training.sharding import SAME_AS, zero_buckets
 from memplan.units import format_bytes
 
 if TYPE_CHECKING:
@@ -47,9 +47,6 @@ _FSDP_PEAK: dict[int, dict[str, str]] = {
         "backward_end": "the embedding group's post-backward: the table, its unsharded gradient and the reduce-scatter input",
     },
 }
-# Eager attention's softmax backward holds what the same layer's input-norm backward holds (estimate.py).
-for _phases in _FSDP_PEAK.values():
-    _phases["backward_attention"] = _phases["backward_layer_norm"]
 
 
 def sharding_notes(est: "Estimate") -> list[str]:
@@ -60,7 +57,7 @@ def sharding_notes(est: "Estimate") -> list[str]:
            "NCCL's own buffers and communication time are not counted"]
     if is_fsdp(s.parallel):
         gathered = est.peak_parts.get("gathered", 0)
-        why = _FSDP_PEAK[s.fsdp_version].get(est.memory.peak_phase)
+        why = _FSDP_PEAK[s.fsdp_version].get(SAME_AS.get(est.memory.peak_phase, est.memory.peak_phase))
         if why and gathered:
             out.append(f"FSDP{s.fsdp_version} holds {format_bytes(gathered)} of unsharded parameters and gradient buffers at "
                        f"the peak ({est.memory.peak_phase}: {why})")

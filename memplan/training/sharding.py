@@ -113,6 +113,12 @@ def zero_buckets(setup: Setup, hidden: int) -> tuple[int, int, int, int]:
     return hidden * hidden, int(0.9 * hidden * hidden), ZERO_MAX_LIVE, 10 * hidden
 
 
+# Moments estimate.py tells apart that no layout does: each holds the buffers, and the gradients, of the
+# phase named (the rebuilt layer's MLP forward those of its backward, the final norm's backward those of
+# the loss's, the attention's softmax backward those of the input-norm backward after it).
+SAME_AS = {"forward_mlp": "forward_layers", "backward_final_norm": "backward_loss", "backward_recompute": "backward_layers",
+           "backward_attention": "backward_layer_norm"}
+
 # The moments inside a layer's backward that follow its SwiGLU backward (estimate.py's phases) and the
 # phase whose buffers they share when a layout does not tell them apart.
 _LAYER_MOMENTS = {"forward_layers": "forward", "backward_layer_norm": "backward_layers", "backward_layer_end": "backward_layers",

@@ -223,8 +223,8 @@ def test_peak_breakdown_is_consistent_with_the_memory_fields(d: dict) -> None:
     assert modelled >= persistent + m.gradients  # the optimizer step: every gradient alive
     assert modelled >= persistent + m.activations + m.logits  # the end of the forward
     assert m.overhead == est.device_terms.overhead_bytes(modelled)
-    assert m.peak_phase in ("forward_layers", "forward", "backward_loss", "backward_layers", "backward_attention", "backward_layer_norm",
-                            "backward_layer_end",
+    assert m.peak_phase in ("forward_layers", "forward_mlp", "forward", "backward_loss", "backward_final_norm", "backward_recompute",
+                            "backward_layers", "backward_attention", "backward_layer_norm", "backward_layer_end",
                             "backward_first_layer", "backward_first_layer_norm", "backward_end", "optimizer_step")
 
 

@@ -1,0 +1,196 @@
+"""What PEFT's LoRA branches save and hold in one decoder layer (peft 0.21, `tuners/lora/layer.py`,
+`tuners/lora/bnb.py`).
+
+Saved for backward, per adapted module and token (`module_bytes`):
+- `lora_B` saves A's output (tokens x r, adapter dtype);
+- `lora_A` saves its input: the dropout's output (a new tensor per module) when dropout > 0, else
+  `_cast_input_dtype`'s copy in the adapter dtype, or, when the input already has that dtype
+  (`uncast_input`), the module input itself, which q/k/v (and gate/up) share;
+- dropout p > 0 keeps its mask where the module input needs a gradient (`native_dropout` saves it
+  only then): bool on CUDA, the input dtype on the CPU.
+
+Held inside one adapted MLP projection's LoRA forward (`mlp_forward_moment`): the base result
+(4-bit layers also clone it), `lora_B`'s output and its product with `scaling`, then the sum with the
+result; the layer's MLP input and residual stay alive beside them. Without autocast; Mixtral's experts
+are parameter targets, not LoRA linears.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from memplan.model.lora import LoraPlan
+from memplan.model.spec import ModelSpec
+from memplan.model.storage import FLOAT_BYTES
+from memplan.training.activations_autocast import low_bytes
+from memplan.training.recipes import adapter_bytes, lora_under_autocast
+from memplan.training.setup import Setup
+
+__all__ = ["ATTENTION_INPUTS", "FP32", "GATED_FAMILIES", "LoraModule", "compute_bytes", "layer_lora_bytes", "mask_bytes",
+           "mlp_forward_moment", "mlp_saved", "module_bytes", "residual_bytes", "uncast_input"]
+
+FP32 = 4
+# Llama-style decoders: RMSNorm, rotary attention, a gated (SwiGLU) MLP or Mixtral's experts.
+GATED_FAMILIES = ("llama", "mistral", "mixtral", "qwen2", "gemma2", "phi3")
+# Modules that read the layer's (or block's) input: their input needs a gradient exactly when it does.
+ATTENTION_INPUTS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "c_attn", "query", "key", "value")
+# Modules that read one shared input: PEFT's uncast lora_A saves that tensor once per group.
+_SHARED_INPUT = {"k_proj": "q_proj", "v_proj": "q_proj", "up_proj": "gate_proj"}
+
+
+def compute_bytes(setup: Setup) -> int:
+    """Element size of the activations. `prepare_model_for_kbit_training` casts the
+    embeddings, norms and lm_head to fp32, so the whole residual stream (and every
+    non-quantized op on it) runs in fp32 (peft/utils/other.py). Under autocast the
+    matmul outputs (attention, MLP, logits) are low precision."""
+    if setup.autocast != "none":
+        return low_bytes(setup)
+    return FP32 if setup.prepare_kbit_training else FLOAT_BYTES[setup.param_dtype]
+
+
+def residual_bytes(setup: Setup) -> int:
+    """Element size of the residual stream (layer inputs, norm inputs): fp32 under autocast."""
+    return FP32 if setup.autocast != "none" else compute_bytes(setup)
+
+
+def mask_bytes(setup: Setup, e: int) -> int:
+    # torch native_dropout keeps a bool mask on CUDA; on the CPU the mask has the input dtype.
+    return 1 if setup.device == "cuda" else e
+
+
+def uncast_input(setup: Setup) -> bool:
+    """Is the adapted modules' input fp32 already, so that PEFT's `_cast_input_dtype` returns it
+    uncopied (`x.dtype == dtype`): under prepare_model_for_kbit_training, or on an fp32 base
+    without autocast; or bf16 adapters (SFTTrainer on a quantized base, memplan.training.recipes)
+    over a bf16 stream."""
+    return setup.autocast == "none" and compute_bytes(setup) == adapter_bytes(setup)
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One adapted module of a decoder layer: what its LoRA branch saves per token."""
+
+    name: str
+    in_features: int
+    out_features: int
+    saved: int  # A's output and lora_A's input (0 for the input where a shared uncast input is counted already)
+    mask: int  # the dropout mask, kept only where the module input needs a gradient
+    input_saved: bool  # `saved` includes the module input itself (uncast, no dropout)
+
+
+def module_bytes(spec: ModelSpec, plan: LoraPlan, setup: Setup) -> tuple[LoraModule, ...]:
+    """Per-token bytes each layer target's LoRA branch saves (module docstring), memoized: the loop
+    over targets is the sweep's hot spot."""
+    key = (id(plan), spec.num_layers, uncast_input(setup), setup.lora_dropout > 0, mask_bytes(setup, FP32),
+           adapter_bytes(setup), lora_under_autocast(setup))
+    hit = _MODULES.get(key)
+    if hit is None or hit[0] is not plan:
+        if len(_MODULES) >= 4096:
+            _MODULES.clear()
+        hit = (plan, _module_bytes(spec, plan, setup))
+        _MODULES[key] = hit
+    return hit[1]
+
+
+# Keyed by the plan's identity and the setup fields `_module_bytes` reads; the entry keeps the plan
+# alive so its id stays its own.
+_MODULES: dict[tuple, tuple[LoraPlan, tuple[LoraModule, ...]]] = {}
+
+
+def _module_bytes(spec: ModelSpec, plan: LoraPlan, setup: Setup) -> tuple[LoraModule, ...]:
+    ab = adapter_bytes(setup)  # fp32 (PEFT's autocast_adapter_dtype), bf16 under SFTTrainer's QLoRA cast
+    if lora_under_autocast(setup):
+        ab = FLOAT_BYTES["bf16"]  # autocast's bf16 casts are what lora_A / lora_B save (recipes.lora_under_autocast)
+    dropout = setup.lora_dropout > 0
+    shared_inputs: set[str] = set()
+    out = []
+    for lin in plan.targets:
+        if lin.count != spec.num_layers:  # lm_head / MLM head: counted in the head
+            continue
+        saved, input_saved = ab * plan.rank, False
+        if dropout or not uncast_input(setup):
+            # Ledger: tiny qwen2 fp4 kbit-prep q,v dropout 0.1: v_proj's dropout output was missing.
+            saved += ab * lin.in_features
+        else:
+            # SDPA already keeps o_proj's input (its output); q/k/v and gate/up share theirs.
+            group = _SHARED_INPUT.get(lin.name, lin.name)
+            if group not in shared_inputs and lin.name != "o_proj":
+                shared_inputs.add(group)
+                saved += ab * lin.in_features
+                input_saved = True
+        mask = mask_bytes(setup, FP32) * lin.in_features if dropout else 0
+        out.append(LoraModule(lin.name, lin.in_features, lin.out_features, saved, mask, input_saved))
+    return tuple(out)
+
+
+def layer_lora_bytes(spec: ModelSpec, plan: LoraPlan | None, setup: Setup, t: int, *, input_grad: Mapping[str, bool],
+                     masks_only: bool = False) -> int:
+    """Bytes one layer's LoRA branches save for `t` tokens; `input_grad[name]` says whether that
+    module's input needs a gradient (missing: yes), which decides whether its dropout mask is kept."""
+    if plan is None:
+        return 0
+    return t * sum((0 if masks_only else m.saved) + (m.mask if input_grad.get(m.name, True) else 0)
+                   for m in module_bytes(spec, plan, setup))
+
+
+def _branch_transient(setup: Setup, e: int, out_features: int, t: int) -> int:
+    """Held at an adapted module's `result + lora_B(lora_A(x)) * scaling`: the base result (compute
+    dtype), lora_B's output and its scaled copy (adapter dtype); the sum is promoted to the wider of the
+    two while the scaled copy is alive (`lora/layer.py::Linear.forward`). bnb's 4-bit and 8-bit
+    branches (`lora/bnb.py`) cast the scaled output back first: never more than this."""
+    ab = adapter_bytes(setup)
+    return (e + ab + max(e, ab)) * t * out_features
+
+
+def mlp_forward_moment(spec: ModelSpec, setup: Setup, plan: LoraPlan, t: int, *, gate: bool, up: bool,
+                       input_grad: Mapping[str, bool], rebuilt: bool) -> tuple[int, int]:
+    """(held, transient) at the worst adapted projection's LoRA forward in a running SwiGLU MLP
+    (`LlamaMLP.forward`: `down_proj(act_fn(gate_proj(x)) * up_proj(x))`; Phi-3 chunks one
+    `gate_up_proj` output). `held` is what the MLP keeps beyond the layer's tensors before it: the
+    saved LoRA tensors of its modules so far, the saved SwiGLU tensors, the live MLP input and the
+    residual beside it, the product entering down_proj. `gate`/`up`: do those outputs need a gradient
+    (`activations._GradFlow`). Ledger: tiny phi3 nf4 LoRA all-linear s153 b2 gc, the rebuilt layer's
+    gate_up_proj branch (base result clone, fp32 lora_B output and its scaled copy): -19.4% before.
+
+    `rebuilt`: the layer is rebuilt by non-reentrant checkpointing, which stops once the last tensor
+    the layer saved is packed again (`torch/utils/checkpoint.py`, early stop). An adapted down_proj's
+    lora_B packs A's output before its matmul runs, so that branch ends with the base result beside
+    lora_A's saved input (ledger: tiny llama nf4 LoRA down_proj gc, the fp32 input copy the peak)."""
+    e, r = compute_bytes(setup), residual_bytes(setup)
+    h, inter = spec.hidden_size, spec.intermediate_size
+    mods = {m.name: m for m in module_bytes(spec, plan, setup)}
+    lora = {n: (m.saved + (m.mask if input_grad.get(n, True) else 0)) * t for n, m in mods.items()}
+    # The MLP input (the post-attention norm's output) is lora_A's saved input when it is uncast.
+    x = 0 if any(mods[n].input_saved for n in ("gate_proj", "up_proj", "gate_up_proj") if n in mods) else e * t * h
+    # The residual: saved by the post-attention norm itself when the stream is fp32 (`.to(float32)` is a no-op).
+    res = 0 if r == FP32 else r * t * h
+    swiglu = e * t * inter * (2 * gate + up)  # as activations._layer_bytes counts it
+    product = 0 if "down_proj" in mods and mods["down_proj"].input_saved else e * t * inter
+    moments = {
+        "gate_proj": (lora.get("gate_proj", 0), inter),
+        "gate_up_proj": (lora.get("gate_up_proj", 0), 2 * inter),
+        # act_fn's output, and the gate output where SiLU saves it.
+        "up_proj": (lora.get("gate_proj", 0) + lora.get("up_proj", 0) + e * t * inter * (1 + gate), inter),
+        "down_proj": (sum(lora.get(n, 0) for n in ("gate_proj", "up_proj", "gate_up_proj", "down_proj")) + swiglu + product, h),
+    }
+    # With dropout, PEFT rebinds `x` to the cast copy (`_cast_input_dtype`), which lives until the module returns.
+    cast = setup.lora_dropout > 0 and not uncast_input(setup)
+    best = (0, 0)
+    for name, (kept, out_features) in moments.items():
+        if name not in mods:
+            continue
+        copy = adapter_bytes(setup) * t * mods[name].in_features if cast else 0
+        if rebuilt and name == "down_proj":
+            branch = e * t * out_features  # the base result (4-bit: its clone) only
+        else:
+            branch = _branch_transient(setup, e, out_features, t)
+        best = max(best, (x + res + kept, branch + copy), key=sum)
+    return best
+
+
+def mlp_saved(spec: ModelSpec, setup: Setup, plan: LoraPlan, t: int, *, gate: bool, up: bool, input_grad: Mapping[str, bool]) -> int:
+    """What a finished SwiGLU MLP saves under LoRA: its modules' LoRA tensors and the SwiGLU outputs."""
+    mlp = ("gate_proj", "up_proj", "gate_up_proj", "down_proj")
+    lora = sum((m.saved + (m.mask if input_grad.get(m.name, True) else 0)) * t for m in module_bytes(spec, plan, setup) if m.name in mlp)
+    return lora + compute_bytes(setup) * t * spec.intermediate_size * (2 * gate + up)
