@@ -47,8 +47,8 @@ from dataclasses import dataclass
 from memplan.training.activations_autocast import autocast_head_bytes, autocast_layer_bytes, low_bytes
 from memplan.training.activations_classic import classic_attention_backward, classic_head_bytes, classic_layer_bytes
 from memplan.training.activations_zero3 import zero3_head_input, zero3_linear_inputs
-from memplan.training.activations_lora import (ATTENTION_INPUTS, FP32, GATED_FAMILIES, compute_bytes, layer_lora_bytes, mask_bytes,
-                                               mlp_forward_moment, mlp_saved, module_bytes, residual_bytes)
+from memplan.training.activations_lora import (ATTENTION_INPUTS, FP32, GATED_FAMILIES, compute_bytes, expert_lora_bytes,
+                                               layer_lora_bytes, mask_bytes, mlp_forward_moment, mlp_saved, module_bytes, residual_bytes)
 from memplan.training.modules_to_save import saved_copies
 from memplan.model.lora import LoraPlan
 from memplan.training.recipes import adapter_bytes, fused_lm_head, input_require_grads, lora_under_autocast
@@ -290,11 +290,19 @@ def _layer_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan | None, *, input_
         total += _int8_kept_bytes(spec, setup, t, input_grad=input_grad, inter=inter, plan=plan)
         # MLP.
         if spec.num_experts:
-            # MixtralExperts: per routed token, gate_up output (2I), act output (I), down output (h).
+            # MixtralExperts: per routed token, gate_up output (2I) and act output (I) where the experts'
+            # outputs need a gradient (their input does, or gate_up_proj is adapted); the down output (h)
+            # and the fp32 router probabilities where the routing weights do (their input does, or the
+            # router is adapted). Layer 0 under LoRA on down_proj or the router alone keeps neither pair.
             k = spec.experts_per_token
-            total += e * t * k * (3 * inter + h) + FP32 * t * spec.num_experts
+            adapted = {p.name for p in plan.param_targets} if plan is not None else set()
+            routed = g.mlp_in or "gate.weight" in adapted
+            total += (e * t * k * 3 * inter if g.mlp_in or "experts.gate_up_proj" in adapted else 0)
+            total += (e * t * k * h + FP32 * t * spec.num_experts) if routed else 0
             if full:
                 total += e * t * k * (h + inter)
+            elif plan is not None and plan.param_targets:
+                total += expert_lora_bytes(spec, setup, plan, t, mlp_in=g.mlp_in)
         else:
             # SwiGLU `act(gate) * up`: the activation saves its input (the gate output) and the
             # multiply saves `up` for the gate branch's gradient and `act(gate)` for up's.

@@ -27,7 +27,8 @@ from memplan.training.activations_autocast import low_bytes
 from memplan.training.recipes import adapter_bytes, lora_under_autocast
 from memplan.training.setup import Setup
 
-__all__ = ["ATTENTION_INPUTS", "FP32", "GATED_FAMILIES", "LoraModule", "compute_bytes", "layer_lora_bytes", "mask_bytes",
+__all__ = ["ATTENTION_INPUTS", "FP32", "GATED_FAMILIES", "LoraModule", "compute_bytes", "expert_lora_bytes",
+           "layer_lora_bytes", "mask_bytes",
            "mlp_forward_moment", "mlp_saved", "module_bytes", "residual_bytes", "uncast_input"]
 
 FP32 = 4
@@ -187,6 +188,35 @@ def mlp_forward_moment(spec: ModelSpec, setup: Setup, plan: LoraPlan, t: int, *,
             branch = _branch_transient(setup, e, out_features, t)
         best = max(best, (x + res + kept, branch + copy), key=sum)
     return best
+
+
+def expert_lora_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan, t: int, *, mlp_in: bool) -> int:
+    """What LoRA on Mixtral's expert (and router) parameters adds to a layer's saved tensors.
+
+    PEFT 0.21 wraps a targeted parameter (`lora/layer.py::ParamWrapper`, `_LoraFactorsProxy`): every
+    forward folds `W + scaling * lhs @ rhs` into one `torch.baddbmm`, a merged copy of the whole
+    parameter (all experts) in W's dtype, from copies of the factors cast to that dtype
+    (`get_delta_factors`). The merged weight then needs a gradient, so transformers'
+    `integrations/moe.py::grouped_mm_experts_forward` grouped matmuls save their input for it (the
+    gathered tokens for gate_up_proj, the gated product for down_proj), the merged weight where that
+    input needs a gradient (down_proj's always does once gate_up_proj is adapted), and baddbmm the cast
+    factors. Ledger: tiny mixtral bf16 LoRA w1,w3,w2 s128 b1 (E=2), both layers' merged weights and
+    cast factors by name (-15.7% before). Experts stay in the compute dtype: bitsandbytes quantizes
+    nn.Linear only."""
+    e, ab = compute_bytes(setup), adapter_bytes(setup)
+    k, inter, h = spec.experts_per_token, spec.intermediate_size, spec.hidden_size
+    names = {p.name for p in plan.param_targets}
+    total = 0
+    for p in plan.param_targets:
+        merged = e * p.experts * p.in_features * p.out_features
+        copies = e * plan.rank * p.rank_factor * p.experts * (p.in_features + p.out_features) if ab != e else 0
+        if p.name == "experts.gate_up_proj":
+            total += e * t * k * h + (merged if mlp_in else 0) + copies
+        elif p.name == "experts.down_proj":
+            total += e * t * k * inter + (merged if mlp_in or "experts.gate_up_proj" in names else 0) + copies
+        else:  # the router (experts x hidden): its input, the post-attention norm's output
+            total += e * t * h + (merged if mlp_in else 0) + copies
+    return total
 
 
 def mlp_saved(spec: ModelSpec, setup: Setup, plan: LoraPlan, t: int, *, gate: bool, up: bool, input_grad: Mapping[str, bool]) -> int:

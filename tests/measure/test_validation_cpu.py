@@ -6,9 +6,9 @@ weights within 0.1%; steady-state peak within 3% on every run and a median of at
 most 1%; each category the ledger attributes within 5%.
 
 Two tiers run the same assertions:
-- `regression` (every CI run): the 25-run subset validation_matrix.REGRESSION, measured in
+- `regression` (every CI run): the 28-run subset validation_matrix.REGRESSION, measured in
   the session's shared campaign (tests/measure/conftest.py);
-- `full` (`python -m pytest -m full_matrix`): every run of validation_matrix.matrix() (66), two
+- `full` (`python -m pytest -m full_matrix`): every run of validation_matrix.matrix() (69), two
   workers, the table kept as reports/validation_cpu.csv.
 The comparison table is printed in the terminal summary.
 """
