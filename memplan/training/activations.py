@@ -48,7 +48,8 @@ from memplan.training.activations_autocast import autocast_head_bytes, autocast_
 from memplan.training.activations_classic import classic_attention_backward, classic_head_bytes, classic_layer_bytes
 from memplan.training.activations_zero3 import zero3_head_input, zero3_linear_inputs
 from memplan.training.activations_lora import (ATTENTION_INPUTS, FP32, GATED_FAMILIES, compute_bytes, expert_lora_bytes,
-                                               layer_lora_bytes, mask_bytes, mlp_forward_moment, mlp_saved, module_bytes, residual_bytes)
+                                               layer_lora_bytes, mask_bytes, mlp_forward_moment, mlp_saved, module_bytes, residual_bytes,
+                                               swiglu_saved)
 from memplan.training.modules_to_save import saved_copies
 from memplan.model.lora import LoraPlan
 from memplan.training.recipes import adapter_bytes, fused_lm_head, input_require_grads, lora_under_autocast
@@ -149,15 +150,18 @@ def _int8_kept_bytes(spec: ModelSpec, setup: Setup, t: int, *, input_grad: bool,
     (unless the layer input needs no grad), the MLP norm output and down_proj's input; o_proj's input
     is SDPA's saved output, except under checkpointing, which frees saved tensors but
     cannot see ctx attributes."""
+    return sum(_int8_kept_parts(spec, setup, t, input_grad=input_grad, inter=inter, plan=plan))
+
+
+def _int8_kept_parts(spec: ModelSpec, setup: Setup, t: int, *, input_grad: bool, inter: int, plan: LoraPlan | None) -> tuple[int, int]:
+    """`_int8_kept_bytes` split at the MLP: (the attention's kept inputs, the MLP's)."""
     if setup.quant != "int8" or spec.model_type not in GATED_FAMILIES:
-        return 0
+        return 0, 0
     e = compute_bytes(setup)
     h, a = spec.hidden_size, spec.num_heads * spec.head_dim
     g = _grad_flow(spec, setup, plan, input_grad=input_grad)
-    kept = e * t * h * (int(input_grad) + int(g.mlp_in)) + (e * t * inter if g.gate or g.up else 0)
-    if setup.grad_checkpointing and g.qkv:
-        kept += e * t * a
-    return kept
+    attention = e * t * h * int(input_grad) + (e * t * a if setup.grad_checkpointing and g.qkv else 0)
+    return attention, e * t * h * int(g.mlp_in) + (e * t * inter if g.gate or g.up else 0)
 
 
 def _first_layer_input_grad(spec: ModelSpec, setup: Setup) -> bool:
@@ -304,9 +308,7 @@ def _layer_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan | None, *, input_
             elif plan is not None and plan.param_targets:
                 total += expert_lora_bytes(spec, setup, plan, t, mlp_in=g.mlp_in)
         else:
-            # SwiGLU `act(gate) * up`: the activation saves its input (the gate output) and the
-            # multiply saves `up` for the gate branch's gradient and `act(gate)` for up's.
-            total += e * t * inter * (2 * g.gate + g.up)
+            total += swiglu_saved(setup, t, inter, gate=g.gate, up=g.up)
             if full:
                 total += e * t * h + e * t * inter  # gate/up input, down input
         return total
@@ -414,14 +416,14 @@ def _mlp_lora_moments(spec: ModelSpec, setup: Setup, plan: LoraPlan | None, t: i
     if not transient:
         return {}
     mlp = mlp_saved(spec, setup, plan, t, gate=g.gate, up=g.up, input_grad=flags)
-    e = compute_bytes(setup)
-    # int8 keeps the MLP input and down_proj's input in ctx (`_int8_kept_bytes`): `held` counts them.
-    int8_mlp = e * t * (spec.hidden_size * g.mlp_in + spec.intermediate_size * (g.gate or g.up)) if setup.quant == "int8" else 0
+    # int8 keeps the MLP input and down_proj's input in ctx (`_int8_kept_parts`): `held` counts them.
+    int8_attention, int8_mlp = _int8_kept_parts(spec, setup, t, input_grad=input_grad, inter=spec.intermediate_size, plan=plan)
     if not setup.grad_checkpointing:
         # The model's forward holds the embedding output (`inputs_embeds`) and the running layer's input
         # (its loop variable) until the layer returns: one tensor when the top layer is layer 0.
         inputs = residual_bytes(setup) * t * spec.hidden_size * (2 if spec.num_layers > 1 else 1)
         return {"mlp_forward_layer": top - mlp - int8_mlp + held + inputs, "mlp_forward_transient": transient}
+    e = compute_bytes(setup)
     if any(m.name == "down_proj" for m in module_bytes(spec, plan, setup)):
         grad = adapter_bytes(setup) * t * spec.hidden_size  # lora_B's output gradient, scaled
         if not is_quantized(setup.quant) and adapter_bytes(setup) != e:
@@ -433,13 +435,12 @@ def _mlp_lora_moments(spec: ModelSpec, setup: Setup, plan: LoraPlan | None, t: i
         # bitsandbytes' MatMul4Bit/MatMul8bitLt keep their weight in ctx, not `save_for_backward`: the frozen
         # down_proj's backward runs before any unpack, and its input gradient (the compute dtype) is held
         # while the SwiGLU multiply's unpack rebuilds the layer (ledger: tiny phi3 nf4 LoRA qkv,gate_up gc).
-        grad = compute_bytes(setup) * t * spec.intermediate_size
+        grad = e * t * spec.intermediate_size
     else:
         grad = 0  # a frozen nn.Linear saves its weight: unpacking it rebuilds the layer first
-    # The rebuilt layer's int8 matmuls keep their inputs before the MLP too (`_int8_kept_bytes`; `recompute`
-    # leaves them out, and `held` counts the MLP's). Ledger: tiny phi3 int8 LoRA qkv,gate_up gc, -2.9% before.
-    kept = _int8_kept_bytes(spec, setup, t, input_grad=input_grad, inter=spec.intermediate_size, plan=plan) - int8_mlp
-    return {"mlp_recompute_layer": recompute - mlp + held + kept, "mlp_recompute_transient": transient + grad}
+    # The rebuilt layer's int8 matmuls keep their inputs before the MLP too (`recompute` leaves them out, and
+    # `held` counts the MLP's). Ledger: tiny phi3 int8 LoRA qkv,gate_up gc, -2.9% before.
+    return {"mlp_recompute_layer": recompute - mlp + held + int8_attention, "mlp_recompute_transient": transient + grad}
 
 
 def _eager_attention_backward(spec: ModelSpec, setup: Setup, plan: LoraPlan | None, t: int) -> dict[str, int]:

@@ -29,7 +29,7 @@ from memplan.training.setup import Setup
 
 __all__ = ["ATTENTION_INPUTS", "FP32", "GATED_FAMILIES", "LoraModule", "compute_bytes", "expert_lora_bytes",
            "layer_lora_bytes", "mask_bytes",
-           "mlp_forward_moment", "mlp_saved", "module_bytes", "residual_bytes", "uncast_input"]
+           "mlp_forward_moment", "mlp_saved", "module_bytes", "residual_bytes", "swiglu_saved", "uncast_input"]
 
 FP32 = 4
 # Llama-style decoders: RMSNorm, rotary attention, a gated (SwiGLU) MLP or Mixtral's experts.
@@ -166,7 +166,7 @@ def mlp_forward_moment(spec: ModelSpec, setup: Setup, plan: LoraPlan, t: int, *,
     x = 0 if any(mods[n].input_saved for n in ("gate_proj", "up_proj", "gate_up_proj") if n in mods) else e * t * h
     # The residual: saved by the post-attention norm itself when the stream is fp32 (`.to(float32)` is a no-op).
     res = 0 if r == FP32 else r * t * h
-    swiglu = e * t * inter * (2 * gate + up)  # as activations._layer_bytes counts it
+    swiglu = swiglu_saved(setup, t, inter, gate=gate, up=up)
     product = 0 if "down_proj" in mods and mods["down_proj"].input_saved else e * t * inter
     moments = {
         "gate_proj": (lora.get("gate_proj", 0), inter),
@@ -223,4 +223,11 @@ def mlp_saved(spec: ModelSpec, setup: Setup, plan: LoraPlan, t: int, *, gate: bo
     """What a finished SwiGLU MLP saves under LoRA: its modules' LoRA tensors and the SwiGLU outputs."""
     mlp = ("gate_proj", "up_proj", "gate_up_proj", "down_proj")
     lora = sum((m.saved + (m.mask if input_grad.get(m.name, True) else 0)) * t for m in module_bytes(spec, plan, setup) if m.name in mlp)
-    return lora + compute_bytes(setup) * t * spec.intermediate_size * (2 * gate + up)
+    return lora + swiglu_saved(setup, t, spec.intermediate_size, gate=gate, up=up)
+
+
+def swiglu_saved(setup: Setup, t: int, inter: int, *, gate: bool, up: bool) -> int:
+    """SwiGLU `act(gate) * up`: the activation saves its input (the gate output) and the multiply saves
+    `up` for the gate branch's gradient and `act(gate)` for up's (where each branch needs one). Phi-3's
+    fused gate_up output is kept whole by the two views saved on it: the same bytes."""
+    return compute_bytes(setup) * t * inter * (2 * gate + up)
