@@ -42,6 +42,7 @@ theirs), allocator rounding.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from memplan.training.activations_autocast import autocast_head_bytes, autocast_layer_bytes, low_bytes
@@ -201,6 +202,7 @@ class _GradFlow:
         """Does any of q, k, v (so the attention output) need a gradient?"""
         return self.q or self.k or self.v
 
+    @functools.cached_property
     def lora_inputs(self) -> dict[str, bool]:
         """Whether each adapted module's input needs a gradient (which keeps its LoRA dropout mask)."""
         return {**dict.fromkeys(ATTENTION_INPUTS, self.input_grad), "o_proj": self.qkv, "gate_proj": self.mlp_in,
@@ -208,6 +210,22 @@ class _GradFlow:
 
 
 def _grad_flow(spec: ModelSpec, setup: Setup, plan: LoraPlan | None, *, input_grad: bool) -> _GradFlow:
+    key = (id(plan), id(spec), setup.method, input_grad)
+    hit = _GRAD_FLOW.get(key)
+    if hit is not None and hit[0] is plan and hit[1] is spec:
+        return hit[2]
+    if len(_GRAD_FLOW) >= 4096:
+        _GRAD_FLOW.clear()
+    flow = _grad_flow_of(spec, setup, plan, input_grad=input_grad)
+    _GRAD_FLOW[key] = (plan, spec, flow)
+    return flow
+
+
+# Memo of `_grad_flow` (called a few times per estimate), keyed by identities; an entry keeps both alive.
+_GRAD_FLOW: dict[tuple, tuple[LoraPlan | None, ModelSpec, _GradFlow]] = {}
+
+
+def _grad_flow_of(spec: ModelSpec, setup: Setup, plan: LoraPlan | None, *, input_grad: bool) -> _GradFlow:
     names = {lin.name for lin in plan.targets if lin.count == spec.num_layers} if plan is not None else set()
     every = input_grad or setup.method == "full"
     q, k, v = (every or "qkv_proj" in names or n in names for n in ("q_proj", "k_proj", "v_proj"))
@@ -256,7 +274,7 @@ def _layer_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan | None, *, input_
     if spec.model_type in GATED_FAMILIES:
         g = _grad_flow(spec, setup, plan, input_grad=input_grad)
         per_norm, _ = _norm_bytes(spec, setup, t)
-        total += layer_lora_bytes(spec, plan, setup, t, input_grad=g.lora_inputs()) + per_norm * g.norms
+        total += layer_lora_bytes(spec, plan, setup, t, input_grad=g.lora_inputs) + per_norm * g.norms
         # Attention. Nothing in it needs a gradient when its input does not (layer 0 under LoRA) and
         # no q/k/v projection is adapted: autograd saves none of its tensors (o_proj's adapter keeps
         # its own input copy, counted with the LoRA bytes). Ledger: tiny gemma2 fp4 LoRA on up_proj,
@@ -406,16 +424,12 @@ def _mlp_lora_moments(spec: ModelSpec, setup: Setup, plan: LoraPlan | None, t: i
     holds, beside the residual gradient, what the layer's backward made before its first unpack of a
     saved tensor, which is when non-reentrant checkpointing rebuilds it: the scaled gradient of an adapted
     down_proj's lora_B output (ledger: tiny phi3 nf4 LoRA all-linear s153 b2 gc, -19.4% before).
-    Dense gated MLPs without autocast."""
+    Dense gated MLPs without autocast. Every term is linear in the tokens: `_mlp_lora_per_token`."""
     if plan is None or setup.autocast != "none" or spec.model_type not in GATED_FAMILIES or spec.num_experts:
         return {}
-    g = _grad_flow(spec, setup, plan, input_grad=input_grad)
-    flags = g.lora_inputs()
-    held, transient = mlp_forward_moment(spec, setup, plan, t, gate=g.gate, up=g.up, input_grad=flags,
-                                         rebuilt=setup.grad_checkpointing)
+    held, transient, mlp, grad = (t * x for x in _mlp_lora_per_token(spec, setup, plan, input_grad=input_grad))
     if not transient:
         return {}
-    mlp = mlp_saved(spec, setup, plan, t, gate=g.gate, up=g.up, input_grad=flags)
     # int8 keeps the MLP input and down_proj's input in ctx (`_int8_kept_parts`): `held` counts them.
     int8_attention, int8_mlp = _int8_kept_parts(spec, setup, t, input_grad=input_grad, inter=spec.intermediate_size, plan=plan)
     if not setup.grad_checkpointing:
@@ -423,24 +437,46 @@ def _mlp_lora_moments(spec: ModelSpec, setup: Setup, plan: LoraPlan | None, t: i
         # (its loop variable) until the layer returns: one tensor when the top layer is layer 0.
         inputs = residual_bytes(setup) * t * spec.hidden_size * (2 if spec.num_layers > 1 else 1)
         return {"mlp_forward_layer": top - mlp - int8_mlp + held + inputs, "mlp_forward_transient": transient}
+    # The rebuilt layer's int8 matmuls keep their inputs before the MLP too (`recompute` leaves them out, and
+    # `held` counts the MLP's). Ledger: tiny phi3 int8 LoRA qkv,gate_up gc, -2.9% before.
+    return {"mlp_recompute_layer": recompute - mlp + held + int8_attention, "mlp_recompute_transient": transient + grad}
+
+
+def _mlp_lora_per_token(spec: ModelSpec, setup: Setup, plan: LoraPlan, *, input_grad: bool) -> tuple[int, int, int, int]:
+    """Per token: (held, transient) of `mlp_forward_moment`, what the finished MLP saves, and the gradient
+    a checkpointed backward holds when it rebuilds the layer. Memoized (the sweep's hot path)."""
+    key = (id(plan), id(spec), input_grad, setup.method, setup.quant, setup.grad_checkpointing, setup.lora_dropout > 0,
+           setup.device, compute_bytes(setup), residual_bytes(setup), adapter_bytes(setup), lora_under_autocast(setup))
+    hit = _MLP_PER_TOKEN.get(key)
+    if hit is not None and hit[0] is plan and hit[1] is spec:
+        return hit[2]
+    g = _grad_flow(spec, setup, plan, input_grad=input_grad)
+    flags = g.lora_inputs
+    held, transient = mlp_forward_moment(spec, setup, plan, 1, gate=g.gate, up=g.up, input_grad=flags, rebuilt=setup.grad_checkpointing)
+    mlp = mlp_saved(spec, setup, plan, 1, gate=g.gate, up=g.up, input_grad=flags)
     e = compute_bytes(setup)
     if any(m.name == "down_proj" for m in module_bytes(spec, plan, setup)):
-        grad = adapter_bytes(setup) * t * spec.hidden_size  # lora_B's output gradient, scaled
+        grad = adapter_bytes(setup) * spec.hidden_size  # lora_B's output gradient, scaled
         if not is_quantized(setup.quant) and adapter_bytes(setup) != e:
             # `lora/layer.py::Linear.forward` adds the adapter-dtype branch to the base result (promoted),
             # so the add's backward casts the gradient back for the base result too (ledger: tiny qwen2
             # bf16 LoRA all-linear gc, two compute-dtype gradients; bnb's branches cast before the add).
-            grad += e * t * spec.hidden_size
+            grad += e * spec.hidden_size
     elif is_quantized(setup.quant) and (g.gate or g.up):
         # bitsandbytes' MatMul4Bit/MatMul8bitLt keep their weight in ctx, not `save_for_backward`: the frozen
         # down_proj's backward runs before any unpack, and its input gradient (the compute dtype) is held
         # while the SwiGLU multiply's unpack rebuilds the layer (ledger: tiny phi3 nf4 LoRA qkv,gate_up gc).
-        grad = e * t * spec.intermediate_size
+        grad = e * spec.intermediate_size
     else:
         grad = 0  # a frozen nn.Linear saves its weight: unpacking it rebuilds the layer first
-    # The rebuilt layer's int8 matmuls keep their inputs before the MLP too (`recompute` leaves them out, and
-    # `held` counts the MLP's). Ledger: tiny phi3 int8 LoRA qkv,gate_up gc, -2.9% before.
-    return {"mlp_recompute_layer": recompute - mlp + held + int8_attention, "mlp_recompute_transient": transient + grad}
+    if len(_MLP_PER_TOKEN) >= 4096:
+        _MLP_PER_TOKEN.clear()
+    _MLP_PER_TOKEN[key] = (plan, spec, (held, transient, mlp, grad))
+    return held, transient, mlp, grad
+
+
+# Keyed by the plan's and spec's identities and the setup fields read; an entry keeps both alive.
+_MLP_PER_TOKEN: dict[tuple, tuple[LoraPlan, ModelSpec, tuple[int, int, int, int]]] = {}
 
 
 def _eager_attention_backward(spec: ModelSpec, setup: Setup, plan: LoraPlan | None, t: int) -> dict[str, int]:

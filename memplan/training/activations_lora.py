@@ -11,8 +11,11 @@ Saved for backward, per adapted module and token (`module_bytes`):
 
 Held inside one adapted MLP projection's LoRA forward (`mlp_forward_moment`): the base result
 (4-bit layers also clone it), `lora_B`'s output and its product with `scaling`, then the sum with the
-result; the layer's MLP input and residual stay alive beside them. Without autocast; Mixtral's experts
-are parameter targets, not LoRA linears.
+result; the layer's MLP input and residual stay alive beside them. Without autocast.
+
+LoRA on Mixtral's expert and router parameters (`expert_lora_bytes`): PEFT's merged copies and what the
+grouped matmuls save for them. Also here, as the lowest of the activation modules: the element sizes
+they all share (`compute_bytes`, `residual_bytes`) and `GATED_FAMILIES`.
 """
 
 from __future__ import annotations
@@ -27,9 +30,8 @@ from memplan.training.activations_autocast import low_bytes
 from memplan.training.recipes import adapter_bytes, lora_under_autocast
 from memplan.training.setup import Setup
 
-__all__ = ["ATTENTION_INPUTS", "FP32", "GATED_FAMILIES", "LoraModule", "compute_bytes", "expert_lora_bytes",
-           "layer_lora_bytes", "mask_bytes",
-           "mlp_forward_moment", "mlp_saved", "module_bytes", "residual_bytes", "swiglu_saved", "uncast_input"]
+__all__ = ["ATTENTION_INPUTS", "FP32", "GATED_FAMILIES", "LoraModule", "compute_bytes", "expert_lora_bytes", "layer_lora_bytes",
+           "mask_bytes", "mlp_forward_moment", "mlp_saved", "module_bytes", "residual_bytes", "swiglu_saved", "uncast_input"]
 
 FP32 = 4
 # Llama-style decoders: RMSNorm, rotary attention, a gated (SwiGLU) MLP or Mixtral's experts.
@@ -131,8 +133,15 @@ def layer_lora_bytes(spec: ModelSpec, plan: LoraPlan | None, setup: Setup, t: in
     module's input needs a gradient (missing: yes), which decides whether its dropout mask is kept."""
     if plan is None:
         return 0
-    return t * sum((0 if masks_only else m.saved) + (m.mask if input_grad.get(m.name, True) else 0)
-                   for m in module_bytes(spec, plan, setup))
+    mods = module_bytes(spec, plan, setup)
+    if setup.lora_dropout <= 0:  # no masks (the sweep's common case)
+        return 0 if masks_only else t * sum(m.saved for m in mods)
+    return t * sum(_kept(m, input_grad) - (m.saved if masks_only else 0) for m in mods)
+
+
+def _kept(m: LoraModule, input_grad: Mapping[str, bool]) -> int:
+    """Per-token bytes module `m`'s branch saves, its dropout mask where its input needs a gradient."""
+    return m.saved + (m.mask if input_grad.get(m.name, True) else 0)
 
 
 def _branch_transient(setup: Setup, e: int, out_features: int, t: int) -> int:
@@ -161,7 +170,7 @@ def mlp_forward_moment(spec: ModelSpec, setup: Setup, plan: LoraPlan, t: int, *,
     e, r = compute_bytes(setup), residual_bytes(setup)
     h, inter = spec.hidden_size, spec.intermediate_size
     mods = {m.name: m for m in module_bytes(spec, plan, setup)}
-    lora = {n: (m.saved + (m.mask if input_grad.get(n, True) else 0)) * t for n, m in mods.items()}
+    lora = {n: _kept(m, input_grad) * t for n, m in mods.items()}
     # The MLP input (the post-attention norm's output) is lora_A's saved input when it is uncast.
     x = 0 if any(mods[n].input_saved for n in ("gate_proj", "up_proj", "gate_up_proj") if n in mods) else e * t * h
     # The residual: saved by the post-attention norm itself when the stream is fp32 (`.to(float32)` is a no-op).
@@ -222,7 +231,7 @@ def expert_lora_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan, t: int, *, 
 def mlp_saved(spec: ModelSpec, setup: Setup, plan: LoraPlan, t: int, *, gate: bool, up: bool, input_grad: Mapping[str, bool]) -> int:
     """What a finished SwiGLU MLP saves under LoRA: its modules' LoRA tensors and the SwiGLU outputs."""
     mlp = ("gate_proj", "up_proj", "gate_up_proj", "down_proj")
-    lora = sum((m.saved + (m.mask if input_grad.get(m.name, True) else 0)) * t for m in module_bytes(spec, plan, setup) if m.name in mlp)
+    lora = sum(_kept(m, input_grad) * t for m in module_bytes(spec, plan, setup) if m.name in mlp)
     return lora + swiglu_saved(setup, t, spec.intermediate_size, gate=gate, up=up)
 
 
