@@ -26,15 +26,18 @@ from memplan.training.setup import Setup
 QV = ("q_proj", "v_proj")
 
 
-def saved_by_torch(family: str, method: str, *, batch: int, seq: int, attention: str, dtype: str, rank: int = 4) -> int:
-    """Bytes of the distinct non-parameter storages autograd saves in forward + loss."""
+def saved_by_torch(family: str, method: str, *, batch: int, seq: int, attention: str, dtype: str, rank: int = 4,
+                   targets: tuple[str, ...] = QV) -> int:
+    """Bytes of the distinct non-parameter storages autograd saves in forward + loss, without a KV cache
+    (`use_cache=False`, as the profiler's step runs: a DynamicCache's copies of k and v would be saved
+    instead of the projections' own outputs, which for Phi-3's fused qkv is not the same bytes)."""
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
     cfg = TINY_CONFIGS[family]
     model = build_model(cfg, dtype=dtype)
     model.config._attn_implementation = attention
     if method == "lora":
-        model = peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(QV)))
+        model = peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets)))
     model.train()
     owned = {t.untyped_storage().data_ptr() for t in list(model.parameters()) + list(model.buffers())}
     seen: dict[int, int] = {}
@@ -48,15 +51,16 @@ def saved_by_torch(family: str, method: str, *, batch: int, seq: int, attention:
     torch.manual_seed(0)
     ids = torch.randint(1, cfg["vocab_size"], (batch, seq))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=ids, labels=ids)
+        model(input_ids=ids, labels=ids, use_cache=False)
     return sum(seen.values())
 
 
-def predicted(family: str, method: str, *, batch: int, seq: int, attention: str, dtype: str, rank: int = 4) -> int:
+def predicted(family: str, method: str, *, batch: int, seq: int, attention: str, dtype: str, rank: int = 4,
+              targets: tuple[str, ...] = QV) -> int:
     spec = spec_from_config(TINY_CONFIGS[family], name=family)
-    setup = Setup(model=family, method=method, quant=dtype, lora_rank=rank, lora_targets=QV if method == "lora" else None,
+    setup = Setup(model=family, method=method, quant=dtype, lora_rank=rank, lora_targets=targets if method == "lora" else None,
                   seq_len=seq, batch_size=batch, attention=attention, device="cpu")
-    plan = plan_lora(spec, rank, QV) if method == "lora" else None
+    plan = plan_lora(spec, rank, targets) if method == "lora" else None
     return activation_bytes(spec, setup, plan).saved
 
 
@@ -69,7 +73,7 @@ CASES = [
     ("mistral", "full", 3, 8, "sdpa", "bf16"),
     ("qwen2", "lora", 2, 16, "sdpa", "bf16"),
     # fp32 LoRA: `x.to(lora_A.weight.dtype)` is a no-op, so q_proj's and v_proj's lora_A save the
-    # same input storage (activations.py::_uncast_input), counted once.
+    # same input storage (activations_lora.py::uncast_input), counted once.
     ("llama", "lora", 2, 16, "sdpa", "fp32"),
 ]
 
@@ -78,6 +82,14 @@ CASES = [
 def test_saved_bytes_equal_what_autograd_saves(family: str, method: str, batch: int, seq: int, attention: str, dtype: str) -> None:
     kw = dict(batch=batch, seq=seq, attention=attention, dtype=dtype)
     assert predicted(family, method, **kw) == saved_by_torch(family, method, **kw)
+
+
+# Phi-3 slices q, k, v out of one fused output: SDPA's saved v keeps all of it, LoRA on qkv_proj or not;
+# full fine-tuning also saves the attention output's contiguous copy (its rope ends in torch.cat).
+@pytest.mark.parametrize("method, targets", [("lora", ("qkv_proj",)), ("lora", ("o_proj", "gate_up_proj")), ("full", ())])
+def test_phi3_saved_bytes_equal_what_autograd_saves(method: str, targets: tuple[str, ...]) -> None:
+    kw = dict(batch=2, seq=16, attention="sdpa", dtype="bf16", targets=targets)
+    assert predicted("phi3", method, **kw) == saved_by_torch("phi3", method, **kw)
 
 
 # ---- hand derivations ---------------------------------------------------------------------------------
