@@ -151,6 +151,12 @@ class ModelSpec:
         return next((t for t in self.tensors if t.component == "embeddings" and t.numel == self.vocab_size * self.hidden_size), None)
 
     @property
+    def tied_numel(self) -> int:
+        """Elements of the tied table (`tied_table`) over all its instances; 0 without one."""
+        t = self.tied_table
+        return t.numel * t.count if t is not None else 0
+
+    @property
     def linear_names(self) -> tuple[str, ...]:
         """Leaf names of the linear modules, in model order, without duplicates."""
         return tuple(dict.fromkeys(lin.name for lin in self.linears))

@@ -221,7 +221,7 @@ def _fixed_parts(spec: ModelSpec, setup: Setup) -> _Fixed:
     # A tied output head's gradient lands in the input embedding's table at the loss's backward and
     # stays through the layers' (tiny qwen2, tied, on the CPU ledger); the rest of the embeddings'
     # gradients appear only at the very end.
-    tied_table = spec.tied_table.numel * spec.tied_table.count if spec.tied_table is not None else 0
+    tied_table = spec.tied_numel
     if plan is None:
         head_grad = (sum(lin.weight_numel for lin in spec.linears if lin.is_output and not lin.tied) + tied_table) * train_itemsize
     embed_grad = (sum(t.numel * t.count for t in spec.tensors if t.component == "embeddings") - tied_table) * train_itemsize
@@ -313,7 +313,7 @@ def estimate(setup: Setup, *, model: ModelSpec | None = None, terms: DeviceTerms
         else act.first_layer
     )
     first_layer_grads = f.first_layer_grads
-    tied_sum = 2 * spec.tied_table.numel * spec.tied_table.count * f.train_itemsize if spec.tied_table is not None and plan is None else 0
+    tied_sum = 2 * spec.tied_numel * f.train_itemsize if plan is None else 0
     # (phase, gradients, activations, logits, transients) alive on top of the persistent bytes.
     # Inside a layer's MLP backward, in autograd's order (activations.py::_down_input_freed):
     # down_proj's backward runs first (its lora_A, or its trainable base matmul), holding its saved
