@@ -69,3 +69,44 @@ def test_async_calls_pass_through() -> None:
     work = _settled(_late_release(0.0))(t, async_op=True)
     assert isinstance(work, _Work)
     work.wait()
+
+
+class _BufferWork:
+    """gloo's reduce-scatter, in miniature: the worker thread fills a buffer of its own, and the
+    caller's `wait()` splits it (the split is dispatched on the caller's thread, so a ledger there sees
+    the buffer only then)."""
+
+    def __init__(self, buffer) -> None:
+        self.buffer = buffer
+
+    def wait(self) -> None:
+        self.buffer.split(self.buffer.numel() // 2)
+
+
+def _buffering_collective(nbytes: int):
+    def collective(output, *, async_op: bool = False):
+        made = []
+        worker = threading.Thread(target=lambda: made.append(torch.empty(nbytes, dtype=torch.uint8)))
+        worker.start()
+        worker.join()
+        work = _BufferWork(made[0])
+        if async_op:
+            return work
+        work.wait()
+        return None
+
+    return collective
+
+
+@pytest.mark.parametrize("settled", [False, True])
+def test_backend_buffers_stay_out_of_the_ledger_only_when_settled(settled: bool) -> None:
+    from memplan.measure.profiler.ledger import StorageLedger
+
+    nbytes = 1 << 20
+    call = _settled(_buffering_collective(nbytes)) if settled else _buffering_collective(nbytes)
+    with StorageLedger("cpu") as ledger:
+        out = torch.zeros(16)
+        base = ledger.live_bytes
+        call(out)
+        # Unsettled, the backend's buffer is counted from the caller's wait() on: the race CI met.
+        assert ledger.phase_peak_bytes - base == (0 if settled else nbytes)

@@ -103,15 +103,23 @@ def test_ranks_of_one_setup_agree(sharded_rows) -> None:
         by_setup.setdefault(s.label(), (set(), 0.01 if s.offload != "none" else 0.001))[0].add(meas)
         storages.setdefault(s.label(), {})[rank] = at_peak
     spread = {k: v for k, (v, tol) in by_setup.items() if max(v) - min(v) > tol * max(v)}
-    assert not spread, {k: (v, _storage_difference(storages[k])) for k, v in spread.items()}
+    # A string, so that pytest prints all of it (it shortens the repr of other objects).
+    assert not spread, "\n".join(f"{k}: peaks {sorted(v)}\n{_storage_difference(storages[k])}" for k, v in spread.items())
 
 
-def _storage_difference(by_rank: dict[int, list[dict]]) -> list[tuple]:
-    """What the ranks held differently at their peaks (category, origin, phase made: bytes per rank), so
-    that a disagreement names the buffer behind it."""
-    keys = {(row["category"], row["origin"], row["born"]) for rows in by_rank.values() for row in rows}
-    held = {rank: {(row["category"], row["origin"], row["born"]): row["bytes"] for row in rows} for rank, rows in by_rank.items()}
-    return sorted((k, *(held[r].get(k, 0) for r in sorted(held))) for k in keys if len({held[r].get(k, 0) for r in held}) > 1)
+def _storage_difference(by_rank: dict[int, list[dict]]) -> str:
+    """What the ranks held differently at their peaks, one line per (category, origin, phase made) with
+    its bytes on each rank, so that a disagreement names the buffer behind it."""
+    held: dict[int, dict[tuple[str, str, str], int]] = {}
+    for rank, rows in by_rank.items():
+        for row in rows:
+            key = (row["category"], row["origin"], row["born"])
+            held.setdefault(rank, {})[key] = held.get(rank, {}).get(key, 0) + row["bytes"]
+    ranks = sorted(held)
+    keys = sorted({k for per in held.values() for k in per})
+    lines = [f"  {' / '.join(k)}: " + ", ".join(f"rank {r} {held[r].get(k, 0)}" for r in ranks)
+             for k in keys if len({held[r].get(k, 0) for r in ranks}) > 1]
+    return "\n".join(lines) or "  (the same storages on every rank)"
 
 
 # Random sharded setups: reported with the matrix, held to a looser bound than the listed matrix (as the
