@@ -110,3 +110,17 @@ def test_backend_buffers_stay_out_of_the_ledger_only_when_settled(settled: bool)
         call(out)
         # Unsettled, the backend's buffer is counted from the caller's wait() on: the race CI met.
         assert ledger.phase_peak_bytes - base == (0 if settled else nbytes)
+
+
+def test_an_asynchronous_works_wait_keeps_the_backends_buffer_out_of_the_ledger() -> None:
+    # The same buffer reached through an async call's work, whose wait() settle_collectives wraps.
+    from memplan.measure.profiler.collectives import _unseen
+    from memplan.measure.profiler.ledger import StorageLedger
+
+    nbytes = 1 << 20
+    with StorageLedger("cpu") as ledger:
+        base = ledger.live_bytes
+        work = _buffering_collective(nbytes)(torch.zeros(16), async_op=True)
+        _unseen(type(work).wait)(work)
+        del work
+        assert ledger.phase_peak_bytes - base == 64  # the 16 fp32 output, the ledger's only entry

@@ -258,11 +258,8 @@ def _fsdp2(model: Any, setup: Setup, ctx: RankContext) -> _Fsdp2:
 
 
 def wrap_fsdp(model: Any, setup: Setup, ctx: RankContext) -> _TorchWrapped:
-    """FSDP1 or FSDP2 (`setup.fsdp_version`) around `model`, with its optimizer; its collectives release
-    their tensors as the library drops them (`collectives.settle_collectives`)."""
-    from memplan.measure.profiler.collectives import settle_collectives
-
-    settle_collectives()
+    """FSDP1 or FSDP2 (`setup.fsdp_version`) around `model`, with its optimizer (on gloo, its
+    collectives are settled: `sharded.py` calls `collectives.settle_collectives`)."""
     return _fsdp2(model, setup, ctx) if setup.fsdp_version == 2 else _fsdp1(model, setup, ctx)
 
 

@@ -258,6 +258,10 @@ def main(argv: list[str]) -> int:
     collective_s = 2 * float(per_setup) + 60 if per_setup else 600.0
     dist.init_process_group(ctx.backend, timeout=datetime.timedelta(seconds=collective_s),
                             device_id=ctx.device if ctx.device.type == "cuda" else None)
+    if ctx.backend == "gloo":  # before DeepSpeed's backend binds the collectives it calls
+        from memplan.measure.profiler.collectives import settle_collectives
+
+        settle_collectives()
     try:
         for j, job in enumerate(group["jobs"]):
             record = profile_rank(Setup.from_dict(job["setup"]), ctx, layers=job.get("layers"), steps=int(job["steps"]),
