@@ -1,4 +1,5 @@
-"""Synchronous collectives whose tensors are released when the caller's last reference goes.
+"""gloo collectives as the ledger should see them: tensors released when the library's last reference
+goes, and the backend's own buffers not seen at all.
 
 gloo runs each collective on a worker thread (`ProcessGroupGloo::runLoop`), which keeps its own
 handle on the work, and with it the work's tensors, until it has finished the work and moved on.
@@ -16,7 +17,8 @@ worker thread, which the ledger (a dispatch mode, thread-local) does not see bei
 the caller's `wait()` then splits on the main thread, so the ledger registers it there and frees it
 whenever the worker drops the work. That buffer's lifetime is the worker's timing, and NCCL, which
 reduce-scatters in place into FSDP's output, has no such buffer (CI: tiny llama full bf16 gc FSDP2
-ws 2, ranks 13.30 vs 13.78 MB; locally 6 of the 48 reduce-scatters of two FSDP2 LoRA runs had their buffer die on gloo's thread).
+ws 2, ranks 13.30 vs 13.78 MB; locally 6 of the 48 reduce-scatters of two FSDP2 LoRA runs had their
+buffer die on gloo's thread).
 
 `settle_collectives()`, for a gloo process group, makes the synchronous calls FSDP1 and FSDP2
 (`all_gather_single`, `reduce_scatter_single`, `all_reduce` in `torch/distributed/fsdp`) and
