@@ -26,7 +26,7 @@ _QLORA = dict(method="lora", quant="nf4", compute_dtype="bf16", quant_storage="b
 
 def fsdp_setups() -> list[Setup]:
     """FSDP1 and FSDP2 (full shard and shard-grad-op) and DDP over full bf16, LoRA bf16 and QLoRA,
-    with and without checkpointing, at 96 to 306 tokens: 15 runs, 30 records."""
+    with and without checkpointing, at 37 to 306 tokens: 16 runs, 32 records."""
     rows: list[dict[str, Any]] = [
         # 96 tokens (fewer than the hidden size): the layers' unsharded gradients, not their activations,
         # set the peak (FSDP1: a layer's post-backward; FSDP2: layer 0's input-norm backward).
@@ -49,6 +49,9 @@ def fsdp_setups() -> list[Setup]:
         # forward is the peak (6 query heads over 1 KV head, a 116-token vocabulary); -19.2% before.
         dict(parallel="fsdp", fsdp_version=1, **_QLORA, model=TINY_PHI3_GQA, lora_rank=4, lora_targets=("all-linear",),
              grad_checkpointing=True, seq_len=153, batch_size=2),
+        # FSDP2 shard-grad-op peaking at the loss: the whole model gathered and the tail's flat all-gather
+        # output (a random llama full s37 b1 draw: -6.5% without that output; this row -1.3%).
+        dict(parallel="fsdp_shard_grad_op", fsdp_version=2, method="full", quant="bf16", model=TINY_PHI3, seq_len=37, batch_size=1),
     ]
     return [Setup(**{**_BASE, **row}) for row in rows]
 
