@@ -23,7 +23,7 @@ from memplan.training.modules_to_save import add_saved_copies, saved_copies
 from memplan.training.setup import Setup
 from memplan.training.shard_inventory import layer_split, parameter_inventory
 from memplan.training.parallel import is_fsdp
-from memplan.training.sharding import SAME_AS, LayoutTerms, ShardedMemory, layout_terms
+from memplan.training.sharding import LayoutTerms, ShardedMemory, layout_terms
 from memplan.model.spec import ModelSpec
 from memplan.model.storage import FLOAT_BYTES, WeightBytes, is_quantized, weight_bytes
 
@@ -381,8 +381,8 @@ def estimate(setup: Setup, *, model: ModelSpec | None = None, terms: DeviceTerms
         # Per rank: gradients as the layout keeps them, its buffers in flight, its step temporaries.
         # The optimizer steps over the rank's shard: its temporaries shrink with it.
         step_temp = layout.step_temp if layout.step_temp is not None else opt_temp * layout.gradients(grads) // grads if grads else 0
-        phases = tuple((name, layout.gradients_in(SAME_AS.get(name, name), g), a, lg, (step_temp if name == "optimizer_step" else t)
-                        + layout.inflight.get(SAME_AS.get(name, name), 0) + layout.phase_buffers.get(SAME_AS.get(name, name), 0))
+        phases = tuple((name, layout.gradients_in(name, g), a, lg, (step_temp if name == "optimizer_step" else t)
+                        + layout.inflight_in(name) + layout.buffers_in(name))
                        for name, g, a, lg, t in phases)
     best, best_alive = phases[0], -1
     for phase in phases:  # the first phase wins a tie
@@ -394,8 +394,8 @@ def estimate(setup: Setup, *, model: ModelSpec | None = None, terms: DeviceTerms
     overhead = terms.overhead_bytes(best_total)
     peak = best_total + overhead
     if layout is not None:
-        gathered = layout.inflight.get(SAME_AS.get(best_phase, best_phase), 0)
-        phase_buffers = layout.phase_buffers.get(SAME_AS.get(best_phase, best_phase), 0)
+        gathered = layout.inflight_in(best_phase)
+        phase_buffers = layout.buffers_in(best_phase)
         lm = layout.memory
         resident_parts = {"weights": lm.parameters - lm.adapters, "adapters": lm.adapters, "optimizer_states": lm.optimizer_states,
                           "master_weights": lm.master_weights, "comm_buffers": lm.comm_buffers + phase_buffers, "gathered": gathered}

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 from memplan.model.storage import FLOAT_BYTES, is_four_bit
 from memplan.training.parallel import is_fsdp, is_zero
-from memplan.training.sharding import SAME_AS, zero_buckets
+from memplan.training.sharding import same_as, zero_buckets
 from memplan.units import format_bytes
 
 if TYPE_CHECKING:
@@ -48,6 +48,18 @@ _FSDP_PEAK: dict[int, dict[str, str]] = {
     },
 }
 
+# Shard-grad-op (reshard_after_forward=False) keeps each group gathered from its forward to its backward.
+_SHARD_GRAD_OP: dict[str, str] = {
+    "forward_layers": "every group gathered so far (shard-grad-op keeps each until its backward) and the running "
+                      "layer's flat all-gather output",
+    "forward": "the whole model gathered (shard-grad-op keeps each group until its backward) and the last group's "
+               "flat all-gather output",
+    "backward_loss": "the whole model gathered (shard-grad-op keeps each group until its backward)",
+    "backward_layers": "every group whose backward has not run yet, gathered since the forward",
+    "backward_layer_norm": "every group whose backward has not run yet, gathered since the forward, and the layer's "
+                           "unsharded gradients",
+}
+
 
 def sharding_notes(est: "Estimate") -> list[str]:
     s, sh = est.setup, est.sharding
@@ -57,7 +69,8 @@ def sharding_notes(est: "Estimate") -> list[str]:
            "NCCL's own buffers and communication time are not counted"]
     if is_fsdp(s.parallel):
         gathered = est.peak_parts.get("gathered", 0)
-        why = _FSDP_PEAK[s.fsdp_version].get(SAME_AS.get(est.memory.peak_phase, est.memory.peak_phase))
+        table = {**_FSDP_PEAK[s.fsdp_version], **(_SHARD_GRAD_OP if s.parallel == "fsdp_shard_grad_op" else {})}
+        why = table.get(same_as(est.memory.peak_phase, table))
         if why and gathered:
             out.append(f"FSDP{s.fsdp_version} holds {format_bytes(gathered)} of unsharded parameters and gradient buffers at "
                        f"the peak ({est.memory.peak_phase}: {why})")

@@ -39,8 +39,8 @@ gradient accumulation (it does not change the peak).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
-from typing import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Container, Sequence
 
 from memplan.model.storage import FLOAT_BYTES
 from memplan.training.optim import optimizer_bytes
@@ -96,7 +96,17 @@ class LayoutTerms:
     phase_gradients: dict[str, int] = field(default_factory=dict)
 
     def gradients_in(self, phase: str, single: int) -> int:
-        return self.phase_gradients[phase] if phase in self.phase_gradients else self.gradients(single)
+        """The rank's gradient bytes in `phase`, whose single-process gradient bytes are `single`."""
+        known = same_as(phase, self.phase_gradients)
+        return self.phase_gradients[known] if known in self.phase_gradients else self.gradients(single)
+
+    def inflight_in(self, phase: str) -> int:
+        """Gathered parameters (and FSDP's flat buffers) alive in `phase`."""
+        return self.inflight.get(same_as(phase, self.inflight), 0)
+
+    def buffers_in(self, phase: str) -> int:
+        """Communication buffers alive only in some phases, alive in `phase`."""
+        return self.phase_buffers.get(same_as(phase, self.phase_buffers), 0)
 
 
 def shard_group(setup: Setup) -> int:
@@ -113,25 +123,25 @@ def zero_buckets(setup: Setup, hidden: int) -> tuple[int, int, int, int]:
     return hidden * hidden, int(0.9 * hidden * hidden), ZERO_MAX_LIVE, 10 * hidden
 
 
-# Moments estimate.py tells apart that no layout does: each holds the buffers, and the gradients, of the
-# phase named (the rebuilt layer's MLP forward those of its backward, the final norm's backward those of
-# the loss's, the attention's softmax backward those of the input-norm backward after it).
-SAME_AS = {"forward_mlp": "forward_layers", "backward_final_norm": "backward_loss", "backward_recompute": "backward_layers",
-           "backward_attention": "backward_layer_norm"}
+# Moments estimate.py tells apart that a layout may not: where a layout's table has no figure for one, it
+# holds what the phase named here holds, followed until the table has one (the rebuilt layer's MLP
+# forward holds the buffers and gradients of its backward; the final norm's backward those of the
+# loss's; the attention's softmax backward those of the input-norm backward after it, and that, under
+# ZeRO, whose gathered parameters and buckets do not change inside one layer's backward, those of the
+# layer's SwiGLU backward).
+SAME_AS = {"forward_mlp": "forward_layers", "forward_layers": "forward", "backward_final_norm": "backward_loss",
+           "backward_recompute": "backward_layers", "backward_attention": "backward_layer_norm",
+           "backward_layer_norm": "backward_layers", "backward_layer_end": "backward_layers",
+           "backward_first_layer_norm": "backward_first_layer"}
 
-# The moments inside a layer's backward that follow its SwiGLU backward (estimate.py's phases) and the
-# phase whose buffers they share when a layout does not tell them apart.
-_LAYER_MOMENTS = {"forward_layers": "forward", "backward_layer_norm": "backward_layers", "backward_layer_end": "backward_layers",
-                  "backward_first_layer_norm": "backward_first_layer"}
 
-
-def _same_buffers_at_layer_moments(terms: LayoutTerms) -> LayoutTerms:
-    """ZeRO's gathered parameters and buckets do not change inside one layer's backward: its later
-    moments hold what its SwiGLU backward holds."""
-    def fill(d: dict[str, int]) -> dict[str, int]:
-        return {**{k: d[v] for k, v in _LAYER_MOMENTS.items() if v in d}, **d}
-
-    return replace(terms, inflight=fill(terms.inflight), phase_buffers=fill(terms.phase_buffers))
+def same_as(phase: str, known: Container[str]) -> str:
+    """The phase whose entry in `known` stands for `phase` (`SAME_AS`, followed until `known` has one);
+    `phase` itself when none has."""
+    at = phase
+    while at not in known and at in SAME_AS:
+        at = SAME_AS[at]
+    return at if at in known else phase
 
 
 def _ceil(a: int, b: int) -> int:
@@ -168,8 +178,8 @@ def layout_terms(setup: Setup, inv: Sequence[ParamEntry], *, layers: int, hidden
     if is_zero(p):
         from memplan.training.sharding_zero import zero_terms
 
-        return _same_buffers_at_layer_moments(zero_terms(setup, inv, n, layers=layers, hidden=hidden, quant_state=quant_state,
-                                                         buffers=buffers, train_itemsize=train_itemsize, single_grads=single_grads))
+        return zero_terms(setup, inv, n, layers=layers, hidden=hidden, quant_state=quant_state, buffers=buffers,
+                          train_itemsize=train_itemsize, single_grads=single_grads)
     if is_fsdp(p):
         return _fsdp(setup, inv, n, layers=layers, quant_state=quant_state, buffers=buffers, train_itemsize=train_itemsize,
                      single_grads=single_grads, head_grad=head_grad, first_layer_grads=first_layer_grads, down_grad=down_grad)
