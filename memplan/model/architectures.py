@@ -220,7 +220,9 @@ def _gemma2(c: _Cfg) -> dict[str, Any]:
 
 
 def _phi3(c: _Cfg) -> dict[str, Any]:
-    return _decoder(c, qkv_bias=False, o_bias=False, mlp_bias=False, tie_default=False, fused=True)
+    d = _decoder(c, qkv_bias=False, o_bias=False, mlp_bias=False, tie_default=False, fused=True)
+    d["rope_concatenates"] = True  # modeling_phi3.py::apply_rotary_pos_emb: torch.cat([rotated, passed])
+    return d
 
 
 def _gpt2(c: _Cfg) -> dict[str, Any]:

@@ -117,6 +117,11 @@ class ModelSpec:
     # Gemma2's tanh softcapping of the attention scores and of the logits (None: off).
     attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None
+    # A rotary embedding that ends in `torch.cat` (Phi-3's partial rotary: `modeling_phi3.py::
+    # apply_rotary_pos_emb`) returns a head-major q, so SDPA's output is head-major too and
+    # `sdpa_attention.py`'s `attn_output.transpose(1, 2).contiguous()` copies it (elementwise rope, as
+    # llama's, keeps q's token-major strides and the transpose is free).
+    rope_concatenates: bool = False
     source: str = ""
     config: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -155,6 +160,11 @@ class ModelSpec:
         """Elements of the tied table (`tied_table`) over all its instances; 0 without one."""
         t = self.tied_table
         return t.numel * t.count if t is not None else 0
+
+    @property
+    def fused_qkv(self) -> bool:
+        """q, k and v come out of one projection (Phi-3's qkv_proj), of whose output v is a slice."""
+        return any(lin.name == "qkv_proj" for lin in self.linears)
 
     @property
     def linear_names(self) -> tuple[str, ...]:

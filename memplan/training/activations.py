@@ -300,12 +300,11 @@ def _layer_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan | None, *, input_
             # The roped q and k, v, the output and the fp32 logsumexp. Phi-3 slices v out of the fused
             # qkv output (`modeling_phi3.py::Phi3Attention.forward`), so SDPA's saved v keeps all of it
             # (ledger, tiny phi3 GQA 6/1 heads, full and LoRA: the whole qkv output alive, -7.4% before).
-            v = e * t * (a + 2 * kv) if spec.model_type == "phi3" else e * t * kv
+            v = e * t * (a + 2 * kv) if spec.fused_qkv else e * t * kv
             total += e * t * (a + kv) + v + e * t * a + FP32 * b * spec.num_heads * s
-            if spec.model_type == "phi3" and full:
-                # Phi-3's rope ends in `torch.cat`, so q (and SDPA's output) are head-major and
-                # `transpose(1, 2).contiguous()` copies the output: a trainable o_proj saves that copy.
-                # Ledger: tiny phi3 full bf16, `sdpa_attention.py` clone alive per layer.
+            if spec.rope_concatenates and full:
+                # SDPA's output is head-major, and its `transpose(1, 2).contiguous()` a copy, which a
+                # trainable o_proj saves. Ledger: tiny phi3 full bf16, `sdpa_attention.py` clone alive per layer.
                 total += e * t * a
         if full:
             total += e * t * h  # q/k/v input (the norm output), shared by the three

@@ -121,11 +121,14 @@ def autocast_layer_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan | None, *
         total += lo * t * a if full else 0  # o_proj input (a fresh contiguous copy)
     else:
         total += lo * t * (2 * a + 2 * kv) + FP32 * b * spec.num_heads * s
-        if any(lin.name == "qkv_proj" for lin in layer_lins):
-            # Phi-3: SDPA saves v as a strided view of the fused qkv output, keeping all of it
-            # alive, and (full) o_proj saves a fresh contiguous copy of SDPA's output
-            # (measured on the CPU ledger; llama-style layers share SDPA's output storage).
-            total += lo * t * (a + kv) + (lo * t * a if full else 0)
+        if spec.fused_qkv:
+            # Phi-3: SDPA saves v as a strided view of the fused qkv output, keeping all of it alive
+            # (measured on the CPU ledger).
+            total += lo * t * (a + kv)
+        if spec.rope_concatenates and full:
+            # A head-major SDPA output: o_proj saves its fresh contiguous copy (llama-style layers
+            # share SDPA's output storage).
+            total += lo * t * a
     # SwiGLU: gate output, activation output, up output.
     total += 3 * lo * t * inter
     return total
