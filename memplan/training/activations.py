@@ -51,6 +51,7 @@ from memplan.training.activations_zero3 import zero3_head_input, zero3_linear_in
 from memplan.training.activations_lora import (ATTENTION_INPUTS, FP32, GATED_FAMILIES, compute_bytes, expert_lora_bytes,
                                                layer_lora_bytes, mask_bytes, mlp_forward_moment, mlp_saved, module_bytes, residual_bytes,
                                                swiglu_saved)
+from memplan.training.activations_mask import eager_masks
 from memplan.training.modules_to_save import saved_copies
 from memplan.model.lora import LoraPlan
 from memplan.training.recipes import adapter_bytes, fused_lm_head, input_require_grads, lora_under_autocast
@@ -97,6 +98,16 @@ class ActivationBytes:
     mlp_forward_transient: int = 0
     mlp_recompute_layer: int = 0
     mlp_recompute_transient: int = 0
+    # Eager attention's masks (activations_mask.py): those checkpointed layers keep as arguments until
+    # layer 0's backward, as they keep the rotary tables; the others, alive inside the layers' forward.
+    kept_masks: int = 0
+    forward_masks: int = 0
+
+    @property
+    def layer_inputs(self) -> int:
+        """What every layer takes and the step keeps until layer 0's backward: the rotary tables, and
+        eager attention's masks under checkpointing (both counted in `head` too)."""
+        return self.rotary + self.kept_masks
 
     @property
     def saved(self) -> int:
@@ -372,6 +383,11 @@ def activation_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan | None) -> Ac
             head += 2 * e * t * h + INT64 * t
     else:
         head = classic_head_bytes(spec, setup, e=e, lm_head_grad=full)
+    # Eager attention's masks: kept as checkpointed layers' arguments (with the rotary tables), or alive
+    # only inside the layers' forward (activations_mask.py).
+    masks_made, masks_taken = eager_masks(spec, setup)
+    masks_kept = masks_taken if setup.grad_checkpointing else 0
+    head += masks_kept
     if saved_copies(spec, setup).head_numel and not (fused_lm_head(setup) and spec.is_causal_lm):
         # A trainable `modules_to_save` copy of lm_head saves its input (the final norm's output,
         # cast to the low dtype under autocast) for its weight gradient, as full fine-tuning does.
@@ -403,6 +419,8 @@ def activation_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan | None) -> Ac
         logits_backward_extra=logits_bwd,
         layer_backward_extra=layer_bwd,
         rotary=rotary,
+        kept_masks=masks_kept,
+        forward_masks=masks_made - masks_kept,
         down_input_freed=_down_input_freed(spec, setup, plan, t),
         down_backward=_down_backward(spec, setup, plan, t),
         # Observed on the CPU ledger (torch 2.13): one compute-dtype tokens x intermediate

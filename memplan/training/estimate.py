@@ -338,9 +338,9 @@ def estimate(setup: Setup, *, model: ModelSpec | None = None, terms: DeviceTerms
         # Inside the forward of the last layer but one: the layers before it have saved their tensors,
         # the running layer holds a tokens x intermediate output beyond them. Never a single process's
         # peak; a sharded layout holds a layer twice there (FSDP2: its own flat all-gather output).
-        ("forward_layers", 0, below_top + act.rotary, 0, e_tokens_inter),
+        ("forward_layers", 0, below_top + act.layer_inputs + act.forward_masks, 0, e_tokens_inter),
         # Without checkpointing: the top layer inside its worst adapted MLP projection's LoRA forward.
-        *((("forward_mlp", 0, below_top + act.rotary + act.mlp_forward_layer, 0, act.mlp_forward_transient),)
+        *((("forward_mlp", 0, below_top + act.layer_inputs + act.forward_masks + act.mlp_forward_layer, 0, act.mlp_forward_transient),)
           if act.mlp_forward_transient else ()),
         ("forward", 0, acts, act.logits_saved, max(act.logits_forward_extra, dequant) + weight_cache),
         ("backward_loss", 0, acts, act.logits_saved, max(act.logits_backward_extra, dequant)),
@@ -348,27 +348,27 @@ def estimate(setup: Setup, *, model: ModelSpec | None = None, terms: DeviceTerms
         # residual stream beside them): the logits and lm_head's input are gone, every layer's saved
         # tensors remain. The peak where the vocabulary is small (ledger: tiny phi3 LoRA qkv_proj s153 b2,
         # 116-token vocabulary: the five by name, -7.6% before).
-        *((("backward_final_norm", head_grad, act.layers + act.rotary + norm_saved, 0, norm_backward - residual_grad),)
+        *((("backward_final_norm", head_grad, act.layers + act.layer_inputs + norm_saved, 0, norm_backward - residual_grad),)
           if gated else ()),
         # With checkpointing: the rebuilt top layer inside its worst adapted MLP projection's LoRA forward,
         # beside the gradient of the layer's output.
-        *((("backward_recompute", head_grad, act.layers + act.rotary + act.mlp_recompute_layer, 0,
+        *((("backward_recompute", head_grad, act.layers + act.layer_inputs + act.mlp_recompute_layer, 0,
             act.mlp_recompute_transient + residual_grad),) if act.mlp_recompute_transient else ()),
         # The final norm and the loss have been through backward: only the layers' saved
-        # tensors (and the rotary tables) remain, plus one rebuilt layer.
+        # tensors (and what every layer takes: the rotary tables, eager masks) remain, plus one rebuilt layer.
         # The top layer's SwiGLU backward: its down_proj's weight gradient exists (full fine-tuning).
-        ("backward_layers", head_grad + f.down_grad, act.layers + act.rotary + act.recompute_layer, 0, layer_transients),
+        ("backward_layers", head_grad + f.down_grad, act.layers + act.layer_inputs + act.recompute_layer, 0, layer_transients),
         # Eager attention only: the top (or rebuilt) layer's softmax backward, after its MLP's
         # (activations._eager_attention_backward), beside the residual and attention-output gradients.
-        *((("backward_attention", head_grad + f.layer_grads, act.layers + act.rotary + act.recompute_layer - act.attention_freed,
+        *((("backward_attention", head_grad + f.layer_grads, act.layers + act.layer_inputs + act.recompute_layer - act.attention_freed,
              0, act.attention_backward + residual_grad + compute_bytes(setup) * tokens * spec.num_heads * spec.head_dim),)
           if act.attention_backward else ()),
         # The top layer's input-norm backward, then its end: all its weight gradients exist (full
         # fine-tuning), the layers below keep their saved tensors (checkpointing: every layer's input).
-        ("backward_layer_norm", head_grad + f.layer_grads, below_top + norm_saved + act.rotary, 0, norm_backward),
-        ("backward_layer_end", head_grad + f.layer_grads, below_top + act.rotary, 0, residual_grad),
-        ("backward_first_layer", first_layer_grads, first_layer_acts + act.rotary, 0, layer_transients),
-        ("backward_first_layer_norm", all_but_embedding, residual_grad + norm_saved + act.rotary, 0, norm_backward),
+        ("backward_layer_norm", head_grad + f.layer_grads, below_top + norm_saved + act.layer_inputs, 0, norm_backward),
+        ("backward_layer_end", head_grad + f.layer_grads, below_top + act.layer_inputs, 0, residual_grad),
+        ("backward_first_layer", first_layer_grads, first_layer_acts + act.layer_inputs, 0, layer_transients),
+        ("backward_first_layer_norm", all_but_embedding, residual_grad + norm_saved + act.layer_inputs, 0, norm_backward),
         # A tied table's two gradients meet here: autograd's input buffer has held the head's since the
         # loss's backward, the embedding's arrives, and `InputBuffer::add` sums them out of place before
         # AccumulateGrad takes the sum (ledger: tiny bert and phi3 full bf16, tied, three vocab x hidden
