@@ -507,7 +507,7 @@ def _eager_attention_backward(spec: ModelSpec, setup: Setup, plan: LoraPlan | No
     fp32 batch x heads x s x s transients. Released by then and subtracted: the compute-dtype
     probabilities, the norms after the attention (`_norm_bytes`), the SwiGLU MLP's saved outputs
     (gate, activation, up; with a trainable base also its two inputs) and a trainable o_proj's
-    input. The MLP's LoRA inputs are released too and are not subtracted (a small over-count). Ledger: tiny gemma2 full bf16 eager
+    input, and the LoRA branches of o_proj and the MLP. Ledger: tiny gemma2 full bf16 eager
     s102 b3 (one layer, 44-token vocabulary) -14.7% at backward_loss before, +4.4% now (its q,
     counted here, was released too); tiny qwen2 LoRA bf16 eager s700 b1 -2.1% before, +0.3% now.
     Without autocast; GPT-2 and BERT: `activations_classic.classic_attention_backward`."""
@@ -531,4 +531,13 @@ def _eager_attention_backward(spec: ModelSpec, setup: Setup, plan: LoraPlan | No
             freed += e * t * (spec.hidden_size + spec.intermediate_size)
     if setup.method == "full":
         freed += e * t * spec.num_heads * spec.head_dim  # o_proj's input, saved for its weight gradient
+    if plan is not None:
+        # The LoRA branches whose backward has run (o_proj's, the MLP's): what they saved of their own
+        # (A's output, a cast or dropped input, the dropout mask), not an uncast module input, which the
+        # layer may hold for more than the branch. Ledger: random gemma2 fp32 LoRA all-linear dropout 0.05,
+        # eager s185 b4 gc (one layer): the four fp32 score-sized tensors and none of those branches' own
+        # tensors at the peak.
+        flags = only.lora_inputs
+        freed += t * sum(m.saved - m.input_part + (m.mask if flags.get(m.name, True) else 0)
+                         for m in module_bytes(spec, plan, setup) if m.name not in ATTENTION_INPUTS)
     return {"attention_backward": 2 * FP32 * probs, "attention_freed": freed}

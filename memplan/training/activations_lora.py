@@ -80,6 +80,7 @@ class LoraModule:
     saved: int  # A's output and lora_A's input (0 for the input where a shared uncast input is counted already)
     mask: int  # the dropout mask, kept only where the module input needs a gradient
     input_saved: bool  # `saved` includes the module input itself (uncast, no dropout)
+    input_part: int = 0  # that input's bytes per token (0 unless `input_saved`)
 
 
 def module_bytes(spec: ModelSpec, plan: LoraPlan, setup: Setup) -> tuple[LoraModule, ...]:
@@ -123,7 +124,8 @@ def _module_bytes(spec: ModelSpec, plan: LoraPlan, setup: Setup) -> tuple[LoraMo
                 saved += ab * lin.in_features
                 input_saved = True
         mask = mask_bytes(setup, FP32) * lin.in_features if dropout else 0
-        out.append(LoraModule(lin.name, lin.in_features, lin.out_features, saved, mask, input_saved))
+        out.append(LoraModule(lin.name, lin.in_features, lin.out_features, saved, mask, input_saved,
+                              ab * lin.in_features if input_saved else 0))
     return tuple(out)
 
 
