@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from memplan.training.activations_autocast import autocast_head_bytes, autocast_layer_bytes, low_bytes
 from memplan.training.activations_classic import classic_attention_backward, classic_head_bytes, classic_layer_bytes
 from memplan.training.activations_zero3 import zero3_head_input, zero3_linear_inputs
-from memplan.training.activations_lora import (ATTENTION_INPUTS, FP32, GATED_FAMILIES, compute_bytes, expert_lora_bytes,
+from memplan.training.activations_lora import (ATTENTION_INPUTS, FP32, GATED_FAMILIES, compute_bytes, expert_lora_bytes, kept_bytes,
                                                layer_lora_bytes, mask_bytes, mlp_forward_moment, mlp_saved, module_bytes, residual_bytes,
                                                swiglu_saved)
 from memplan.training.activations_mask import eager_masks
@@ -538,6 +538,5 @@ def _eager_attention_backward(spec: ModelSpec, setup: Setup, plan: LoraPlan | No
         # eager s185 b4 gc (one layer): the four fp32 score-sized tensors and none of those branches' own
         # tensors at the peak.
         flags = only.lora_inputs
-        freed += t * sum(m.saved - m.input_part + (m.mask if flags.get(m.name, True) else 0)
-                         for m in module_bytes(spec, plan, setup) if m.name not in ATTENTION_INPUTS)
+        freed += t * sum(kept_bytes(m, flags) - m.input_part for m in module_bytes(spec, plan, setup) if m.name not in ATTENTION_INPUTS)
     return {"attention_backward": 2 * FP32 * probs, "attention_freed": freed}

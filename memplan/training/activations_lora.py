@@ -31,7 +31,7 @@ from memplan.training.recipes import adapter_bytes, lora_under_autocast
 from memplan.training.setup import Setup
 
 __all__ = ["ATTENTION_INPUTS", "FP32", "GATED_FAMILIES", "LoraModule", "compute_bytes", "expert_lora_bytes", "layer_lora_bytes",
-           "mask_bytes", "mlp_forward_moment", "mlp_saved", "module_bytes", "residual_bytes", "swiglu_saved", "uncast_input"]
+           "kept_bytes", "mask_bytes", "mlp_forward_moment", "mlp_saved", "module_bytes", "residual_bytes", "swiglu_saved", "uncast_input"]
 
 FP32 = 4
 # Llama-style decoders: RMSNorm, rotary attention, a gated (SwiGLU) MLP or Mixtral's experts.
@@ -79,8 +79,12 @@ class LoraModule:
     out_features: int
     saved: int  # A's output and lora_A's input (0 for the input where a shared uncast input is counted already)
     mask: int  # the dropout mask, kept only where the module input needs a gradient
-    input_saved: bool  # `saved` includes the module input itself (uncast, no dropout)
-    input_part: int = 0  # that input's bytes per token (0 unless `input_saved`)
+    input_part: int  # bytes per token of `saved` that are the module input itself (uncast, no dropout), else 0
+
+    @property
+    def input_saved(self) -> bool:
+        """`saved` includes the module input itself."""
+        return self.input_part > 0
 
 
 def module_bytes(spec: ModelSpec, plan: LoraPlan, setup: Setup) -> tuple[LoraModule, ...]:
@@ -112,7 +116,7 @@ def _module_bytes(spec: ModelSpec, plan: LoraPlan, setup: Setup) -> tuple[LoraMo
     for lin in plan.targets:
         if lin.count != spec.num_layers:  # lm_head / MLM head: counted in the head
             continue
-        saved, input_saved = ab * plan.rank, False
+        saved, input_part = ab * plan.rank, 0
         if dropout or not uncast_input(setup):
             # Ledger: tiny qwen2 fp4 kbit-prep q,v dropout 0.1: v_proj's dropout output was missing.
             saved += ab * lin.in_features
@@ -121,11 +125,10 @@ def _module_bytes(spec: ModelSpec, plan: LoraPlan, setup: Setup) -> tuple[LoraMo
             group = _SHARED_INPUT.get(lin.name, lin.name)
             if group not in shared_inputs and lin.name != "o_proj":
                 shared_inputs.add(group)
-                saved += ab * lin.in_features
-                input_saved = True
+                input_part = ab * lin.in_features
+                saved += input_part
         mask = mask_bytes(setup, FP32) * lin.in_features if dropout else 0
-        out.append(LoraModule(lin.name, lin.in_features, lin.out_features, saved, mask, input_saved,
-                              ab * lin.in_features if input_saved else 0))
+        out.append(LoraModule(lin.name, lin.in_features, lin.out_features, saved, mask, input_part))
     return tuple(out)
 
 
@@ -138,10 +141,10 @@ def layer_lora_bytes(spec: ModelSpec, plan: LoraPlan | None, setup: Setup, t: in
     mods = module_bytes(spec, plan, setup)
     if setup.lora_dropout <= 0:  # no masks (the sweep's common case)
         return 0 if masks_only else t * sum(m.saved for m in mods)
-    return t * sum(_kept(m, input_grad) - (m.saved if masks_only else 0) for m in mods)
+    return t * sum(kept_bytes(m, input_grad) - (m.saved if masks_only else 0) for m in mods)
 
 
-def _kept(m: LoraModule, input_grad: Mapping[str, bool]) -> int:
+def kept_bytes(m: LoraModule, input_grad: Mapping[str, bool]) -> int:
     """Per-token bytes module `m`'s branch saves, its dropout mask where its input needs a gradient."""
     return m.saved + (m.mask if input_grad.get(m.name, True) else 0)
 
@@ -172,7 +175,7 @@ def mlp_forward_moment(spec: ModelSpec, setup: Setup, plan: LoraPlan, t: int, *,
     e, r = compute_bytes(setup), residual_bytes(setup)
     h, inter = spec.hidden_size, spec.intermediate_size
     mods = {m.name: m for m in module_bytes(spec, plan, setup)}
-    lora = {n: _kept(m, input_grad) * t for n, m in mods.items()}
+    lora = {n: kept_bytes(m, input_grad) * t for n, m in mods.items()}
     # The MLP input (the post-attention norm's output) is lora_A's saved input when it is uncast.
     x = 0 if any(mods[n].input_saved for n in ("gate_proj", "up_proj", "gate_up_proj") if n in mods) else e * t * h
     # The residual: saved by the post-attention norm itself when the stream is fp32 (`.to(float32)` is a no-op).
@@ -233,7 +236,7 @@ def expert_lora_bytes(spec: ModelSpec, setup: Setup, plan: LoraPlan, t: int, *, 
 def mlp_saved(spec: ModelSpec, setup: Setup, plan: LoraPlan, t: int, *, gate: bool, up: bool, input_grad: Mapping[str, bool]) -> int:
     """What a finished SwiGLU MLP saves under LoRA: its modules' LoRA tensors and the SwiGLU outputs."""
     mlp = ("gate_proj", "up_proj", "gate_up_proj", "down_proj")
-    lora = sum(_kept(m, input_grad) * t for m in module_bytes(spec, plan, setup) if m.name in mlp)
+    lora = sum(kept_bytes(m, input_grad) * t for m in module_bytes(spec, plan, setup) if m.name in mlp)
     return lora + swiglu_saved(setup, t, spec.intermediate_size, gate=gate, up=up)
 
 

@@ -27,15 +27,17 @@ __all__ = ["eager_masks"]
 
 def _layer_types(spec: ModelSpec) -> list[str]:
     """Each layer's attention type as the config gives it (`layer_types`), or as the family's config class
-    fills it in: Gemma2 alternates sliding and full from layer 0 (`Gemma2Config.__init__`), Qwen2 slides
-    from `max_window_layers` on when `use_sliding_window` (`Qwen2Config.__init__`)."""
+    fills it in (`__post_init__`): Gemma2 alternates sliding and full from layer 0; Qwen2 slides from
+    `max_window_layers` (default 28) on when `use_sliding_window` and `sliding_window` (default 4096) is
+    set."""
     given = spec.config.get("layer_types")
     if isinstance(given, list) and len(given) == spec.num_layers:
         return [str(x) for x in given]
     if spec.model_type == "gemma2":
         return ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(spec.num_layers)]
-    if spec.model_type == "qwen2" and spec.config.get("use_sliding_window"):
-        first = int(spec.config.get("max_window_layers", spec.num_layers) or 0)
+    cfg = spec.config
+    if spec.model_type == "qwen2" and cfg.get("use_sliding_window") and cfg.get("sliding_window", 4096) is not None:
+        first = int(cfg.get("max_window_layers", 28))
         return ["sliding_attention" if i >= first else "full_attention" for i in range(spec.num_layers)]
     return ["full_attention"] * spec.num_layers
 

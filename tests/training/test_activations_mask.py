@@ -73,11 +73,16 @@ def test_sdpa_builds_no_mask_memplan_counts() -> None:
     assert eager_masks(spec, setup) == (0, 0) and _masks_made(model, "llama", batch=2, seq=9) == 0
 
 
-@pytest.mark.parametrize("family,layers", [("gemma2", 1), ("gemma2", 3), ("qwen2", 2), ("llama", 2)])
-def test_masks_taken_are_one_per_attention_type_the_layers_use(family: str, layers: int) -> None:
+@pytest.mark.parametrize("family,layers,extra", [
+    ("gemma2", 1, {}), ("gemma2", 3, {}), ("qwen2", 2, {}), ("llama", 2, {}),
+    # Qwen2's sliding layers start at max_window_layers (28 when the config leaves it out).
+    ("qwen2", 30, {"use_sliding_window": True}), ("qwen2", 3, {"use_sliding_window": True, "max_window_layers": 1}),
+    ("qwen2", 30, {"use_sliding_window": True, "sliding_window": None}),
+])
+def test_masks_taken_are_one_per_attention_type_the_layers_use(family: str, layers: int, extra: dict) -> None:
     from transformers import AutoConfig
 
-    cfg = {**TINY_CONFIGS[family], "num_hidden_layers": layers}
+    cfg = {**TINY_CONFIGS[family], "num_hidden_layers": layers, **extra}
     config = AutoConfig.for_model(**cfg)
     spec = spec_from_config(cfg, name=family)
     setup = Setup(model=family, method="full", quant="bf16", attention="eager", seq_len=9, batch_size=2, device="cpu")
